@@ -1,0 +1,189 @@
+"""The small interfaces nomadscale needs from each external system.
+
+Each has a real implementation in ``nomadscale.integrations`` and a simulated one (the Nomad
+twin in ``nomadscale.sim``, an in-memory KV/lock, trace files as a demand source). Stages
+and the actuator depend only on these protocols, never on an integration module.
+All methods raise only ``nomadscale.core.errors`` exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import numpy as np
+
+# --- Nomad --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleEvent:
+    time: datetime
+    count: int | None
+    previous_count: int | None
+    message: str
+    error: bool
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatus:
+    name: str
+    desired: int
+    placed: int
+    running: int
+    healthy: int
+    unhealthy: int
+    events: tuple[ScaleEvent, ...] = ()  # newest first
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    job_id: str
+    namespace: str
+    stopped: bool
+    groups: Mapping[str, GroupStatus]
+    active_deployment: str | None = None  # deployment id when one is running
+    job_modify_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    id: str
+    name: str
+    datacenter: str
+    node_pool: str
+    status: str  # initializing / ready / down / disconnected
+    eligibility: str  # eligible / ineligible
+    draining: bool
+    create_index: int = 0
+    meta: Mapping[str, str] = field(default_factory=dict)
+    allocs_running: int = 0  # non-terminal allocations of service/batch jobs
+
+
+class NomadPort(Protocol):
+    def job_status(self, job_id: str, *, namespace: str | None = None) -> JobStatus:
+        """Scale status plus the active deployment; NotFoundError when the job is missing."""
+        ...
+
+    def scale(
+        self,
+        job_id: str,
+        group: str,
+        count: int,
+        *,
+        message: str,
+        meta: Mapping[str, Any] | None = None,
+        namespace: str | None = None,
+    ) -> str:
+        """Set a group's count through the Scale API; returns the evaluation id."""
+        ...
+
+    def list_nodes(
+        self, *, node_pool: str | None = None, datacenter: str | None = None
+    ) -> list[NodeInfo]: ...
+
+    def drain(
+        self,
+        node_id: str,
+        *,
+        deadline_s: float,
+        meta: Mapping[str, str] | None = None,
+        ignore_system_jobs: bool = True,
+    ) -> None: ...
+
+    def set_eligibility(self, node_id: str, eligible: bool) -> None: ...
+
+
+# --- cloud node pools ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    name: str  # instance name, equal to the Nomad node name
+    zone: str
+    status: str  # e.g. RUNNING, PROVISIONING, STOPPING
+    created: datetime | None = None
+
+
+class NodePoolPort(Protocol):
+    def size(self, group: str, *, zone: str) -> int: ...
+
+    def resize(self, group: str, size: int, *, zone: str) -> None: ...
+
+    def list_instances(self, group: str, *, zone: str) -> list[Instance]: ...
+
+    def delete_instances(self, group: str, names: Sequence[str], *, zone: str) -> None: ...
+
+
+# --- Consul (KV and leader lock) -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KVEntry:
+    key: str
+    value: bytes
+    modify_index: int
+
+
+class KVPort(Protocol):
+    def get(self, key: str) -> KVEntry | None: ...
+
+    def put(self, key: str, value: bytes, *, cas: int | None = None) -> bool:
+        """Write; with ``cas`` the write only happens if the key's ModifyIndex matches
+        (0 = only if absent). Returns False when the CAS check failed."""
+        ...
+
+    def delete(self, key: str, *, cas: int | None = None) -> bool: ...
+
+    def list(self, prefix: str) -> list[KVEntry]: ...
+
+
+class LockPort(Protocol):
+    def acquire(self) -> bool:
+        """Try to take (or keep) the lock; renews the session. True when held."""
+        ...
+
+    def held(self) -> bool:
+        """Fencing check: ask the store, right now, whether this process holds the lock."""
+        ...
+
+    def release(self) -> None: ...
+
+
+# --- demand history ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DemandSeries:
+    """Requests per minute at a fixed step. ``values[i]`` covers [start + i*step, +step).
+    NaN marks an unknown step (gap)."""
+
+    start: datetime
+    step_s: float
+    values: np.ndarray
+
+    @property
+    def end(self) -> datetime:
+        from datetime import timedelta
+
+        return self.start + timedelta(seconds=self.step_s * len(self.values))
+
+
+class DemandSource(Protocol):
+    def history(self, *, end: datetime, lookback_s: float, step_s: float) -> DemandSeries:
+        """Demand steps that ended at or before ``end``."""
+        ...
+
+
+# --- alerts --------------------------------------------------------------------------------
+
+
+class AlertPort(Protocol):
+    def trigger(
+        self, *, dedup_key: str, summary: str, severity: str, details: Mapping[str, Any]
+    ) -> None: ...
+
+    def resolve(self, *, dedup_key: str) -> None: ...
