@@ -97,6 +97,105 @@ class NomadPort(Protocol):
     def set_eligibility(self, node_id: str, eligible: bool) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """One job (or one version of it). ``spec`` is Nomad's full Job JSON, for re-registering."""
+
+    job_id: str
+    namespace: str
+    type: str  # service / batch / system / sysbatch
+    status: str  # pending / running / dead
+    stopped: bool
+    version: int
+    stable: bool
+    job_modify_index: int
+    groups: Mapping[str, int]  # task group name -> Count
+    meta: Mapping[str, str] = field(default_factory=dict)
+    node_pool: str = ""
+    parameterized: bool = False
+    spec: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AllocInfo:
+    id: str
+    job_id: str
+    namespace: str
+    task_group: str
+    node_id: str
+    node_name: str
+    desired_status: str  # run / stop / evict
+    client_status: str  # pending / running / complete / failed / lost / unknown
+    job_version: int = 0
+    deployment_id: str | None = None
+    healthy: bool | None = None  # DeploymentStatus.Healthy
+    canary: bool = False
+    task_states: Mapping[str, str] = field(default_factory=dict)  # task -> pending/running/dead
+    failed_tasks: tuple[str, ...] = ()
+    create_index: int = 0
+    modify_index: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.desired_status in ("stop", "evict") or self.client_status in (
+            "complete",
+            "failed",
+            "lost",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentGroup:
+    name: str
+    desired_total: int
+    placed_allocs: int
+    healthy_allocs: int
+    unhealthy_allocs: int
+    desired_canaries: int = 0
+    placed_canaries: tuple[str, ...] = ()
+    promoted: bool = False
+    auto_revert: bool = False
+    auto_promote: bool = False
+    require_progress_by: datetime | None = None
+
+
+DEPLOYMENT_TERMINAL = frozenset({"failed", "successful", "cancelled"})
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentInfo:
+    id: str
+    job_id: str
+    namespace: str
+    job_version: int
+    status: str  # running / paused / failed / successful / cancelled / pending / blocked / ...
+    status_description: str
+    groups: Mapping[str, DeploymentGroup] = field(default_factory=dict)
+    create_index: int = 0
+    modify_index: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.status not in DEPLOYMENT_TERMINAL
+
+    @property
+    def needs_promotion(self) -> bool:
+        """Canaries are placed and waiting for a manual promotion."""
+        return self.active and any(
+            g.desired_canaries > 0 and not g.promoted for g in self.groups.values()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeMetadata:
+    """Dynamic node metadata (``/v1/client/metadata``): merged, dynamic and static maps."""
+
+    node_id: str
+    meta: Mapping[str, str]
+    dynamic: Mapping[str, str | None] = field(default_factory=dict)
+    static: Mapping[str, str] = field(default_factory=dict)
+
+
 # --- cloud node pools ----------------------------------------------------------------------
 
 

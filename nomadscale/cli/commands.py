@@ -1,0 +1,9 @@
+"""The list of commands the CLI offers (each lives in its own cmd_*.py module)."""
+
+from __future__ import annotations
+
+import click
+
+
+def all_commands() -> list[click.Command]:
+    return []

@@ -1,0 +1,52 @@
+"""The ``nomadscale`` command line.
+
+Every command turns nomadscale's own errors into one line on stderr and an exit code:
+1 for a failed operation or invalid input file, 2 for a usage error. Tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from nomadscale import __version__
+from nomadscale.core.errors import NomadscaleError, UsageError
+
+
+class NomadscaleGroup(click.Group):
+    """Turns nomadscale errors into one-line messages instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except NomadscaleError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=NomadscaleGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nomadscale")
+def cli() -> None:
+    """Predictive autoscaling, golden-image rollouts and scripted healing for GPU inference
+    fleets on Nomad and Consul."""
+
+
+def _register() -> None:
+    from nomadscale.cli import commands
+
+    for command in commands.all_commands():
+        cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register()
+    try:
+        cli.main(args=argv, prog_name="nomadscale")
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

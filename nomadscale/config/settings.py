@@ -1,0 +1,217 @@
+"""Process settings.
+
+Read from the ecosystem's own environment variables first (so an operator's shell just
+works), then from ``/etc/nomadscale/nomadscale.yaml`` (or ``NOMADSCALE_CONFIG``) for anything
+the environment does not set. Tokens are ``Secret`` values: never printed, logged or shown in
+``repr``; ``*_TOKEN_FILE`` variables read a token from a file instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nomadscale.core.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/nomadscale/nomadscale.yaml"
+
+
+class Secret:
+    """A string that does not show itself. Use ``reveal()`` at the one place it is sent."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+def reveal(secret: Secret | None) -> str | None:
+    return secret.reveal() if secret is not None else None
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in _TRUE:
+        return True
+    if s in _FALSE:
+        return False
+    raise ConfigError(f"{name}: not a boolean: {value!r} (use true or false)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective settings. ``describe()`` gives a loggable view without secrets."""
+
+    nomad_addr: str = "http://127.0.0.1:4646"
+    nomad_token: Secret | None = None
+    nomad_namespace: str | None = None
+    nomad_region: str | None = None
+    nomad_cacert: str | None = None
+    nomad_client_cert: str | None = None
+    nomad_client_key: str | None = None
+    nomad_skip_verify: bool = False
+    consul_addr: str | None = None  # None: use the in-memory KV/lock (simulate only)
+    consul_token: Secret | None = None
+    consul_cacert: str | None = None
+    prometheus_url: str | None = None
+    policies: str = "/etc/nomadscale/policies"
+    runbooks: str = "/etc/nomadscale/runbooks"
+    kv_prefix: str = "nomadscale"
+    http_host: str = "127.0.0.1"
+    http_port: int = 9464
+    log_json: bool = False
+    log_level: str = "INFO"
+    lock_ttl_s: float = 30.0
+    pagerduty_api_key: Secret | None = field(default=None)
+    pagerduty_from: str | None = None
+    webhook_secrets: tuple[Secret, ...] = ()
+    report_token: Secret | None = None
+    gce_api_url: str = "https://compute.googleapis.com/compute/v1"
+    config_file: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """Every setting, with secrets shown only as set/unset."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Secret):
+                out[f.name] = "<set>"
+            elif isinstance(v, tuple) and v and isinstance(v[0], Secret):
+                out[f.name] = f"<{len(v)} set>"
+            else:
+                out[f.name] = v
+        return out
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# env var -> (field, kind)
+_ENV: dict[str, tuple[str, str]] = {
+    "NOMAD_ADDR": ("nomad_addr", "str"),
+    "NOMAD_TOKEN": ("nomad_token", "secret"),
+    "NOMAD_NAMESPACE": ("nomad_namespace", "str"),
+    "NOMAD_REGION": ("nomad_region", "str"),
+    "NOMAD_CACERT": ("nomad_cacert", "str"),
+    "NOMAD_CLIENT_CERT": ("nomad_client_cert", "str"),
+    "NOMAD_CLIENT_KEY": ("nomad_client_key", "str"),
+    "NOMAD_SKIP_VERIFY": ("nomad_skip_verify", "bool"),
+    "CONSUL_HTTP_ADDR": ("consul_addr", "str"),
+    "CONSUL_HTTP_TOKEN": ("consul_token", "secret"),
+    "CONSUL_CACERT": ("consul_cacert", "str"),
+    "PROMETHEUS_URL": ("prometheus_url", "str"),
+    "NOMADSCALE_POLICIES": ("policies", "str"),
+    "NOMADSCALE_RUNBOOKS": ("runbooks", "str"),
+    "NOMADSCALE_KV_PREFIX": ("kv_prefix", "str"),
+    "NOMADSCALE_HTTP_HOST": ("http_host", "str"),
+    "NOMADSCALE_HTTP_PORT": ("http_port", "int"),
+    "NOMADSCALE_LOG_JSON": ("log_json", "bool"),
+    "NOMADSCALE_LOG_LEVEL": ("log_level", "str"),
+    "NOMADSCALE_LOCK_TTL": ("lock_ttl_s", "duration"),
+    "NOMADSCALE_PD_API_KEY": ("pagerduty_api_key", "secret"),
+    "NOMADSCALE_PD_FROM": ("pagerduty_from", "str"),
+    "NOMADSCALE_WEBHOOK_SECRETS": ("webhook_secrets", "secrets"),
+    "NOMADSCALE_REPORT_TOKEN": ("report_token", "secret"),
+    "NOMADSCALE_GCE_API_URL": ("gce_api_url", "str"),
+}
+_FILE_KEYS = {fld: kind for fld, kind in _ENV.values()}
+
+
+def _convert(name: str, kind: str, raw: Any) -> Any:
+    from nomadscale.core.durations import parse_duration
+
+    if kind == "str":
+        return str(raw)
+    if kind == "secret":
+        return Secret(str(raw).strip()) if str(raw).strip() else None
+    if kind == "secrets":
+        items = raw if isinstance(raw, list) else str(raw).split(",")
+        return tuple(Secret(str(s).strip()) for s in items if str(s).strip())
+    if kind == "bool":
+        return _bool(name, raw)
+    if kind == "int":
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: not a whole number: {raw!r}") from None
+    if kind == "duration":
+        try:
+            return parse_duration(raw).total_seconds()
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
+    raise AssertionError(kind)
+
+
+def _read_secret_file(name: str, path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read token file {path}: {e.strerror}") from None
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, *, config_file: str | None = None
+) -> Settings:
+    """Settings from the config file (if any), then the environment on top."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or env.get("NOMADSCALE_CONFIG")
+    explicit = path is not None
+    path = path or DEFAULT_CONFIG
+    if os.path.exists(path):
+        try:
+            doc = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of setting: value")
+        for key, raw in doc.items():
+            if key not in _FILE_KEYS:
+                raise ConfigError(f"{path}: {key}: unknown setting")
+            values[key] = _convert(f"{path}: {key}", _FILE_KEYS[key], raw)
+        values["config_file"] = path
+    elif explicit:
+        raise ConfigError(f"{path}: settings file not found")
+    for var, (fld, kind) in _ENV.items():
+        if var in env:
+            values[fld] = _convert(var, kind, env[var])
+    for var, fld in (
+        ("NOMAD_TOKEN_FILE", "nomad_token"),
+        ("CONSUL_HTTP_TOKEN_FILE", "consul_token"),
+        ("NOMADSCALE_PD_API_KEY_FILE", "pagerduty_api_key"),
+        ("NOMADSCALE_REPORT_TOKEN_FILE", "report_token"),
+    ):
+        if var in env and fld not in values:
+            values[fld] = Secret(_read_secret_file(var, env[var]))
+    return Settings(**values)

@@ -1,0 +1,383 @@
+"""Records of the Nomad twin's state (nodes, allocations, deployments, jobs) and their JSON.
+
+JSON follows Nomad's encoding: durations are int nanoseconds, ``time.Time`` values are
+RFC 3339 strings, ``*Time`` int fields (ModifyTime, SubmitTime, ...) are Unix nanoseconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+NS = 1_000_000_000
+ZERO_TIME = "0001-01-01T00:00:00Z"
+TERMINAL_CLIENT = frozenset({"complete", "failed", "lost"})
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+def rfc3339(ts: float | None) -> str:
+    if ts is None:
+        return ZERO_TIME
+    dt = datetime.fromtimestamp(ts, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond:06d}Z"
+
+
+def unix_ns(ts: float) -> int:
+    return int(round(ts * NS))
+
+
+@dataclass(slots=True)
+class Node:
+    id: str
+    name: str
+    datacenter: str
+    node_pool: str
+    node_class: str
+    meta: dict[str, str]
+    images: set[str]
+    status: str
+    gpus: int = 1
+    eligibility: str = "eligible"
+    dynamic_meta: dict[str, str | None] = field(default_factory=dict)
+    drain_strategy: dict[str, Any] | None = None
+    last_drain: dict[str, Any] | None = None
+    create_index: int = 0
+    modify_index: int = 0
+    status_updated_at: float = 0.0
+    events: list[dict[str, Any]] = field(default_factory=list)
+    address: str = "10.0.0.1"
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_strategy is not None
+
+    def merged_meta(self) -> dict[str, str]:
+        out = dict(self.meta)
+        for k, v in self.dynamic_meta.items():
+            if v is None:
+                out.pop(k, None)
+            else:
+                out[k] = v
+        return out
+
+    def schedulable(self) -> bool:
+        return self.status == "ready" and self.eligibility == "eligible" and not self.draining
+
+    def stub(self) -> dict[str, Any]:
+        return {
+            "Address": self.address,
+            "ID": self.id,
+            "Attributes": None,
+            "Datacenter": self.datacenter,
+            "Name": self.name,
+            "NodeClass": self.node_class,
+            "NodePool": self.node_pool,
+            "Version": "1.9.7",
+            "Drain": self.draining,
+            "SchedulingEligibility": self.eligibility,
+            "Status": self.status,
+            "StatusDescription": "",
+            "Drivers": {"docker": {"Detected": True, "Healthy": True, "HealthDescription": ""}},
+            "HostVolumes": None,
+            "NodeResources": None,
+            "ReservedResources": None,
+            "LastDrain": copy.deepcopy(self.last_drain),
+            "CreateIndex": self.create_index,
+            "ModifyIndex": self.modify_index,
+        }
+
+    def full(self) -> dict[str, Any]:
+        out = self.stub()
+        out.update(
+            {
+                "SecretID": "",
+                "HTTPAddr": f"{self.address}:4646",
+                "TLSEnabled": False,
+                "Meta": self.merged_meta(),
+                "Attributes": {
+                    "unique.hostname": self.name,
+                    "driver.docker": "1",
+                    "kernel.name": "linux",
+                    "os.name": "ubuntu",
+                    "cpu.arch": "amd64",
+                },
+                "NodeResources": {
+                    "Cpu": {"CpuShares": 32000, "TotalCpuCores": 16},
+                    "Memory": {"MemoryMB": 65536},
+                    "Disk": {"DiskMB": 200000},
+                    "Devices": [
+                        {
+                            "Vendor": "nvidia",
+                            "Type": "gpu",
+                            "Name": self.meta.get("gpu", "gpu"),
+                            "Instances": [
+                                {"ID": f"GPU-{self.id[:8]}-{i}", "Healthy": True}
+                                for i in range(self.gpus)
+                            ],
+                        }
+                    ],
+                },
+                "DrainStrategy": copy.deepcopy(self.drain_strategy),
+                "Events": list(self.events),
+                "StatusUpdatedAt": int(self.status_updated_at),
+                "CSIControllerPlugins": None,
+                "CSINodePlugins": None,
+            }
+        )
+        return out
+
+
+@dataclass(slots=True)
+class Alloc:
+    id: str
+    eval_id: str
+    name: str
+    namespace: str
+    node_id: str
+    node_name: str
+    job_id: str
+    job_version: int
+    task_group: str
+    job: dict[str, Any]
+    create_index: int
+    create_time: float
+    image: str = ""
+    image_size_gb: float = 7.0
+    gpus: int = 0
+    spec_hash: str = ""
+    desired_status: str = "run"
+    desired_description: str = ""
+    client_status: str = "pending"
+    client_description: str = ""
+    deployment_id: str = ""
+    canary: bool = False
+    healthy: bool | None = None
+    health_time: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    modify_index: int = 0
+    modify_time: float = 0.0
+    previous_allocation: str = ""
+    next_allocation: str = ""
+    migrating: bool = False
+    task_names: tuple[str, ...] = ()
+    task_events: list[dict[str, Any]] = field(default_factory=list)
+    gen: int = 0  # bumped on each transition; stale timers are ignored
+
+    @property
+    def live(self) -> bool:
+        """Non-terminal: still wanted and not finished."""
+        return self.desired_status == "run" and self.client_status not in TERMINAL_CLIENT
+
+    @property
+    def terminal(self) -> bool:
+        return self.client_status in TERMINAL_CLIENT or (
+            self.desired_status != "run" and self.client_status != "running"
+        )
+
+    def _task_states(self) -> dict[str, Any]:
+        if self.client_status == "pending":
+            state = "pending"
+        elif self.client_status == "running":
+            state = "running"
+        else:
+            state = "dead"
+        events = [
+            {"Type": e["Type"], "Time": unix_ns(e["at"]), "DisplayMessage": e.get("msg", "")}
+            for e in self.task_events
+        ]
+        return {
+            t: {
+                "State": state,
+                "Failed": self.client_status == "failed",
+                "Restarts": 0,
+                "StartedAt": rfc3339(self.started_at) if self.started_at else None,
+                "FinishedAt": rfc3339(self.finished_at) if self.finished_at else None,
+                "LastRestart": None,
+                "Events": events,
+            }
+            for t in self.task_names
+        }
+
+    def _deployment_status(self) -> dict[str, Any] | None:
+        if not self.deployment_id and self.healthy is None and not self.canary:
+            return None
+        return {
+            "Healthy": self.healthy,
+            "Timestamp": rfc3339(self.health_time),
+            "Canary": self.canary,
+            "ModifyIndex": self.modify_index,
+        }
+
+    def stub(self, *, task_states: bool = True) -> dict[str, Any]:
+        return {
+            "ID": self.id,
+            "EvalID": self.eval_id,
+            "Name": self.name,
+            "Namespace": self.namespace,
+            "NodeID": self.node_id,
+            "NodeName": self.node_name,
+            "JobID": self.job_id,
+            "JobType": self.job.get("Type", "service"),
+            "JobVersion": self.job_version,
+            "TaskGroup": self.task_group,
+            "DesiredStatus": self.desired_status,
+            "DesiredDescription": self.desired_description,
+            "ClientStatus": self.client_status,
+            "ClientDescription": self.client_description,
+            "TaskStates": self._task_states() if task_states else None,
+            "DeploymentStatus": self._deployment_status(),
+            "FollowupEvalID": "",
+            "RescheduleTracker": None,
+            "PreemptedAllocations": None,
+            "PreemptedByAllocation": "",
+            "CreateIndex": self.create_index,
+            "ModifyIndex": self.modify_index,
+            "CreateTime": unix_ns(self.create_time),
+            "ModifyTime": unix_ns(self.modify_time),
+        }
+
+    def full(self) -> dict[str, Any]:
+        out = self.stub()
+        out.update(
+            {
+                "Job": self.job,
+                "DeploymentID": self.deployment_id,
+                "PreviousAllocation": self.previous_allocation,
+                "NextAllocation": self.next_allocation,
+                "DesiredTransition": {"Migrate": self.migrating or None},
+                "AllocatedResources": {
+                    "Tasks": {
+                        t: {
+                            "Devices": (
+                                [{"Vendor": "nvidia", "Type": "gpu", "Name": "gpu",
+                                  "DeviceIDs": [f"GPU-{self.node_id[:8]}-0"]}]
+                                if self.gpus
+                                else None
+                            )
+                        }
+                        for t in self.task_names
+                    }
+                },
+            }
+        )
+        return out
+
+
+@dataclass(slots=True)
+class GroupDeploy:
+    auto_revert: bool
+    auto_promote: bool
+    progress_deadline_s: float
+    desired_canaries: int
+    desired_total: int
+    require_progress_by: float | None = None
+    promoted: bool = False
+    placed_canaries: list[str] = field(default_factory=list)
+    placed_allocs: int = 0
+    healthy_allocs: int = 0
+    unhealthy_allocs: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "AutoRevert": self.auto_revert,
+            "AutoPromote": self.auto_promote,
+            "ProgressDeadline": int(self.progress_deadline_s * NS),
+            "RequireProgressBy": rfc3339(self.require_progress_by),
+            "Promoted": self.promoted,
+            "PlacedCanaries": list(self.placed_canaries) or None,
+            "DesiredCanaries": self.desired_canaries,
+            "DesiredTotal": self.desired_total,
+            "PlacedAllocs": self.placed_allocs,
+            "HealthyAllocs": self.healthy_allocs,
+            "UnhealthyAllocs": self.unhealthy_allocs,
+        }
+
+
+ACTIVE_DEPLOYMENT = frozenset(
+    {"running", "paused", "pending", "blocked", "unblocking", "initializing"}
+)
+
+
+@dataclass(slots=True)
+class Deployment:
+    id: str
+    namespace: str
+    job_id: str
+    job_version: int
+    job_modify_index: int
+    job_create_index: int
+    groups: dict[str, GroupDeploy]
+    create_index: int
+    status: str = "running"
+    description: str = "Deployment is running"
+    modify_index: int = 0
+    eval_priority: int = 50
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_DEPLOYMENT
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ID": self.id,
+            "Namespace": self.namespace,
+            "JobID": self.job_id,
+            "JobVersion": self.job_version,
+            "JobModifyIndex": self.job_modify_index,
+            "JobSpecModifyIndex": self.job_modify_index,
+            "JobCreateIndex": self.job_create_index,
+            "IsMultiregion": False,
+            "TaskGroups": {g: s.to_json() for g, s in self.groups.items()},
+            "Status": self.status,
+            "StatusDescription": self.description,
+            "EvalPriority": self.eval_priority,
+            "CreateIndex": self.create_index,
+            "ModifyIndex": self.modify_index,
+        }
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """A job and its versions. ``spec`` is the current version's Nomad JSON."""
+
+    id: str
+    namespace: str
+    spec: dict[str, Any]
+    versions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    scaling_events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    create_index: int = 0
+    modify_index: int = 0
+    dispatch_tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def version(self) -> int:
+        return int(self.spec["Version"])
+
+    @property
+    def type(self) -> str:
+        return str(self.spec.get("Type") or "service")
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.spec.get("Stop"))
+
+    @property
+    def parameterized(self) -> bool:
+        return self.spec.get("ParameterizedJob") is not None
+
+    @property
+    def periodic(self) -> bool:
+        return self.spec.get("Periodic") is not None
+
+    def group(self, name: str) -> dict[str, Any] | None:
+        for tg in self.spec.get("TaskGroups") or []:
+            if tg.get("Name") == name:
+                return tg  # type: ignore[no-any-return]
+        return None
