@@ -6,4 +6,6 @@ import click
 
 
 def all_commands() -> list[click.Command]:
-    return []
+    from nomadscale.cli.cmd_capacity import capacity
+
+    return [capacity]

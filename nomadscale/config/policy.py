@@ -45,7 +45,17 @@ if TYPE_CHECKING:
 def _duration(value: Any) -> timedelta:
     if value is None or isinstance(value, list | dict | tuple):
         raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 20m, 1h30m, 2d)")
-    return parse_duration(value)
+    try:
+        td = parse_duration(value)
+    except OverflowError:
+        raise ValueError(f"duration too long: {value!r}") from None
+    except ValueError as exc:
+        if "NaN" in str(exc) or "nan" in str(value).lower():
+            raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 20m, 1h30m, 2d)") from None
+        raise
+    if td > timedelta(days=3650):
+        raise ValueError(f"duration too long: {value!r} (at most 3650d)")
+    return td
 
 
 def _positive(td: timedelta) -> timedelta:
@@ -54,7 +64,16 @@ def _positive(td: timedelta) -> timedelta:
     return td
 
 
-_dur_ser = PlainSerializer(format_duration, return_type=str)
+def _format(td: timedelta) -> str:
+    """Like ``format_duration`` but exact for sub-second values (800ms, 1.5s)."""
+    secs = td.total_seconds()
+    if secs == int(secs):
+        return format_duration(td)
+    ms = secs * 1000
+    return f"{ms:g}ms" if ms == int(ms) and secs < 1 else f"{secs:g}s"
+
+
+_dur_ser = PlainSerializer(_format, return_type=str)
 Duration = Annotated[timedelta, PlainValidator(_duration), _dur_ser]
 PosDuration = Annotated[timedelta, PlainValidator(lambda v: _positive(_duration(v))), _dur_ser]
 Int = Annotated[int, Strict()]
@@ -486,8 +505,7 @@ def cross_field_problems(data: Any) -> list[tuple[tuple[str | int, ...], str]]:
         out.append(
             (
                 ("lead_time",),
-                f"must be shorter than cycle ({format_duration(lead)} >= "
-                f"{format_duration(cycle)})",
+                f"must be shorter than cycle ({format_duration(lead)} >= {format_duration(cycle)})",
             )
         )
     bmax = _int_or_none(_get(data, "bounds", "max"))

@@ -46,7 +46,11 @@ class YamlDoc:
 
 def load_yaml(text: str) -> YamlDoc:
     """Parse one YAML document; raise ``YamlSyntaxError`` (with a line) when it is invalid."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        raise YamlSyntaxError(f"character #x{exc.character:04x} is not allowed", line=line) from None
     try:
         node = loader.get_single_node()
         if node is None:

@@ -46,7 +46,7 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
 
 def format_duration(td: timedelta | float) -> str:
     """Short human form: 1h20m, 45s, 2d3h."""
-    secs = int(round(td.total_seconds() if isinstance(td, timedelta) else td))
+    secs = round(td.total_seconds() if isinstance(td, timedelta) else td)
     if secs == 0:
         return "0s"
     sign = "-" if secs < 0 else ""

@@ -60,9 +60,7 @@ def setup_logging(*, level: str = "INFO", json_logs: bool = False, stream: Any =
     if json_logs:
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(
-            _RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        )
+        handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

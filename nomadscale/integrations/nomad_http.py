@@ -16,7 +16,7 @@ import random
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import nomad
 import nomad.api.base
@@ -44,7 +44,10 @@ _PERMANENT_500: tuple[tuple[re.Pattern[str], type[ExternalPermanentError]], ...]
     (re.compile(r"deployment not found", re.I), NotFoundError),
     (re.compile(r"node not found", re.I), NotFoundError),
     (re.compile(r"job not found|job \S+ not found|alloc(ation)? not found", re.I), NotFoundError),
-    (re.compile(r"can't (promote|pause|resume|fail|unblock) terminal deployment", re.I), ConflictError),
+    (
+        re.compile(r"can't (promote|pause|resume|fail|unblock) terminal deployment", re.I),
+        ConflictError,
+    ),
     (re.compile(r"enforcing job modify index", re.I), ConflictError),
     (re.compile(r"conflicting job modify index", re.I), ConflictError),
     (re.compile(r"has \d+/\d+ healthy allocations", re.I), ConflictError),
@@ -52,7 +55,10 @@ _PERMANENT_500: tuple[tuple[re.Pattern[str], type[ExternalPermanentError]], ...]
     (re.compile(r"invalid scheduling eligibility", re.I), ExternalPermanentError),
     (re.compile(r"job validation failed|validation failed", re.I), ExternalPermanentError),
     (re.compile(r"not a parameterized job|dispatch of stopped job", re.I), ExternalPermanentError),
-    (re.compile(r"required meta|meta keys?\b|payload (exceeds|is|not)", re.I), ExternalPermanentError),
+    (
+        re.compile(r"required meta|meta keys?\b|payload (exceeds|is|not)", re.I),
+        ExternalPermanentError,
+    ),
     (re.compile(r"job (is )?stopped|stopped job", re.I), ExternalPermanentError),
 )
 _CONFLICT_400 = re.compile(r"active deployment", re.I)
@@ -216,7 +222,7 @@ class NomadTransport:
         query = dict(params or {})
         for _ in range(100_000):
             resp = self.get(requester, *segments, what=what, params=query)
-            out.extend(resp.json() or [])
+            out.extend(json_body(resp) or [])
             token = resp.headers.get("X-Nomad-NextToken")
             if not token:
                 return out
@@ -246,3 +252,16 @@ def index_of(resp: requests.Response) -> int:
         return int(resp.headers.get("X-Nomad-Index", "0"))
     except ValueError:
         return 0
+
+
+def json_body(resp: requests.Response) -> Any:
+    """The reply's JSON; a non-JSON 2xx body (a proxy page, a cut reply) is temporary."""
+    try:
+        return resp.json()
+    except ValueError:
+        raise ExternalTemporaryError(
+            f"nomad: {resp.request.method} {urlsplit(resp.url).path}: reply is not JSON "
+            f"({resp.status_code}, {len(resp.content)} bytes)",
+            system=SYSTEM,
+            status=resp.status_code,
+        ) from None

@@ -195,6 +195,8 @@ def node_metadata(node_id: str, data: Mapping[str, Any]) -> NodeMetadata:
     return NodeMetadata(
         node_id=node_id,
         meta={str(k): str(v) for k, v in _map(data.get("Meta")).items() if v is not None},
-        dynamic={str(k): (None if v is None else str(v)) for k, v in _map(data.get("Dynamic")).items()},
+        dynamic={
+            str(k): (None if v is None else str(v)) for k, v in _map(data.get("Dynamic")).items()
+        },
         static={str(k): str(v) for k, v in _map(data.get("Static")).items() if v is not None},
     )

@@ -381,3 +381,12 @@ class JobRecord:
             if tg.get("Name") == name:
                 return tg  # type: ignore[no-any-return]
         return None
+
+
+class ApiError(Exception):
+    """An HTTP error answer: ``status`` and Nomad's plain-text message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message

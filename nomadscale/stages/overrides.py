@@ -73,11 +73,8 @@ class Override:
     def label(self) -> str:
         """Short text: ``min 10 (schedule month-end-close)``, ``pause (cli alice)``."""
         head = self.kind if self.value is None else f"{self.kind} {self.value}"
-        who = self.who if self.source != "schedule" else ""
-        origin = f"{self.source} {who}".strip()
-        if self.source == "schedule":
-            origin = f"schedule {self.reason}"
-        return f"{head} ({origin})"
+        origin = self.reason if self.source == "schedule" else self.who
+        return f"{head} ({self.source} {origin})".replace(" )", ")")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -82,7 +82,7 @@ class Trace:
 
     def grid(self) -> np.ndarray:
         """Requests per minute on the full step grid from first to last row, NaN at gaps."""
-        n = int(round((self.timestamps[-1] - self.timestamps[0]) / self.step_s)) + 1
+        n = int(np.rint((self.timestamps[-1] - self.timestamps[0]) / self.step_s)) + 1
         out = np.full(n, np.nan)
         idx = np.rint((self.timestamps - self.timestamps[0]) / self.step_s).astype(int)
         out[idx] = self.requests * 60.0 / self.step_s

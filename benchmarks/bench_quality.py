@@ -1,0 +1,47 @@
+"""Quality: for every development trace with >= 100 scored cycles, the reference scorer's
+table plus nomadscale's row (default settings, no per-trace tuning)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from nomadscale.backtest.protocol import make_params
+from nomadscale.backtest.runner import run_backtest, write_decisions
+from nomadscale.stages.forecast import ForecastConfig
+from nomadscale.stages.history import load_trace
+
+TRACES = Path("/work/shared/traces")
+SCORER = Path("/work/shared/bench/score.py")
+
+
+def main() -> None:
+    files = sys.argv[1:] or sorted(str(p) for p in TRACES.glob("*.csv"))
+    for path in files:
+        tr = load_trace(path)
+        p = make_params(tr)
+        if len(p.boundaries) < 100:
+            continue
+        rate = tr.series.values
+        rep = run_backtest(rate, p, config=ForecastConfig(), anchors=False)
+        with tempfile.TemporaryDirectory() as td:
+            out = Path(td) / "d.csv"
+            write_decisions(out, p, rep.decisions["nomadscale"])
+            if SCORER.exists():
+                r = subprocess.run(
+                    [sys.executable, str(SCORER), path, "--decisions", str(out)],
+                    capture_output=True, text=True, check=True,
+                )
+                print(r.stdout.replace("candidate  ", "nomadscale ").rstrip())
+        m = rep.rows["nomadscale"]
+        models: dict[str, int] = {}
+        for x in rep.replay.models:
+            models[x] = models.get(x, 0) + 1
+        print(f"  nomadscale: avail {m.availability*100:.2f}% cost/oracle {m.cost_vs_oracle:.3f}"
+              f"  models {models}\n")
+
+
+if __name__ == "__main__":
+    main()

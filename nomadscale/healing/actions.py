@@ -1,0 +1,434 @@
+"""The fixed set of runbook actions. Each is idempotent: it reads what it needs from the run
+record (``run``), keeps its progress in ``run["step_state"]`` (saved by the engine after every
+call) and returns ``Done(detail)`` or ``Waiting(detail)`` (poll again), or raises a
+``core.errors`` error (temporary: retried with backoff; permanent: go to ``on_failure``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nomadscale.core.errors import NotFoundError, PermanentError, SafetyError
+from nomadscale.core.ports import AllocInfo, JobStatus, KVPort, NodeInfo, NodeMetadata
+from nomadscale.healing import gpucheck
+from nomadscale.healing.runbook import render
+
+log = logging.getLogger(__name__)
+IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]{0,254}$")
+
+
+class HealingNomad(Protocol):
+    """What healing needs from Nomad (``integrations.nomad.NomadClient`` provides it)."""
+
+    def list_nodes(
+        self, *, node_pool: str | None = None, datacenter: str | None = None
+    ) -> list[NodeInfo]: ...
+
+    def node(self, node_id: str) -> NodeInfo: ...
+
+    def node_allocations(self, node_id: str) -> list[AllocInfo]: ...
+
+    def drain(
+        self,
+        node_id: str,
+        *,
+        deadline_s: float,
+        meta: Mapping[str, str] | None = None,
+        ignore_system_jobs: bool = True,
+    ) -> None: ...
+
+    def set_eligibility(self, node_id: str, eligible: bool) -> None: ...
+
+    def job_status(self, job_id: str, *, namespace: str | None = None) -> JobStatus: ...
+
+    def scale(
+        self,
+        job_id: str,
+        group: str,
+        count: int,
+        *,
+        message: str,
+        meta: Mapping[str, Any] | None = None,
+        namespace: str | None = None,
+    ) -> str: ...
+
+    def register_job(self, job: Mapping[str, Any]) -> str: ...
+
+    def node_metadata(self, node_id: str) -> NodeMetadata: ...
+
+    def allocation(self, alloc_id: str) -> AllocInfo: ...
+
+    def stop_allocation(self, alloc_id: str) -> str: ...
+
+    def job_allocations(self, job_id: str, *, namespace: str | None = None) -> list[AllocInfo]: ...
+
+
+class Notes(Protocol):
+    def add_note(self, incident_id: str, text: str) -> str: ...
+
+    def resolve(self, incident_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneTarget:
+    """One zone of one policy: the task group serving it and its minimum healthy workers."""
+
+    policy: str
+    zone: str
+    job: str
+    namespace: str
+    group: str
+    node_pool: str
+    min_healthy: int
+
+
+def zone_targets(policies: Any) -> dict[tuple[str, str], ZoneTarget]:
+    """(policy, zone) -> ZoneTarget from ``config.policy.Policy`` objects; the zone's floor is
+    its share of ``bounds.min`` (rounded up)."""
+    out: dict[tuple[str, str], ZoneTarget] = {}
+    for p in policies:
+        zones = list(p.zones.items)
+        share = math.ceil(p.bounds.min / max(1, len(zones)))
+        for z in zones:
+            out[(p.name, z.name)] = ZoneTarget(
+                p.name, z.name, p.target.job, p.target.namespace, z.group, z.node_pool, share
+            )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    detail: str
+
+
+Outcome = Done | Waiting
+
+
+@dataclass
+class Ctx:
+    """Everything an action may touch."""
+
+    nomad: HealingNomad
+    kv: KVPort
+    prefix: str
+    zones: Mapping[tuple[str, str], ZoneTarget]
+    notes: Notes | None
+    policy: str | None
+    dry_run: bool
+    now_iso: Callable[[], str]
+
+
+def node_zone(node: NodeInfo) -> str:
+    return str(node.meta.get("zone") or node.datacenter)
+
+
+def _node_id(run: Mapping[str, Any]) -> str:
+    nid = run["values"].get("node.id")
+    if not nid:
+        raise PermanentError("run has no node parameter")
+    return str(nid)
+
+
+def _target(ctx: Ctx, run: Mapping[str, Any]) -> ZoneTarget:
+    zone = run["values"].get("zone")
+    t = ctx.zones.get((ctx.policy or "", zone or ""))
+    if t is None:
+        raise PermanentError(f"policy {ctx.policy!r} has no zone {zone!r}")
+    return t
+
+
+def mark_eligibility(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
+    nid = _node_id(run)
+    eligible = step.action == "mark_eligible"
+    word = "eligible" if eligible else "ineligible"
+    if ctx.dry_run:
+        return Done(f"would mark {nid} {word}")
+    ctx.nomad.set_eligibility(nid, eligible)
+    return Done(f"node {run['values']['node.name']} marked {word}")
+
+
+def _group(ctx: Ctx, t: ZoneTarget) -> Any:
+    st = ctx.nomad.job_status(t.job, namespace=t.namespace)
+    g = st.groups.get(t.group)
+    if g is None:
+        raise PermanentError(f"job {t.job} has no group {t.group}")
+    return g
+
+
+def drain(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
+    nid = _node_id(run)
+    node = ctx.nomad.node(nid)
+    if node.draining or run["step_state"].get("started"):
+        return Done(f"drain of {node.name} in progress")
+    if step.check_capacity and ctx.policy:
+        t = _target(ctx, run)
+        g = _group(ctx, t)
+        on_node = sum(
+            1
+            for a in ctx.nomad.node_allocations(nid)
+            if a.job_id == t.job and a.task_group == t.group and not a.terminal
+        )
+        left = g.healthy - on_node
+        if left < t.min_healthy:
+            raise SafetyError(
+                f"drain of {node.name} refused: zone {t.zone} would keep {left} healthy "
+                f"worker(s), policy {t.policy} needs at least {t.min_healthy}"
+            )
+    deadline = step.deadline.total_seconds()
+    until = run.get("deadline_epoch")
+    if until:  # leave 5 minutes before the maintenance starts
+        deadline = max(60.0, min(deadline, float(until) - run["now_epoch"] - 300.0))
+    if ctx.dry_run:
+        return Done(f"would drain {node.name} with deadline {deadline:.0f}s")
+    ctx.nomad.drain(
+        nid,
+        deadline_s=deadline,
+        meta={"nomadscale.run": run["id"], "nomadscale.runbook": run["runbook"]},
+        ignore_system_jobs=step.ignore_system_jobs,
+    )
+    run["step_state"]["started"] = True
+    return Done(f"drain of {node.name} started (deadline {deadline:.0f}s)")
+
+
+def surge(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
+    t = _target(ctx, run)
+    s = run.get("surge")
+    if s and s.get("target") is not None:
+        if not ctx.dry_run:  # absolute count: repeating after a crash is harmless
+            cur = _group(ctx, t).desired
+            if cur < s["target"]:
+                ctx.nomad.scale(t.job, t.group, s["target"], message=_msg(run, "surge"),
+                                namespace=t.namespace)
+        return Done(f"surge of {t.group} to {s['target']} in place")
+    g = _group(ctx, t)
+    target = g.desired + step.count
+    if ctx.dry_run:
+        return Done(f"would scale {t.job}/{t.group} {g.desired} -> {target}")
+    run["surge"] = {
+        "job": t.job,
+        "namespace": t.namespace,
+        "group": t.group,
+        "zone": t.zone,
+        "count": step.count,
+        "original": g.desired,
+        "target": target,
+        "released": False,
+    }
+    ctx.nomad.scale(t.job, t.group, target, message=_msg(run, "surge"), namespace=t.namespace,
+                    meta={"nomadscale.run": run["id"]})
+    return Done(f"scaled {t.job}/{t.group} {g.desired} -> {target} in zone {t.zone}")
+
+
+def release_surge(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
+    s = run.get("surge")
+    if not s or s.get("released"):
+        return Done("no surge to release")
+    if ctx.dry_run:
+        return Done(f"would release surge of {s['group']}")
+    if s.get("release_target") is None:
+        cur = ctx.nomad.job_status(s["job"], namespace=s["namespace"]).groups[s["group"]].desired
+        s["release_target"] = max(0, cur - int(s["count"]))
+    ctx.nomad.scale(s["job"], s["group"], s["release_target"], message=_msg(run, "release"),
+                    namespace=s["namespace"], meta={"nomadscale.run": run["id"]})
+    s["released"] = True
+    return Done(f"released surge: {s['job']}/{s['group']} -> {s['release_target']}")
+
+
+def wait_node(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
+    node = ctx.nomad.node(_node_id(run))
+    ss = run["step_state"]
+    if node.status in ("down", "disconnected"):
+        ss["seen_down"] = True
+    if ctx.dry_run:
+        return Done(f"would wait for {node.name} to be {step.status}")
+    if step.status == "down":
+        return Done(f"{node.name} is down") if ss.get("seen_down") else Waiting(node.status)
+    if node.status == "ready" and (ss.get("seen_down") or not step.after_down):
+        return Done(f"{node.name} is ready")
+    return Waiting(f"{node.name} is {node.status}")
+
+
+def wait_condition(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
+    c = step.condition
+    if ctx.dry_run:
+        return Done(f"would wait for {c}")
+    if c == "node_drained":
+        nid = _node_id(run)
+        node = ctx.nomad.node(nid)
+        live = [
+            a
+            for a in ctx.nomad.node_allocations(nid)
+            if not a.terminal and a.client_status in ("running", "pending")
+        ]
+        if not node.draining and not live:
+            return Done(f"{node.name} drained")
+        return Waiting(f"{len(live)} allocation(s) left on {node.name}")
+    if c == "surge_healthy":
+        s = run.get("surge")
+        if not s:
+            return Done("no surge")
+        g = ctx.nomad.job_status(s["job"], namespace=s["namespace"]).groups[s["group"]]
+        if g.healthy >= s["target"] or g.running >= s["target"] and g.unhealthy == 0:
+            return Done(f"{s['group']} has {g.healthy} healthy of {s['target']}")
+        return Waiting(f"{s['group']} {g.healthy}/{s['target']} healthy")
+    if c == "node_ready":
+        node = ctx.nomad.node(_node_id(run))
+        return Done("ready") if node.status == "ready" else Waiting(node.status)
+    if c == "allocation_replaced":
+        old = run["step_state"].get("alloc") or run["values"].get("allocation.id")
+        a = ctx.nomad.allocation(str(old))
+        allocs = ctx.nomad.job_allocations(a.job_id, namespace=a.namespace)
+        new = [
+            x
+            for x in allocs
+            if x.task_group == a.task_group and x.id != a.id and x.create_index > a.create_index
+            and x.client_status == "running"
+        ]
+        return Done(f"replaced by {new[0].id[:8]}") if new else Waiting("no replacement yet")
+    raise PermanentError(f"unknown condition {c}")
+
+
+def verify_gpu(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
+    nid = _node_id(run)
+    ss = run["step_state"]
+    node = ctx.nomad.node(nid)
+    if ctx.dry_run:
+        return Done(f"would run the GPU check on {node.name}")
+    checker = gpucheck.GpuChecker(ctx.nomad, namespace="default")
+    if not ss.get("check_id"):
+        ss["check_id"] = f"{run['id'][:8]}{run['step']:02d}"
+        ss["job"] = checker.start(nid, ss["check_id"], node_pool=node.node_pool)
+        return Waiting(f"GPU check {ss['job']} started")
+    expected = gpucheck.expected_gpu_count(node.meta, step.expected_gpus)
+    verdict = checker.result(nid, ss["check_id"], expected_gpus=expected)
+    if verdict is None:
+        return Waiting("waiting for the GPU check result")
+    run.setdefault("gpu", []).append(verdict.to_dict())
+    if not verdict.healthy:
+        raise PermanentError(verdict.explain())
+    return Done(verdict.explain())
+
+
+def restart_allocation(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
+    aid = str(run["values"].get("allocation.id"))
+    a = ctx.nomad.allocation(aid)
+    run["step_state"]["alloc"] = a.id
+    if ctx.dry_run:
+        return Done(f"would stop allocation {a.id[:8]}")
+    if not a.terminal:
+        ctx.nomad.stop_allocation(a.id)
+    return Done(f"allocation {a.id[:8]} of {a.job_id}/{a.task_group} stopped for rescheduling")
+
+
+def prune_images(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
+    nid = _node_id(run)
+    key = f"{ctx.prefix}/policies/{ctx.policy}/golden_image"
+    entry = ctx.kv.get(key)
+    golden = entry.value.decode("utf-8", "replace").strip() if entry else ""
+    if not golden or not IMAGE_RE.match(golden):
+        raise PermanentError(f"no valid golden image at KV {key}: refusing to prune")
+    node = ctx.nomad.node(nid)
+    job_id = f"prune-images-{nid[:8]}-{run['id'][:8]}"
+    if ctx.dry_run:
+        return Done(f"would prune images on {node.name} except {golden}")
+    ctx.nomad.register_job(_prune_job(job_id, nid, golden, node.node_pool))
+    return Done(f"image prune job {job_id} registered on {node.name}, keeping {golden}")
+
+
+PRUNE_SCRIPT = r"""set -u
+docker images --format '{{.Repository}}:{{.Tag}}' | while read -r img; do
+  [ "$img" = "$GOLDEN_IMAGE" ] && continue
+  docker rmi "$img" >/dev/null 2>&1 || true
+done
+docker image prune -f >/dev/null
+"""
+
+
+def _prune_job(job_id: str, node_id: str, golden: str, pool: str) -> dict[str, Any]:
+    return {
+        "ID": job_id,
+        "Name": job_id,
+        "Type": "batch",
+        "Datacenters": ["*"],
+        "NodePool": pool,
+        "Constraints": [{"LTarget": "${node.unique.id}", "RTarget": node_id, "Operand": "="}],
+        "TaskGroups": [
+            {
+                "Name": "prune",
+                "Count": 1,
+                "RestartPolicy": {"Attempts": 0, "Mode": "fail"},
+                "Tasks": [
+                    {
+                        "Name": "prune",
+                        "Driver": "raw_exec",
+                        "Config": {"command": "/bin/sh", "args": ["-c", PRUNE_SCRIPT]},
+                        "Env": {"GOLDEN_IMAGE": golden},  # data, never part of the script
+                        "Resources": {"CPU": 100, "MemoryMB": 64},
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def notify(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
+    text = render(step.template, run["values"])
+    incident = run["values"].get("incident.id")
+    if step.channel == "log" or not incident or ctx.notes is None:
+        log.info("runbook %s run %s note: %s", run["runbook"], run["id"], text)
+        return Done(f"logged: {text}")
+    if ctx.dry_run:
+        return Done(f"would add note: {text}")
+    if not run["step_state"].get("sent"):
+        ctx.notes.add_note(str(incident), text)
+        run["step_state"]["sent"] = True
+    return Done(f"note added: {text}")
+
+
+def _msg(run: Mapping[str, Any], what: str) -> str:
+    return f"nomadscale runbook {run['runbook']} run {run['id']}: {what}"
+
+
+ACTIONS: Mapping[str, Callable[[Ctx, Any, dict[str, Any]], Outcome]] = {
+    "mark_ineligible": mark_eligibility,
+    "mark_eligible": mark_eligibility,
+    "drain": drain,
+    "surge": surge,
+    "release_surge": release_surge,
+    "wait_node": wait_node,
+    "wait_condition": wait_condition,
+    "verify_gpu": verify_gpu,
+    "restart_allocation": restart_allocation,
+    "prune_images": prune_images,
+    "notify": notify,
+}
+
+
+def resolve_node(nomad: HealingNomad, ref: str) -> NodeInfo:
+    """A node by exact id, exact name or unique id prefix (>= 8 chars)."""
+    try:
+        return nomad.node(ref)
+    except NotFoundError:
+        pass
+    except PermanentError:
+        pass
+    nodes = nomad.list_nodes()
+    named = [n for n in nodes if n.name == ref]
+    if len(named) == 1:
+        return nomad.node(named[0].id)
+    pref = [n for n in nodes if len(ref) >= 8 and n.id.startswith(ref)]
+    if len(pref) == 1:
+        return nomad.node(pref[0].id)
+    if len(named) + len(pref) > 1:
+        raise PermanentError(f"node {ref!r} is ambiguous")
+    raise PermanentError(f"node {ref!r} not found in Nomad")

@@ -1,0 +1,430 @@
+"""The runbook engine: resumable runs with their whole state in KV.
+
+A run record (``<prefix>/runbooks/runs/<run_id>``, JSON) holds the runbook, the validated
+parameters, the current phase/step, each step's progress and result, the surge done, and the
+status. It is saved after every step call, so ``resume_all()`` in a new process continues any
+run that was interrupted. Safety limits: one healing run per zone at a time (a KV lock per
+zone, value = run id), a global rate limit (runs started in the last hour), and the drain
+action refuses to go below the policy's per-zone share of ``bounds.min``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from nomadscale.core.clock import Clock, SystemClock
+from nomadscale.core.errors import (
+    NomadscaleError,
+    PermanentError,
+    SafetyError,
+    TemporaryError,
+    UsageError,
+)
+from nomadscale.core.ports import KVPort
+from nomadscale.core.values import new_id
+from nomadscale.healing import actions
+from nomadscale.healing.runbook import PARAM_PATTERNS, Runbook, step_timeout
+
+log = logging.getLogger(__name__)
+ACTIVE = ("pending", "running")
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_runs_per_hour: int = 12
+    poll_s: float = 5.0
+    backoff_initial_s: float = 2.0
+    backoff_max_s: float = 60.0
+
+
+class RunbookEngine:
+    def __init__(
+        self,
+        *,
+        runbooks: Mapping[str, Runbook],
+        nomad: actions.HealingNomad,
+        kv: KVPort,
+        zones: Mapping[tuple[str, str], actions.ZoneTarget] | None = None,
+        notes: actions.Notes | None = None,
+        clock: Clock | None = None,
+        prefix: str = "nomadscale",
+        limits: EngineLimits | None = None,
+    ) -> None:
+        self.runbooks = dict(runbooks)
+        self.nomad = nomad
+        self.kv = kv
+        self.zones = dict(zones or {})
+        self.notes = notes
+        self.clock: Clock = clock or SystemClock()
+        self.prefix = prefix.rstrip("/")
+        self.limits = limits or EngineLimits()
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._workers: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._submit_lock = threading.Lock()
+
+    # --- keys and records -----------------------------------------------------------------
+
+    def _run_key(self, run_id: str) -> str:
+        return f"{self.prefix}/runbooks/runs/{run_id}"
+
+    def _lock_key(self, zone: str) -> str:
+        return f"{self.prefix}/runbooks/locks/zone/{zone}"
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        e = self.kv.get(self._run_key(run_id))
+        return json.loads(e.value) if e else None
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        out = []
+        for e in self.kv.list(f"{self.prefix}/runbooks/runs/"):
+            try:
+                out.append(json.loads(e.value))
+            except ValueError:
+                log.warning("unreadable run record %s", e.key)
+        return sorted(out, key=lambda r: r.get("created_at", ""))
+
+    def _save(self, run: dict[str, Any]) -> None:
+        run["updated_at"] = self.clock.now().isoformat()
+        self.kv.put(self._run_key(run["id"]), json.dumps(run, sort_keys=True).encode())
+
+    # --- submitting ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        runbook: str,
+        params: Mapping[str, str],
+        *,
+        trigger: str = "manual",
+        dry_run: bool = False,
+        deadline: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Validate parameters, resolve the node through Nomad, apply the safety limits and
+        store a new run (status ``pending``; ``refused`` when a limit says no). Returns the run.
+        ``UsageError`` for an unknown runbook or a bad parameter."""
+        rb = self.runbooks.get(runbook)
+        if rb is None:
+            raise UsageError(f"runbook {runbook!r} not found (have: {', '.join(self.runbooks)})")
+        values = self._values(rb, params)
+        now = self.clock.now()
+        run: dict[str, Any] = {
+            "id": new_id(),
+            "runbook": rb.name,
+            "values": values,
+            "trigger": trigger,
+            "dry_run": dry_run,
+            "status": "pending",
+            "phase": "main",
+            "step": 0,
+            "step_state": {},
+            "step_started": None,
+            "attempts": 0,
+            "results": [],
+            "surge": None,
+            "zone_lock": None,
+            "error": None,
+            "finalized": False,
+            "created_at": now.isoformat(),
+            "deadline_epoch": deadline.timestamp() if deadline else None,
+        }
+        run["values"]["run.id"] = run["id"]
+        with self._submit_lock:
+            dup = self._active_duplicate(rb.name, values)
+            if dup is not None:
+                log.info("runbook %s already running for these parameters as %s", rb.name, dup)
+                return self.get_run(dup) or {"id": dup, "status": "running"}
+            refusal = self._refusal(run, now)
+            if refusal is None and not dry_run and values.get("zone") and rb.policy:
+                if self._lock_zone(values["zone"], run["id"]):
+                    run["zone_lock"] = values["zone"]
+                else:
+                    refusal = f"another node in zone {values['zone']} is being healed"
+            if refusal:
+                run["status"] = "refused"
+                run["error"] = refusal
+            self._save(run)
+        log.info(
+            "runbook %s run %s %s (trigger %s, node %s)",
+            rb.name,
+            run["id"],
+            "refused: " + refusal if refusal else "accepted",
+            trigger,
+            values.get("node.name", "-"),
+        )
+        if refusal:
+            self._finalize(run)
+        return run
+
+    def _values(self, rb: Runbook, params: Mapping[str, str]) -> dict[str, str]:
+        values: dict[str, str] = {"runbook": rb.name}
+        unknown = set(params) - set(rb.parameters)
+        if unknown:
+            raise UsageError(f"runbook {rb.name}: unknown parameter(s) {sorted(unknown)}")
+        for name, spec in rb.parameters.items():
+            raw = params.get(name)
+            if raw is None or raw == "":
+                if spec.required:
+                    raise UsageError(f"runbook {rb.name}: parameter {name} is required")
+                continue
+            if not PARAM_PATTERNS[name].match(str(raw)):
+                raise UsageError(f"runbook {rb.name}: parameter {name}: invalid value")
+            values[{"incident_id": "incident.id", "allocation": "allocation.id"}.get(name, name)] = (
+                str(raw)
+            )
+        if "node" in values:
+            node = actions.resolve_node(self.nomad, values.pop("node"))
+            values["node.id"] = node.id
+            values["node.name"] = node.name
+            values["zone"] = actions.node_zone(node)
+        return values
+
+    def _active_duplicate(self, runbook: str, values: Mapping[str, str]) -> str | None:
+        key = values.get("node.id") or values.get("allocation.id") or values.get("zone")
+        for r in self.list_runs():
+            if r["runbook"] == runbook and r["status"] in ACTIVE:
+                v = r["values"]
+                if (v.get("node.id") or v.get("allocation.id") or v.get("zone")) == key:
+                    return str(r["id"])
+        return None
+
+    def _refusal(self, run: Mapping[str, Any], now: datetime) -> str | None:
+        if run["dry_run"]:
+            return None
+        since = (now - timedelta(hours=1)).isoformat()
+        recent = [
+            r
+            for r in self.list_runs()
+            if r.get("created_at", "") >= since and r["status"] != "refused" and not r["dry_run"]
+        ]
+        if len(recent) >= self.limits.max_runs_per_hour:
+            return f"rate limit: {len(recent)} runs in the last hour (max {self.limits.max_runs_per_hour})"
+        return None
+
+    def _lock_zone(self, zone: str, run_id: str) -> bool:
+        key = self._lock_key(zone)
+        e = self.kv.get(key)
+        if e is None:
+            return self.kv.put(key, run_id.encode(), cas=0)
+        holder = e.value.decode()
+        if holder == run_id:
+            return True
+        other = self.get_run(holder)
+        if other is not None and other["status"] in ACTIVE:
+            return False
+        return self.kv.put(key, run_id.encode(), cas=e.modify_index)  # stale lock
+
+    def _unlock_zone(self, run: Mapping[str, Any]) -> None:
+        zone = run.get("zone_lock")
+        if not zone:
+            return
+        e = self.kv.get(self._lock_key(zone))
+        if e is not None and e.value.decode() == run["id"]:
+            self.kv.delete(self._lock_key(zone), cas=e.modify_index)
+
+    # --- running ------------------------------------------------------------------------------
+
+    def run(self, run_id: str, *, max_calls: int | None = None) -> dict[str, Any]:
+        """Drive a run until it ends (or ``max_calls`` step calls, to simulate a crash)."""
+        run = self.get_run(run_id)
+        if run is None:
+            raise UsageError(f"run {run_id} not found")
+        rb = self.runbooks.get(run["runbook"])
+        if rb is None:
+            run["status"], run["error"] = "failed", f"runbook {run['runbook']} no longer loaded"
+            self._save(run)
+            return run
+        if run["status"] == "pending":
+            run["status"] = "running"
+            self._save(run)
+        ctx = actions.Ctx(
+            nomad=self.nomad,
+            kv=self.kv,
+            prefix=self.prefix,
+            zones=self.zones,
+            notes=self.notes,
+            policy=rb.policy,
+            dry_run=bool(run["dry_run"]),
+            now_iso=lambda: self.clock.now().isoformat(),
+        )
+        calls = 0
+        while run["status"] == "running" and not self._stop.is_set():
+            if max_calls is not None and calls >= max_calls:
+                return run
+            calls += 1
+            self._step_once(rb, ctx, run)
+        if run["status"] not in ACTIVE:
+            self._finalize(run)
+        return run
+
+    def _step_once(self, rb: Runbook, ctx: actions.Ctx, run: dict[str, Any]) -> None:
+        steps = rb.step_list(run["phase"])
+        if run["step"] >= len(steps):
+            run["status"] = "succeeded" if run["phase"] == "main" else "failed"
+            self._save(run)
+            return
+        step = steps[run["step"]]
+        now = self.clock.now()
+        if not run["step_started"]:
+            run["step_started"] = now.isoformat()
+        started = datetime.fromisoformat(run["step_started"])
+        timed_out = (now - started).total_seconds() >= step_timeout(step)
+        run["now_epoch"] = now.timestamp()
+        try:
+            outcome = actions.ACTIONS[step.action](ctx, step, run)
+        except TemporaryError as exc:
+            run["attempts"] += 1
+            if timed_out:
+                self._fail_step(run, step, f"timed out after retries: {exc}")
+                return
+            delay = min(
+                self.limits.backoff_max_s,
+                max(exc.retry_after, self.limits.backoff_initial_s * 2 ** (run["attempts"] - 1)),
+            )
+            log.warning(
+                "runbook %s run %s step %s %s: temporary error (retry in %.0fs): %s",
+                run["runbook"], run["id"], run["step"], step.action, delay, exc,
+            )
+            self._save(run)
+            self.clock.sleep(delay)
+            return
+        except (PermanentError, NomadscaleError) as exc:
+            self._fail_step(run, step, str(exc), safety=isinstance(exc, SafetyError))
+            return
+        if isinstance(outcome, actions.Waiting):
+            if timed_out:
+                self._fail_step(run, step, f"timed out: {outcome.detail}")
+                return
+            self._save(run)
+            self.clock.sleep(self.limits.poll_s)
+            return
+        self._record(run, step, "ok", outcome.detail)
+        run["step"] += 1
+        self._reset_step(run)
+        self._save(run)
+
+    def _reset_step(self, run: dict[str, Any]) -> None:
+        run["step_state"] = {}
+        run["step_started"] = None
+        run["attempts"] = 0
+
+    def _record(self, run: dict[str, Any], step: Any, status: str, detail: str) -> None:
+        run["results"].append(
+            {
+                "phase": run["phase"],
+                "step": run["step"],
+                "action": step.action,
+                "status": status,
+                "detail": detail,
+                "at": self.clock.now().isoformat(),
+            }
+        )
+        log.info(
+            "runbook %s run %s %s step %s %s: %s: %s",
+            run["runbook"], run["id"], run["phase"], run["step"], step.action, status, detail,
+        )
+
+    def _fail_step(self, run: dict[str, Any], step: Any, why: str, *, safety: bool = False) -> None:
+        self._record(run, step, "refused" if safety else "failed", why)
+        if run["phase"] == "main":
+            run["error"] = f"step {run['step']} {step.action}: {why}"
+            run["phase"] = "on_failure"
+            run["step"] = 0
+        else:
+            run["step"] += 1  # on_failure steps are best effort
+        self._reset_step(run)
+        self._save(run)
+
+    def _finalize(self, run: dict[str, Any]) -> None:
+        """Release the zone lock, then tell the incident (note; resolve on success)."""
+        if run.get("finalized"):
+            return
+        self._unlock_zone(run)
+        incident = run["values"].get("incident.id")
+        if incident and self.notes is not None and not run["dry_run"]:
+            text = summary(run)
+            try:
+                self.notes.add_note(incident, text)
+                if run["status"] == "succeeded":
+                    self.notes.resolve(incident)
+            except NomadscaleError as exc:
+                log.warning("run %s: could not update incident %s: %s", run["id"], incident, exc)
+        run["finalized"] = True
+        self._save(run)
+        log.info("runbook %s run %s finished: %s", run["runbook"], run["id"], run["status"])
+
+    # --- workers and resume ------------------------------------------------------------------
+
+    def resume_all(self) -> list[str]:
+        """Queue every run left pending/running (e.g. by a process that died)."""
+        ids = [r["id"] for r in self.list_runs() if r["status"] in ACTIVE]
+        for rid in ids:
+            log.info("resuming run %s", rid)
+            self._queue.put(rid)
+        return ids
+
+    def enqueue(self, run_id: str) -> None:
+        self._queue.put(run_id)
+
+    def start(self, workers: int = 2) -> RunbookEngine:
+        for i in range(workers):
+            t = threading.Thread(target=self._work, name=f"runbook-worker-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        for _ in self._workers:
+            self._queue.put(None)
+        for t in self._workers:
+            t.join(timeout)
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until the queue is empty and every worker is idle (tests, CLI)."""
+        done = threading.Event()
+
+        def waiter() -> None:
+            self._queue.join()
+            done.set()
+
+        threading.Thread(target=waiter, daemon=True).start()
+        return done.wait(timeout)
+
+    def _work(self) -> None:
+        while True:
+            rid = self._queue.get()
+            try:
+                if rid is None:
+                    return
+                self.run(rid)
+            except Exception:  # the worker must survive any single run
+                log.exception("run %s crashed", rid)
+            finally:
+                self._queue.task_done()
+
+
+def summary(run: Mapping[str, Any]) -> str:
+    """A multi-line audit summary for the incident."""
+    head = f"nomadscale runbook {run['runbook']} run {run['id']}: {run['status'].upper()}"
+    if run["status"] != "succeeded":
+        head += " - escalated, left for a human" if run["status"] != "refused" else ""
+    lines = [head]
+    if run.get("error"):
+        lines.append(f"reason: {run['error']}")
+    for r in run.get("results", []):
+        lines.append(f"- [{r['phase']} {r['step']}] {r['action']}: {r['status']}: {r['detail']}")
+    return "\n".join(lines)
+
+
+def runs_table(runs: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
+    return [
+        (r["id"], r["runbook"], r["status"], r["values"].get("node.name", "-"), r["created_at"])
+        for r in runs
+    ]

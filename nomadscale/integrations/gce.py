@@ -1,0 +1,227 @@
+"""Compute Engine zonal managed instance groups as a ``NodePoolPort``.
+
+REST calls (``base_url`` = ``settings.gce_api_url``, e.g. ``https://compute.googleapis.com/compute/v1``):
+
+* ``GET  projects/P/zones/Z/instanceGroupManagers/NAME``               -> ``targetSize``
+* ``POST projects/P/zones/Z/instanceGroupManagers/NAME/resize?size=N`` -> zone operation
+* ``POST projects/P/zones/Z/instanceGroupManagers/NAME/listManagedInstances``
+* ``POST projects/P/zones/Z/instanceGroupManagers/NAME/deleteInstances {"instances": [...]}``
+* ``GET  projects/P/zones/Z/operations/OP`` (polled until ``DONE``, with the injected clock)
+
+Credentials come from ``google.auth.default()`` unless given; tests and the simulator pass
+``AnonymousCredentials`` against a loopback base URL (``nomadscale.sim.compute``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import requests
+
+from nomadscale.core.clock import Clock, SystemClock
+from nomadscale.core.errors import (
+    ConflictError,
+    ExternalPermanentError,
+    ExternalTemporaryError,
+    NotFoundError,
+)
+from nomadscale.core.ports import Instance
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "gce"
+
+
+def _parse_time(raw: Any) -> datetime | None:
+    if not raw or not isinstance(raw, str):
+        return None
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _first_error(body: Any) -> str:
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            if err.get("message"):
+                return str(err["message"])
+            errs = err.get("errors") or []
+            if errs and isinstance(errs[0], dict):
+                return str(errs[0].get("message", ""))
+    return ""
+
+
+class GceMigPool:
+    """``NodePoolPort`` over zonal managed instance groups of one project."""
+
+    def __init__(
+        self,
+        *,
+        project: str,
+        credentials: Any = None,
+        base_url: str = "https://compute.googleapis.com/compute/v1",
+        session: requests.Session | None = None,
+        clock: Clock | None = None,
+        timeout_s: float = 30.0,
+        operation_timeout_s: float = 300.0,
+        poll_s: float = 2.0,
+    ) -> None:
+        self.project = project
+        self.base_url = base_url.rstrip("/")
+        self._clock = clock or SystemClock()
+        self._timeout = timeout_s
+        self._op_timeout = operation_timeout_s
+        self._poll = poll_s
+        if session is None:
+            from google.auth.transport.requests import AuthorizedSession
+
+            if credentials is None:
+                import google.auth
+
+                try:
+                    credentials, _ = google.auth.default(
+                        scopes=["https://www.googleapis.com/auth/compute"]
+                    )
+                except google.auth.exceptions.DefaultCredentialsError as e:
+                    raise ExternalPermanentError(
+                        f"gce: no Google credentials found: {e}", system=SYSTEM
+                    ) from None
+            session = AuthorizedSession(credentials)
+        self._session = session
+
+    def __repr__(self) -> str:
+        return f"GceMigPool(project={self.project!r}, base_url={self.base_url!r})"
+
+    # --- HTTP ------------------------------------------------------------------------------
+
+    def _zone_url(self, zone: str) -> str:
+        return f"{self.base_url}/projects/{self.project}/zones/{zone}"
+
+    def _mig_url(self, group: str, zone: str) -> str:
+        return f"{self._zone_url(zone)}/instanceGroupManagers/{group}"
+
+    def _call(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: dict[str, Any] | None = None,
+        body: Any = None,
+        what: str,
+    ) -> dict[str, Any]:
+        try:
+            resp = self._session.request(
+                method, url, params=params, json=body, timeout=self._timeout
+            )
+        except requests.RequestException as e:
+            raise ExternalTemporaryError(
+                f"gce: {what}: {type(e).__name__}", system=SYSTEM
+            ) from None
+        if resp.status_code >= 400:
+            try:
+                detail = _first_error(resp.json())
+            except ValueError:
+                detail = resp.text.strip()[:200]
+            msg = f"gce: {what}: HTTP {resp.status_code}" + (f": {detail}" if detail else "")
+            code = resp.status_code
+            if code == 404:
+                raise NotFoundError(msg, system=SYSTEM, status=code)
+            if code in (409, 412):
+                raise ConflictError(msg, system=SYSTEM, status=code)
+            if code == 429 or code >= 500:
+                retry = float(resp.headers.get("Retry-After", "5") or 5)
+                raise ExternalTemporaryError(msg, system=SYSTEM, status=code, retry_after=retry)
+            raise ExternalPermanentError(msg, system=SYSTEM, status=code)
+        if not resp.content:
+            return {}
+        try:
+            out = resp.json()
+        except ValueError:
+            raise ExternalTemporaryError(f"gce: {what}: reply is not JSON", system=SYSTEM) from None
+        return out if isinstance(out, dict) else {}
+
+    def _wait(self, op: dict[str, Any], *, zone: str, what: str) -> None:
+        """Poll a zone operation until DONE (bounded); raise when it ended in error."""
+        name = op.get("name")
+        started = self._clock.monotonic()
+        while op.get("status") != "DONE" and name:
+            if self._clock.monotonic() - started > self._op_timeout:
+                raise ExternalTemporaryError(
+                    f"gce: {what}: operation {name} not done after {self._op_timeout:.0f}s",
+                    system=SYSTEM,
+                )
+            self._clock.sleep(self._poll)
+            op = self._call("GET", f"{self._zone_url(zone)}/operations/{name}", what=what)
+        detail = _first_error(op)
+        if detail:
+            raise ExternalPermanentError(f"gce: {what}: {detail}", system=SYSTEM)
+
+    # --- NodePoolPort -------------------------------------------------------------------------
+
+    def size(self, group: str, *, zone: str) -> int:
+        body = self._call("GET", self._mig_url(group, zone), what=f"get {zone}/{group}")
+        try:
+            return int(body["targetSize"])
+        except (KeyError, TypeError, ValueError):
+            raise ExternalPermanentError(
+                f"gce: get {zone}/{group}: reply has no targetSize", system=SYSTEM
+            ) from None
+
+    def resize(self, group: str, size: int, *, zone: str) -> None:
+        if size < 0:
+            raise ExternalPermanentError(
+                f"gce: resize {zone}/{group}: size must not be negative, got {size}",
+                system=SYSTEM,
+            )
+        what = f"resize {zone}/{group} to {size}"
+        op = self._call(
+            "POST", self._mig_url(group, zone) + "/resize", params={"size": size}, what=what
+        )
+        self._wait(op, zone=zone, what=what)
+        log.info("gce: resized %s/%s to %s", zone, group, size)
+
+    def list_instances(self, group: str, *, zone: str) -> list[Instance]:
+        out: list[Instance] = []
+        token: str | None = None
+        while True:
+            params = {"pageToken": token} if token else None
+            body = self._call(
+                "POST",
+                self._mig_url(group, zone) + "/listManagedInstances",
+                params=params,
+                what=f"list instances of {zone}/{group}",
+            )
+            for mi in body.get("managedInstances") or []:
+                url = str(mi.get("instance", ""))
+                name = url.rstrip("/").rsplit("/", 1)[-1]
+                if not name:
+                    continue
+                status = str(mi.get("instanceStatus") or mi.get("currentAction") or "UNKNOWN")
+                created = _parse_time(mi.get("creationTimestamp")) or _parse_time(
+                    (mi.get("version") or {}).get("creationTimestamp")
+                    if isinstance(mi.get("version"), dict)
+                    else None
+                )
+                out.append(Instance(name=name, zone=zone, status=status, created=created))
+            token = body.get("nextPageToken")
+            if not token:
+                return out
+
+    def delete_instances(self, group: str, names: Sequence[str], *, zone: str) -> None:
+        if not names:
+            return
+        what = f"delete {len(names)} instance(s) of {zone}/{group}"
+        urls = [f"projects/{self.project}/zones/{zone}/instances/{n}" for n in names]
+        op = self._call(
+            "POST",
+            self._mig_url(group, zone) + "/deleteInstances",
+            body={"instances": urls},
+            what=what,
+        )
+        self._wait(op, zone=zone, what=what)
+        log.info("gce: deleted %s from %s/%s", ",".join(names), zone, group)

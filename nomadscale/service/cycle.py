@@ -1,0 +1,336 @@
+"""One cycle of one policy: read, decide, plan, apply (when leading), record.
+
+Order: pause state and overrides (KV) -> deploy rollout record (KV) -> target status (skip
+while a Nomad deployment is active or the job is missing) -> demand history -> cooldown from
+the target's newest scale event (whoever made it) -> ``stages.decide`` -> plan from actual
+state -> apply through the actuator (fenced) -> record. Any ``NomadscaleError`` ends the cycle
+as ``failed`` with a recorded reason; nothing else is caught here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from nomadscale.config.policy import Policy
+from nomadscale.core.clock import Clock
+from nomadscale.core.errors import ExternalError, NomadscaleError, NotFoundError
+from nomadscale.core.ports import (
+    AlertPort,
+    DemandSource,
+    JobStatus,
+    KVPort,
+    LockPort,
+    NodeInfo,
+    NodePoolPort,
+    NomadPort,
+)
+from nomadscale.core.values import Decision, new_id
+from nomadscale.integrations.consul import update_json
+from nomadscale.service.actuator import Action, Actuator, NodeRef, ZoneView, plan_actions
+from nomadscale.service.control import Control
+from nomadscale.service.records import CycleRecord, Recorder
+from nomadscale.stages.decide import decide
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ports:
+    """What a cycle talks to. ``pool_for``/``demand_for`` build per-policy adapters."""
+
+    nomad: NomadPort
+    kv: KVPort
+    lock: LockPort
+    demand_for: Callable[[Policy], DemandSource]
+    pool_for: Callable[[Policy], NodePoolPort | None] = lambda _p: None
+    alerts: AlertPort | None = None
+    _demand: dict[str, DemandSource] = field(default_factory=dict)
+    _pools: dict[str, NodePoolPort | None] = field(default_factory=dict)
+
+    def demand(self, policy: Policy) -> DemandSource:
+        if policy.name not in self._demand:
+            self._demand[policy.name] = self.demand_for(policy)
+        return self._demand[policy.name]
+
+    def pool(self, policy: Policy) -> NodePoolPort | None:
+        if policy.name not in self._pools:
+            self._pools[policy.name] = self.pool_for(policy)
+        return self._pools[policy.name]
+
+
+def last_scale_time(status: JobStatus) -> datetime | None:
+    """Newest successful count change of any group (whoever made it)."""
+    times = [
+        e.time
+        for g in status.groups.values()
+        for e in g.events
+        if not e.error and e.count is not None
+    ]
+    return max(times) if times else None
+
+
+def _error_kind(e: NomadscaleError) -> str:
+    if isinstance(e, ExternalError):
+        return f"{e.system}_{'temporary' if not e.permanent else 'permanent'}"
+    return type(e).__name__
+
+
+@dataclass
+class CycleResult:
+    record: CycleRecord
+    decision: Decision | None = None
+    actions: tuple[Action, ...] = ()
+
+
+class CycleRunner:
+    """Runs cycles of one policy. ``leader`` and ``dry_run`` decide whether it writes."""
+
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        ports: Ports,
+        control: Control,
+        recorder: Recorder,
+        clock: Clock,
+        stop: threading.Event | None = None,
+        poll_s: float = 5.0,
+        drain_grace_s: float = 60.0,
+    ) -> None:
+        self.policy = policy
+        self.ports = ports
+        self.control = control
+        self.recorder = recorder
+        self.clock = clock
+        self.stop = stop or threading.Event()
+        self.poll_s = poll_s
+        self.drain_grace_s = drain_grace_s
+        self.removals_key = f"{control.prefix}/scaling/{policy.name}/removals"
+
+    @property
+    def manages_nodes(self) -> bool:
+        return self.policy.target.node_pool is not None and any(
+            z.instance_group for z in self.policy.zones.items
+        )
+
+    # --- reading ------------------------------------------------------------------------
+
+    def _pending(self) -> dict[str, dict[str, str]]:
+        from nomadscale.service.control import _get_json
+
+        doc = _get_json(self.ports.kv, self.removals_key)
+        return doc if isinstance(doc, dict) else {}
+
+    def _on_removing(self, zone: str, nodes: Sequence[NodeRef], started: bool) -> None:
+        def fn(old: Any) -> Any:
+            doc = dict(old or {})
+            zone_doc = dict(doc.get(zone) or {})
+            for n in nodes:
+                if started:
+                    zone_doc[n.id] = n.name
+                else:
+                    zone_doc.pop(n.id, None)
+            doc[zone] = zone_doc
+            return {z: v for z, v in doc.items() if v}
+
+        update_json(self.ports.kv, self.removals_key, fn, default={})
+
+    def _nodes(self, *, with_allocs: bool) -> dict[str, list[NodeInfo]]:
+        by_zone: dict[str, list[NodeInfo]] = {}
+        for pool in sorted({z.node_pool for z in self.policy.zones.items}):
+            if with_allocs:
+                try:
+                    nodes = self.ports.nomad.list_nodes(node_pool=pool, with_allocs=True)  # type: ignore[call-arg]
+                except TypeError:
+                    nodes = self.ports.nomad.list_nodes(node_pool=pool)
+            else:
+                nodes = self.ports.nomad.list_nodes(node_pool=pool)
+            for n in nodes:
+                by_zone.setdefault(n.datacenter, []).append(n)
+        return by_zone
+
+    def _views(self, *, with_allocs: bool, pending: dict[str, dict[str, str]]) -> list[ZoneView]:
+        manage = self.manages_nodes
+        pool = self.ports.pool(self.policy) if manage else None
+        nodes = self._nodes(with_allocs=with_allocs) if manage else {}
+        views = []
+        for z in self.policy.zones.items:
+            size = None
+            if pool is not None and z.instance_group:
+                size = pool.size(z.instance_group, zone=z.name)
+            views.append(
+                ZoneView(
+                    zone=z.name,
+                    group=z.group,
+                    instance_group=z.instance_group if manage else None,
+                    nodes=tuple(n for n in nodes.get(z.name, []) if n.node_pool == z.node_pool),
+                    mig_size=size,
+                    pending=tuple((pending.get(z.name) or {}).keys()),
+                )
+            )
+        return views
+
+    def _plan(self, decision: Decision, status: JobStatus) -> tuple[Action, ...]:
+        np_ = self.policy.target.node_pool
+        kw: dict[str, Any] = {"manage_nodes": self.manages_nodes}
+        if np_ is not None:
+            kw.update(
+                workers_per_node=np_.workers_per_node,
+                drain_deadline_s=np_.drain_deadline_s,
+                scale_in_order=np_.scale_in_order,
+            )
+        pending = self._pending() if self.manages_nodes else {}
+        actions = plan_actions(
+            decision, status, self._views(with_allocs=False, pending=pending), **kw
+        )
+        if any(a.kind == "drain" for a in actions):  # empty-first needs allocation counts
+            views = self._views(with_allocs=True, pending=pending)
+            actions = plan_actions(decision, status, views, **kw)
+        return actions
+
+    # --- the cycle ----------------------------------------------------------------------
+
+    def run(
+        self,
+        *,
+        leader: bool,
+        dry_run: bool = False,
+        now: datetime | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> CycleResult:
+        p = self.policy
+        now = now or self.clock.now()
+        rec = CycleRecord(policy=p.name, started_at=now, id=new_id(), dry_run=dry_run)
+        res = CycleResult(record=rec)
+        t0 = time.perf_counter()
+        try:
+            self._run(rec, res, now=now, leader=leader, dry_run=dry_run, meta=meta or {})
+        except NomadscaleError as e:
+            rec.outcome = "failed"
+            rec.errors.append(str(e))
+            rec.error_kinds.append(_error_kind(e))
+            rec.reason = str(e)
+        rec.duration_s = time.perf_counter() - t0
+        threshold = p.alerting.failed_cycles_before_alert
+        store = leader and not dry_run and self.ports.lock.held()
+        self.recorder.record(
+            rec,
+            store=store,
+            fail_threshold=threshold,
+            capacity_rpm=p.bounds.max * p.capacity.rpm_per_worker,
+        )
+        return res
+
+    def _skip(self, rec: CycleRecord, kind: str, reason: str) -> None:
+        rec.outcome = "skipped"
+        rec.skipped = kind
+        rec.reason = reason
+
+    def _run(
+        self,
+        rec: CycleRecord,
+        res: CycleResult,
+        *,
+        now: datetime,
+        leader: bool,
+        dry_run: bool,
+        meta: dict[str, Any],
+    ) -> None:
+        p = self.policy
+        if self.stop.is_set():
+            self._skip(rec, "shutdown", "shutting down")
+            return
+        pause = self.control.paused(p.name, now=now)
+        if pause is not None:
+            self._skip(rec, "paused", f"paused by {pause.who}: {pause.reason}")
+            return
+        overrides = [o for o in self.control.overrides(p.name, now=now) if o.kind != "pause"]
+        rollout = self.control.deploy_active(p.name)
+        if rollout:
+            self._skip(rec, "deploy-rollout", rollout)
+            return
+        try:
+            status = self.ports.nomad.job_status(p.target.job, namespace=p.target.namespace)
+        except NotFoundError:
+            self._skip(rec, "job-missing", f"job {p.target.namespace}/{p.target.job} not found")
+            return
+        if status.stopped:
+            self._skip(rec, "job-stopped", f"job {p.target.job} is stopped")
+            return
+        if status.active_deployment:
+            self._skip(rec, "deployment", f"deployment {status.active_deployment} is active")
+            return
+        step = p.demand.step_s
+        lookback = getattr(p.demand, "lookback_s", 28 * 86400.0)
+        series = self.ports.demand(p).history(end=now, lookback_s=lookback, step_s=step)
+        groups = {z.name: status.groups.get(z.group) for z in p.zones.items}
+        missing = [z.group for z in p.zones.items if groups[z.name] is None]
+        if missing:
+            self._skip(rec, "group-missing", f"job {p.target.job} has no group {missing[0]}")
+            return
+        current_zones = {zone: g.desired for zone, g in groups.items() if g is not None}
+        current = sum(current_zones.values())
+        last = last_scale_time(status)
+        decision = decide(
+            policy=p,
+            series=series,
+            now=now,
+            current=current,
+            current_zones=current_zones,
+            last_scale_at=last,
+            overrides=overrides,
+        )
+        res.decision = decision
+        rec.decision = decision.to_dict()
+        rec.inputs = {
+            "history_steps": len(series.values),
+            "history_end": series.end.isoformat(),
+            "last_scale_at": last.isoformat() if last else None,
+            "overrides": [o.label() for o in overrides],
+            "current": current,
+        }
+        wanted = {z.zone: z.count for z in decision.zones}
+        rec.zones = {
+            zone: {"desired": wanted.get(zone), "actual": g.running if g else None}
+            for zone, g in groups.items()
+        }
+        actions = self._plan(decision, status)
+        res.actions = actions
+        rec.actions = [a.describe() for a in actions]
+        if dry_run or not leader:
+            rec.outcome = "planned"
+            return
+        if not actions:
+            rec.outcome = "unchanged"
+            return
+        act = Actuator(
+            nomad=self.ports.nomad,
+            pool=self.ports.pool(p),
+            lock=self.ports.lock,
+            clock=self.clock,
+            stop=self.stop,
+            alerts=self.ports.alerts,
+            poll_s=self.poll_s,
+            drain_grace_s=self.drain_grace_s,
+            on_removing=self._on_removing,
+        )
+        out = act.apply(
+            actions, decision=decision, job=p.target.job, namespace=p.target.namespace, meta=meta
+        )
+        rec.applied = out.applied
+        rec.errors.extend(out.errors)
+        if out.aborted:
+            rec.outcome = "aborted"
+            rec.reason = out.aborted
+            rec.error_kinds.append("aborted")
+        elif out.errors:
+            rec.outcome = "failed"
+            rec.error_kinds.extend("apply" for _ in out.errors)
+        else:
+            rec.outcome = "applied"

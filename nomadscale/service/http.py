@@ -1,0 +1,72 @@
+"""The service's HTTP endpoints: ``/metrics`` (Prometheus), ``/status`` (JSON), ``/healthz``.
+
+``create_app`` takes extra routes so other parts (e.g. the healing webhooks) can be mounted
+on the same server. ``HttpServer`` runs uvicorn in a thread (loopback by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    *,
+    registry: CollectorRegistry,
+    status: Callable[[], dict[str, Any]],
+    healthy: Callable[[], bool] = lambda: True,
+    extra_routes: Sequence[BaseRoute] = (),
+) -> Starlette:
+    async def metrics(_req: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def status_ep(_req: Request) -> Response:
+        return JSONResponse(status())
+
+    async def healthz(_req: Request) -> Response:
+        ok = healthy()
+        return PlainTextResponse("ok\n" if ok else "unhealthy\n", status_code=200 if ok else 503)
+
+    routes: list[BaseRoute] = [
+        Route("/metrics", metrics),
+        Route("/status", status_ep),
+        Route("/healthz", healthz),
+        *extra_routes,
+    ]
+    return Starlette(routes=routes)
+
+
+class HttpServer:
+    """uvicorn in a background thread; ``stop()`` asks it to exit and waits."""
+
+    def __init__(self, app: Starlette, *, host: str, port: int) -> None:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+        self.host, self.port = host, port
+
+    def start(self, *, timeout_s: float = 10.0) -> HttpServer:
+        self._thread.start()
+        waited = threading.Event()
+        for _ in range(int(timeout_s / 0.05)):
+            if self._server.started:
+                break
+            waited.wait(0.05)
+        if self._server.started:
+            log.info("http: serving /metrics and /status on %s:%s", self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

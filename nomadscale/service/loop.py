@@ -1,0 +1,357 @@
+"""The service loop: leader election, one APScheduler job per policy, kicks, shutdown.
+
+* One job per policy on a ``CronTrigger`` aligned to the wall clock (``cycle: 20m`` ->
+  ``minute="*/20"``), ``coalesce=True``, ``max_instances=1``, ``misfire_grace_time``.
+* A short ``lock`` job renews the leader lock well within its TTL and picks up "apply now"
+  kicks from KV. Each cycle renews the lock too; only the leader writes, and the actuator
+  re-checks ``lock.held()`` before every write.
+* A cycle slot (policy + scheduled time) is claimed in KV before acting, so a failover never
+  applies the same slot twice.
+* ``stop()`` (SIGTERM) sets a flag checked before a cycle and between actions, waits for the
+  running cycle, then releases the lock: never half-applied by choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from nomadscale.config.policy import Policy
+from nomadscale.config.settings import Settings
+from nomadscale.core.clock import Clock
+from nomadscale.core.errors import ConfigError, NomadscaleError
+from nomadscale.integrations.consul import update_json, validate_timing
+from nomadscale.service.control import Control
+from nomadscale.service.cycle import CycleResult, CycleRunner, Ports
+from nomadscale.service.records import CycleRecord, Metrics, Recorder
+
+log = logging.getLogger(__name__)
+
+
+def cron_for(cycle_s: float) -> dict[str, str]:
+    """CronTrigger fields firing every ``cycle_s`` aligned to midnight UTC."""
+    if cycle_s < 60:  # tests and demos only: policies allow whole minutes
+        secs = int(cycle_s)
+        if secs <= 0 or 60 % secs:
+            raise ConfigError(f"cycle {cycle_s:g}s: must divide a minute")
+        return {"second": f"*/{secs}"}
+    minutes = int(cycle_s // 60)
+    if minutes <= 0 or 1440 % minutes:
+        raise ConfigError(f"cycle {cycle_s:g}s: must be whole minutes dividing a day")
+    if minutes < 60:
+        return {"minute": f"*/{minutes}", "second": "0"}
+    if minutes % 60 == 0:
+        return {"hour": f"*/{minutes // 60}", "minute": "0", "second": "0"}
+    raise ConfigError(f"cycle {cycle_s:g}s: use minutes below 1h or whole hours")
+
+
+def trigger_for(cycle_s: float) -> CronTrigger:
+    return CronTrigger(timezone="UTC", **cron_for(cycle_s))  # type: ignore[arg-type]
+
+
+def check_timing(
+    policies: Sequence[Policy], *, ttl_s: float, renew_s: float, timeout_s: float = 5.0
+) -> None:
+    """ConfigError unless the lock can be kept and a failover fits within one cycle."""
+    errors: list[str] = []
+    try:
+        validate_timing(ttl_s=ttl_s, renew_every_s=renew_s, timeout_s=timeout_s)
+    except ConfigError as e:
+        errors.extend(e.errors)
+    for p in policies:
+        if p.cycle_s < 2 * ttl_s:
+            errors.append(
+                f"policy {p.name}: cycle {p.cycle_s:g}s must be at least 2 x the lock ttl "
+                f"({2 * ttl_s:g}s) so a failover completes within one cycle"
+            )
+    if errors:
+        raise ConfigError("; ".join(errors), errors=errors)
+
+
+class Service:
+    """The autoscaler for a set of policies. ``run_policy`` is what every trigger calls."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        policies: Sequence[Policy],
+        ports: Ports,
+        clock: Clock,
+        dry_run: bool = False,
+        renew_s: float | None = None,
+        keep: int = 100,
+        metrics: Metrics | None = None,
+        poll_s: float = 5.0,
+        misfire_grace_s: float = 120.0,
+        check: bool = True,
+        every_s: float | None = None,
+    ) -> None:
+        if not policies:
+            raise ConfigError("no policies to run")
+        names = [p.name for p in policies]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"policy names must be unique, got {names}")
+        self.settings = settings
+        self.policies = {p.name: p for p in policies}
+        self.ports = ports
+        self.clock = clock
+        self.dry_run = dry_run
+        self.renew_s = renew_s if renew_s is not None else max(1.0, settings.lock_ttl_s / 3)
+        if check:
+            check_timing(policies, ttl_s=settings.lock_ttl_s, renew_s=self.renew_s)
+        self.misfire_grace_s = misfire_grace_s
+        self.every_s = every_s  # replaces every policy's cycle (tests, demos)
+        self.stop_event = threading.Event()
+        self.control = Control(ports.kv, prefix=settings.kv_prefix)
+        self.metrics = metrics or Metrics()
+        self.recorder = Recorder(
+            kv=ports.kv,
+            prefix=settings.kv_prefix,
+            metrics=self.metrics,
+            alerts=ports.alerts,
+            keep=keep,
+            log_json=settings.log_json,
+        )
+        self.runners = {
+            p.name: CycleRunner(
+                policy=p, ports=ports, control=self.control, recorder=self.recorder,
+                clock=clock, stop=self.stop_event, poll_s=poll_s,
+            )
+            for p in policies
+        }  # fmt: skip
+        self.leader = False
+        self._busy = {name: threading.Lock() for name in self.policies}
+        self._kicks: dict[str, str | None] = {}
+        self._scheduler: BackgroundScheduler | None = None
+        self._elect_mu = threading.Lock()
+
+    # --- leadership ---------------------------------------------------------------------
+
+    def elect(self) -> bool:
+        """Take or renew the leader lock; False on any error (never act when unsure)."""
+        with self._elect_mu:
+            try:
+                now_leader = bool(self.ports.lock.acquire())
+            except NomadscaleError as e:
+                log.warning("leader lock: %s", e)
+                now_leader = False
+            if now_leader != self.leader:
+                log.info("leadership %s", "acquired" if now_leader else "lost")
+                if now_leader and self._scheduler is not None and not self.stop_event.is_set():
+                    for name in self.policies:  # run the current slot if nobody did
+                        self._scheduler.add_job(
+                            self._scheduled, args=[name], id=f"takeover-{name}",
+                            replace_existing=True,
+                        )  # fmt: skip
+            self.leader = now_leader
+            self.metrics.is_leader.set(1 if now_leader else 0)
+            return now_leader
+
+    def _claim_slot(self, name: str, slot: datetime) -> bool:
+        """Record that ``slot`` of ``name`` is being acted on; False if it already was."""
+        key = f"{self.control.prefix}/slots/{name}"
+        claimed: list[bool] = []
+
+        def fn(old: Any) -> Any:
+            done = (old or {}).get("slot")
+            if done is not None and done >= slot.isoformat():
+                claimed[:] = [False]
+                return old
+            claimed[:] = [True]
+            return {"slot": slot.isoformat(), "by": str(getattr(self.ports.lock, "holder", ""))}
+
+        if not self.ports.lock.held():
+            return False
+        update_json(self.ports.kv, key, fn, default={})
+        return bool(claimed and claimed[0])
+
+    def cycle_s(self, name: str) -> float:
+        return self.every_s or self.policies[name].cycle_s
+
+    def slot_of(self, name: str, when: datetime) -> datetime:
+        cycle = self.cycle_s(name)
+        ts = when.timestamp()
+        return datetime.fromtimestamp(math.floor(ts / cycle) * cycle, tz=when.tzinfo)
+
+    # --- cycles -------------------------------------------------------------------------
+
+    def run_policy(
+        self, name: str, *, now: datetime | None = None, kick: str | None = None
+    ) -> CycleResult | None:
+        """One cycle of ``name`` (what the scheduler, kicks, ``--once`` and simulate call)."""
+        if self.stop_event.is_set():
+            return None
+        with self._busy[name]:
+            now = now or self.clock.now()
+            runner = self.runners[name]
+            if self.dry_run:
+                return runner.run(leader=False, dry_run=True, now=now)
+            if not self.elect():
+                rec = CycleRecord(policy=name, started_at=now, outcome="skipped",
+                                  skipped="not-leader", reason="not the leader")  # fmt: skip
+                self.metrics.observe(rec)
+                return CycleResult(record=rec)
+            try:
+                fresh = kick is not None or self._claim_slot(name, self.slot_of(name, now))
+            except NomadscaleError as e:
+                log.error("%s: cannot claim the cycle slot: %s", name, e)
+                fresh = False
+            if not fresh:
+                rec = CycleRecord(policy=name, started_at=now, outcome="skipped",
+                                  skipped="slot-done", reason="this cycle slot was already run")  # fmt: skip
+                self.metrics.observe(rec)
+                return CycleResult(record=rec)
+            slot = self.slot_of(name, now)
+            return runner.run(
+                leader=self.ports.lock.held(), now=now, meta={"nomadscale.slot": slot.isoformat()}
+            )
+
+    def run_once(self) -> list[CycleResult]:
+        out = []
+        for name in self.policies:
+            r = self.run_policy(name)
+            if r is not None:
+                out.append(r)
+        return out
+
+    def _scheduled(self, name: str) -> None:
+        try:
+            self.run_policy(name)
+        except Exception:  # the cycle boundary: a bug in one cycle must not stop the loop
+            log.exception("%s: cycle crashed", name)
+            self.metrics.errors.labels(name, "crash").inc()
+
+    def _tick(self) -> None:
+        """Renew the lock; as leader, run cycles for new kicks."""
+        if self.stop_event.is_set() or self.dry_run:
+            return
+        if not self.elect():
+            return
+        for name in self.policies:
+            try:
+                doc = self.control.kick(name)
+            except NomadscaleError as e:
+                log.warning("%s: reading kicks failed: %s", name, e)
+                continue
+            if not doc:
+                continue
+            kid = doc.get("id")
+            if kid and kid != self._kicks.get(name):
+                self._kicks[name] = kid
+                log.info(
+                    "%s: apply-now requested by %s: %s", name, doc.get("who"), doc.get("reason")
+                )
+                if self._scheduler is not None:
+                    self._scheduler.add_job(
+                        self._kicked, args=[name, kid], id=f"kick-{name}", replace_existing=True
+                    )
+
+    def _kicked(self, name: str, kid: str) -> None:
+        try:
+            self.run_policy(name, kick=kid)
+        except Exception:
+            log.exception("%s: kicked cycle crashed", name)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> BackgroundScheduler:
+        """Start the scheduler (returns at once). Call ``stop()`` to end."""
+        for name in self.policies:  # kicks made before start are not replayed
+            try:
+                doc = self.control.kick(name)
+            except NomadscaleError:
+                doc = None
+            self._kicks[name] = doc.get("id") if doc else None
+        sched = BackgroundScheduler(timezone="UTC")
+        for name, _p in self.policies.items():
+            sched.add_job(
+                self._scheduled,
+                trigger_for(self.cycle_s(name)),
+                args=[name],
+                id=f"cycle-{name}",
+                coalesce=True,
+                max_instances=1,
+                misfire_grace_time=int(self.misfire_grace_s),
+            )
+        sched.add_job(
+            self._tick,
+            IntervalTrigger(seconds=self.renew_s, timezone="UTC"),
+            id="lock",
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=int(max(1, self.renew_s)),
+            next_run_time=datetime.now().astimezone(),
+        )
+        sched.start()
+        self._scheduler = sched
+        log.info(
+            "scheduler started: %s",
+            ", ".join(f"{n} every {self.cycle_s(n):g}s" for n in self.policies),
+        )
+        return sched
+
+    def next_fire(self, name: str, after: datetime) -> datetime:
+        nxt = trigger_for(self.cycle_s(name)).get_next_fire_time(None, after)
+        assert nxt is not None
+        return nxt
+
+    def stop(self, *, timeout_s: float = 30.0) -> None:
+        """Stop scheduling, let the running cycle end at its next safe point, release."""
+        self.stop_event.set()
+        if self._scheduler is not None:
+            sched, self._scheduler = self._scheduler, None
+            done = threading.Event()
+
+            def _shutdown() -> None:
+                sched.shutdown(wait=True)
+                done.set()
+
+            threading.Thread(target=_shutdown, daemon=True).start()
+            if not done.wait(timeout_s):
+                log.warning("a cycle did not finish within %.0fs of shutdown", timeout_s)
+        if not self.dry_run:
+            try:
+                self.ports.lock.release()
+            except NomadscaleError as e:
+                log.warning("releasing the leader lock failed: %s", e)
+        self.leader = False
+        self.metrics.is_leader.set(0)
+        log.info("service stopped")
+
+    def status(self, *, history: int = 3) -> dict[str, Any]:
+        """Leader, policies, desired vs actual per zone, overrides, last decisions."""
+        now = self.clock.now()
+        holder = None
+        leader_fn = getattr(self.ports.lock, "leader", None)
+        if leader_fn is not None:
+            try:
+                h = leader_fn()
+                holder = h.describe() if h is not None and hasattr(h, "describe") else h
+            except NomadscaleError:
+                holder = None
+        out: dict[str, Any] = {
+            "time": now.isoformat(),
+            "leader": holder,
+            "this_process_leads": self.leader,
+            "dry_run": self.dry_run,
+            "policies": {},
+        }
+        for name, p in self.policies.items():
+            last = self.recorder.last.get(name)
+            out["policies"][name] = {
+                "cycle": f"{p.cycle_s / 60:g}m",
+                "job": f"{p.target.namespace}/{p.target.job}",
+                "last": last.to_dict() if last else None,
+                "overrides": [o.to_dict() for o in self.control.overrides(name, now=now)],
+                "next_cycle": (self.next_fire(name, now) + timedelta(0)).isoformat(),
+            }
+        return out

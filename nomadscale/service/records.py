@@ -1,0 +1,229 @@
+"""Cycle records: Consul KV history, one log line, Prometheus metrics and alerts.
+
+Each cycle of each policy yields one ``CycleRecord``. The leader stores it under
+``<prefix>/decisions/<policy>/<UTC time>-<id>`` (the last ``keep`` per policy), logs it on one
+line (JSON fields when ``log_json``), updates the metrics in its own ``CollectorRegistry`` and
+raises an alert after ``failed_cycles_before_alert`` failures in a row, or when the forecast
+demand exceeds what ``bounds.max`` workers can serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from nomadscale.core.errors import NomadscaleError
+from nomadscale.core.ports import AlertPort, KVPort
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("applied", "unchanged", "planned", "skipped", "failed", "aborted")
+
+
+@dataclass
+class CycleRecord:
+    policy: str
+    started_at: datetime
+    outcome: str = "unchanged"  # one of OUTCOMES
+    id: str = ""
+    duration_s: float = 0.0
+    dry_run: bool = False
+    skipped: str | None = None  # reason kind: paused, deployment, deploy-rollout, job-missing...
+    reason: str = ""  # one line
+    decision: dict[str, Any] | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+    zones: dict[str, dict[str, int | None]] = field(default_factory=dict)  # desired/actual
+    actions: list[str] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    error_kinds: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["started_at"] = self.started_at.isoformat()
+        return d
+
+    def line(self) -> str:
+        head = f"{self.policy} [{self.outcome}]"
+        if self.decision is not None:
+            head += f" {self.decision.get('explain', '')}"
+        elif self.reason:
+            head += f" {self.reason}"
+        if self.skipped and self.decision is not None:
+            head += f"; skipped: {self.reason}"
+        if self.applied:
+            head += f"; applied: {', '.join(self.applied)}"
+        if self.errors:
+            head += f"; errors: {' | '.join(self.errors)}"
+        return head
+
+
+class Metrics:
+    """The service's Prometheus metrics, in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.forecast = Gauge(
+            "nomadscale_forecast_rpm", "Point forecast of peak demand (rpm)", ["policy"], registry=r
+        )
+        self.upper = Gauge(
+            "nomadscale_forecast_upper_rpm", "Upper bound of demand (rpm)", ["policy"], registry=r
+        )
+        self.desired = Gauge(
+            "nomadscale_workers_desired", "Workers decided", ["policy", "zone"], registry=r
+        )
+        self.actual = Gauge(
+            "nomadscale_workers_actual", "Workers running", ["policy", "zone"], registry=r
+        )
+        self.duration = Histogram(
+            "nomadscale_cycle_duration_seconds",
+            "Cycle wall time",
+            ["policy"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+            registry=r,
+        )
+        self.errors = Counter(
+            "nomadscale_errors", "Cycle errors by kind", ["policy", "kind"], registry=r
+        )
+        self.cycles = Counter(
+            "nomadscale_cycles", "Cycles by outcome", ["policy", "outcome"], registry=r
+        )
+        self.skipped = Counter(
+            "nomadscale_cycles_skipped", "Skipped cycles by reason", ["policy", "reason"],
+            registry=r,
+        )  # fmt: skip
+        self.is_leader = Gauge("nomadscale_is_leader", "1 when this process leads", registry=r)
+
+    def observe(self, rec: CycleRecord) -> None:
+        p = rec.policy
+        self.cycles.labels(p, rec.outcome).inc()
+        self.duration.labels(p).observe(rec.duration_s)
+        if rec.skipped:
+            self.skipped.labels(p, rec.skipped).inc()
+        for kind in rec.error_kinds:
+            self.errors.labels(p, kind).inc()
+        f = (rec.decision or {}).get("forecast")
+        if f:
+            self.forecast.labels(p).set(float(f["peak"]))
+            self.upper.labels(p).set(float(f["upper"]))
+        for zone, z in rec.zones.items():
+            if z.get("desired") is not None:
+                self.desired.labels(p, zone).set(float(z["desired"] or 0))
+            if z.get("actual") is not None:
+                self.actual.labels(p, zone).set(float(z["actual"] or 0))
+
+
+class Recorder:
+    """Stores, logs, measures and alerts on cycle records."""
+
+    def __init__(
+        self,
+        *,
+        kv: KVPort | None,
+        prefix: str = "nomadscale",
+        metrics: Metrics | None = None,
+        alerts: AlertPort | None = None,
+        keep: int = 100,
+        log_json: bool = False,
+    ) -> None:
+        self.kv = kv
+        self.prefix = prefix.strip("/")
+        self.metrics = metrics or Metrics()
+        self.alerts = alerts
+        self.keep = keep
+        self.log_json = log_json
+        self.failures: dict[str, int] = {}
+        self.last: dict[str, CycleRecord] = {}
+
+    def key_prefix(self, policy: str) -> str:
+        return f"{self.prefix}/decisions/{policy}/"
+
+    def record(
+        self,
+        rec: CycleRecord,
+        *,
+        store: bool = True,
+        fail_threshold: int = 3,
+        capacity_rpm: float | None = None,
+    ) -> None:
+        self.last[rec.policy] = rec
+        self.metrics.observe(rec)
+        if self.log_json:
+            log.info(rec.line(), extra={"fields": {"cycle": rec.to_dict()}})
+        else:
+            log.info("cycle %s", rec.line())
+        if store and self.kv is not None:
+            self._store(rec)
+        self._alerts(rec, fail_threshold=fail_threshold, capacity_rpm=capacity_rpm)
+
+    def _store(self, rec: CycleRecord) -> None:
+        assert self.kv is not None
+        key = f"{self.key_prefix(rec.policy)}{rec.started_at:%Y%m%dT%H%M%S}Z-{rec.id}"
+        try:
+            self.kv.put(key, json.dumps(rec.to_dict(), default=str).encode())
+            entries = sorted(e.key for e in self.kv.list(self.key_prefix(rec.policy)))
+            for old in entries[: max(0, len(entries) - self.keep)]:
+                self.kv.delete(old)
+        except NomadscaleError as e:
+            log.error("%s: storing the cycle record failed: %s", rec.policy, e)
+            self.metrics.errors.labels(rec.policy, "record").inc()
+
+    def history(self, policy: str, *, limit: int = 10) -> list[dict[str, Any]]:
+        """The newest ``limit`` stored records of ``policy``, newest first."""
+        if self.kv is None:
+            return []
+        entries = sorted(self.kv.list(self.key_prefix(policy)), key=lambda e: e.key)
+        out = []
+        for e in reversed(entries[-limit:]):
+            try:
+                out.append(json.loads(e.value))
+            except ValueError:
+                continue
+        return out
+
+    def _alert(self, key: str, *, on: bool, summary: str, details: dict[str, Any]) -> None:
+        if self.alerts is None:
+            return
+        try:
+            if on:
+                self.alerts.trigger(
+                    dedup_key=key, summary=summary, severity="error", details=details
+                )
+            else:
+                self.alerts.resolve(dedup_key=key)
+        except NomadscaleError as e:
+            log.error("alert %s failed: %s", key, e)
+
+    def _alerts(self, rec: CycleRecord, *, fail_threshold: int, capacity_rpm: float | None) -> None:
+        p = rec.policy
+        before = self.failures.get(p, 0)
+        if rec.outcome == "failed":
+            self.failures[p] = before + 1
+            if self.failures[p] == fail_threshold:
+                self._alert(
+                    f"nomadscale/{p}/cycles-failing",
+                    on=True,
+                    summary=f"nomadscale {p}: {self.failures[p]} cycles in a row failed: "
+                    f"{'; '.join(rec.errors)[:300]}",
+                    details={"policy": p, "failures": self.failures[p], "errors": rec.errors},
+                )
+        elif rec.outcome in ("applied", "unchanged"):
+            self.failures[p] = 0
+            if before >= fail_threshold:
+                self._alert(f"nomadscale/{p}/cycles-failing", on=False, summary="", details={})
+        f = (rec.decision or {}).get("forecast")
+        if f and capacity_rpm is not None:
+            over = float(f["upper"]) > capacity_rpm
+            self._alert(
+                f"nomadscale/{p}/capacity",
+                on=over,
+                summary=f"nomadscale {p}: forecast demand {float(f['upper']):.0f} rpm exceeds "
+                f"the capacity of bounds.max workers ({capacity_rpm:.0f} rpm)",
+                details={"policy": p, "upper": f["upper"], "capacity_rpm": capacity_rpm},
+            )

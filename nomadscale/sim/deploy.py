@@ -1,0 +1,290 @@
+"""Deployments: creation from the update block, health accounting, progress deadlines,
+canary promotion, pause, failure and auto-revert to the last stable job version."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from nomadscale.sim.model import NS, ApiError, Deployment, GroupDeploy, new_uuid
+
+if TYPE_CHECKING:
+    from nomadscale.sim.cluster import Cluster
+    from nomadscale.sim.model import Alloc, JobRecord
+
+DESC_RUNNING = "Deployment is running"
+DESC_NEEDS_PROMOTION = "Deployment is running but requires manual promotion"
+DESC_AUTO_PROMOTION = "Deployment is running pending automatic promotion"
+DESC_PAUSED = "Deployment is paused"
+DESC_SUCCESSFUL = "Deployment completed successfully"
+DESC_STOPPED_JOB = "Cancelled because job is stopped"
+DESC_NEWER_JOB = "Cancelled due to newer version of job"
+DESC_FAILED_ALLOCS = "Failed due to unhealthy allocations"
+DESC_PROGRESS = "Failed due to progress deadline"
+DESC_FAILED_BY_USER = "Deployment marked as failed"
+
+
+def strategy(tg: dict[str, Any]) -> dict[str, Any] | None:
+    """The group's update block in seconds, or None when it gets no deployments."""
+    u = tg.get("Update")
+    if not u or int(u.get("MaxParallel") or 0) <= 0:
+        return None
+    return {
+        "MaxParallel": int(u.get("MaxParallel") or 1),
+        "Canary": int(u.get("Canary") or 0),
+        "AutoRevert": bool(u.get("AutoRevert")),
+        "AutoPromote": bool(u.get("AutoPromote")),
+        "MinHealthyTime": _s(u.get("MinHealthyTime"), 10.0),
+        "HealthyDeadline": _s(u.get("HealthyDeadline"), 300.0),
+        "ProgressDeadline": _s(u.get("ProgressDeadline"), 600.0),
+    }
+
+
+def health_times(tg: dict[str, Any]) -> tuple[float, float]:
+    """(min_healthy_time, healthy_deadline) for any service allocation of the group."""
+    st = strategy(tg)
+    if st is not None:
+        return st["MinHealthyTime"], st["HealthyDeadline"]
+    m = tg.get("Migrate") or {}
+    return _s(m.get("MinHealthyTime"), 10.0), _s(m.get("HealthyDeadline"), 300.0)
+
+
+def _s(v: Any, default: float) -> float:
+    return default if v is None else float(v) / NS
+
+
+def create(c: Cluster, job: JobRecord, plans: list[dict[str, Any]]) -> Deployment:
+    now = c.now_s()
+    groups: dict[str, GroupDeploy] = {}
+    for p in plans:
+        st = strategy(p["tg"])
+        if st is None:
+            continue
+        pd = st["ProgressDeadline"]
+        groups[p["tg"]["Name"]] = GroupDeploy(
+            auto_revert=st["AutoRevert"],
+            auto_promote=st["AutoPromote"],
+            progress_deadline_s=pd,
+            desired_canaries=st["Canary"] if p["old"] else 0,
+            desired_total=int(p["tg"].get("Count", 0)),
+            require_progress_by=now + pd if pd > 0 else None,
+        )
+    idx = c.bump("deployments")
+    dep = Deployment(
+        id=new_uuid(),
+        namespace=job.namespace,
+        job_id=job.id,
+        job_version=job.version,
+        job_modify_index=int(job.spec.get("JobModifyIndex", 0)),
+        job_create_index=job.create_index,
+        groups=groups,
+        create_index=idx,
+        modify_index=idx,
+        eval_priority=int(job.spec.get("Priority", 50)),
+    )
+    canary_groups = [g for g in groups.values() if g.desired_canaries]
+    if canary_groups:
+        auto = all(g.auto_promote for g in canary_groups)
+        dep.description = DESC_AUTO_PROMOTION if auto else DESC_NEEDS_PROMOTION
+    c.deployments[dep.id] = dep
+    c.deployments_by_job[(job.namespace, job.id)].append(dep)
+    for name, gs in groups.items():
+        if gs.require_progress_by is not None:
+            c.schedule(gs.require_progress_by, "deploy_deadline", f"{dep.id}|{name}")
+    c.emit("deployment", deployment_id=dep.id, job_id=job.id, status=dep.status,
+           description=dep.description, version=job.version)
+    return dep
+
+
+def set_status(c: Cluster, dep: Deployment, status: str, description: str) -> None:
+    dep.status = status
+    dep.description = description
+    dep.modify_index = c.bump("deployments")
+    c.emit("deployment", deployment_id=dep.id, job_id=dep.job_id, status=status,
+           description=description, version=dep.job_version)
+
+
+def _group_allocs(c: Cluster, dep: Deployment, group: str) -> list[Alloc]:
+    return [a for a in c.job_allocs((dep.namespace, dep.job_id)) if a.task_group == group]
+
+
+def _healthy_canaries(c: Cluster, dep: Deployment, group: str) -> int:
+    return sum(
+        1 for a in _group_allocs(c, dep, group)
+        if a.canary and a.deployment_id == dep.id and a.healthy and a.live
+    )
+
+
+def _group_done(c: Cluster, dep: Deployment, job: JobRecord, group: str) -> bool:
+    from nomadscale.sim.sched import spec_hash
+
+    gs = dep.groups[group]
+    tg = job.group(group)
+    if tg is None:
+        return True
+    if gs.desired_canaries and not gs.promoted:
+        return False
+    h = spec_hash(job.spec, tg)
+    allocs = [a for a in _group_allocs(c, dep, group) if a.live]
+    healthy = sum(1 for a in allocs if a.spec_hash == h and a.healthy)
+    old = any(a.spec_hash != h for a in allocs)
+    return healthy >= gs.desired_total and not old
+
+
+def check(c: Cluster, dep: Deployment) -> None:
+    """Promote, complete or describe ``dep`` after any change."""
+    if not dep.active or dep.status == "paused":
+        return
+    job = c.jobs.get((dep.namespace, dep.job_id))
+    if job is None or job.version != dep.job_version:
+        return
+    waiting = [
+        g for g, gs in dep.groups.items() if gs.desired_canaries and not gs.promoted
+    ]
+    if waiting:
+        ready = all(_healthy_canaries(c, dep, g) >= dep.groups[g].desired_canaries
+                    for g in waiting)
+        if ready and all(dep.groups[g].auto_promote for g in waiting):
+            promote(c, dep, groups=None)
+        return
+    if all(_group_done(c, dep, job, g) for g in dep.groups):
+        set_status(c, dep, "successful", DESC_SUCCESSFUL)
+        job.spec["Stable"] = True
+        if job.version in job.versions:
+            job.versions[job.version]["Stable"] = True
+        job.modify_index = c.bump("jobs")
+        job.spec["ModifyIndex"] = job.modify_index
+
+
+def on_health(c: Cluster, a: Alloc, healthy: bool) -> None:
+    a.healthy = healthy
+    a.health_time = c.now_s()
+    a.modify_index = c.bump("allocs")
+    c.emit("alloc_healthy" if healthy else "alloc_unhealthy", alloc_id=a.id, job_id=a.job_id,
+           group=a.task_group, node_id=a.node_id)
+    dep = c.deployments.get(a.deployment_id) if a.deployment_id else None
+    if dep is None or not dep.active or a.task_group not in dep.groups:
+        return
+    gs = dep.groups[a.task_group]
+    if healthy:
+        gs.healthy_allocs += 1
+        if gs.progress_deadline_s > 0:
+            gs.require_progress_by = c.now_s() + gs.progress_deadline_s
+            c.schedule(gs.require_progress_by, "deploy_deadline", f"{dep.id}|{a.task_group}")
+    else:
+        gs.unhealthy_allocs += 1
+    dep.modify_index = c.bump("deployments")
+    if not healthy and gs.progress_deadline_s <= 0:
+        fail(c, dep, DESC_FAILED_ALLOCS)
+        return
+    if healthy and dep.status == "running":
+        from nomadscale.sim import sched
+
+        job = c.jobs.get((dep.namespace, dep.job_id))
+        if job is not None:
+            sched.reconcile(c, job, triggered_by="deployment-watcher", deployment_id=dep.id)
+
+
+def deadline(c: Cluster, key: str) -> None:
+    dep_id, group = key.split("|", 1)
+    dep = c.deployments.get(dep_id)
+    if dep is None or not dep.active or dep.status == "paused":
+        return
+    gs = dep.groups[group]
+    if gs.require_progress_by is None or gs.require_progress_by > c.now_s() + 1e-6:
+        return
+    job = c.jobs.get((dep.namespace, dep.job_id))
+    if job is None or _group_done(c, dep, job, group):
+        return
+    if gs.desired_canaries and not gs.promoted and (
+        _healthy_canaries(c, dep, group) >= gs.desired_canaries
+    ):
+        return  # waiting for promotion does not count against progress
+    fail(c, dep, DESC_PROGRESS)
+
+
+def fail(c: Cluster, dep: Deployment, description: str) -> int | None:
+    """Fail ``dep``; with auto_revert, register the last stable version again. Returns the
+    version rolled back to, if any."""
+    from nomadscale.sim import jobs, sched
+
+    if not dep.active:
+        raise ApiError(500, "can't fail terminal deployment")
+    job = c.jobs.get((dep.namespace, dep.job_id))
+    revert_to: int | None = None
+    if job is not None and any(gs.auto_revert for gs in dep.groups.values()):
+        stable = [
+            v for v, spec in sorted(job.versions.items(), reverse=True)
+            if spec.get("Stable") and v != dep.job_version
+        ]
+        if not stable:
+            description += " - no stable job version to auto revert to"
+        else:
+            v = stable[0]
+            same = all(
+                sched.spec_hash(job.versions[v], tg) == sched.spec_hash(job.spec, tg)
+                for tg in job.versions[v].get("TaskGroups") or []
+            ) and len(job.versions[v].get("TaskGroups") or []) == len(
+                job.spec.get("TaskGroups") or []
+            )
+            if same:
+                description += (
+                    f" - not rolling back to stable job version {v} as current job has same "
+                    "specification"
+                )
+            else:
+                description += f" - rolling back to job version {v}"
+                revert_to = v
+    set_status(c, dep, "failed", description)
+    if job is not None:
+        if revert_to is not None:
+            jobs.revert(c, job, revert_to, triggered_by="deployment-watcher")
+        else:
+            sched.reconcile(c, job, triggered_by="deployment-watcher", deployment_id=dep.id)
+    return revert_to
+
+
+def promote(c: Cluster, dep: Deployment, *, groups: list[str] | None) -> dict[str, Any] | None:
+    from nomadscale.sim import sched
+
+    if not dep.active:
+        raise ApiError(500, "can't promote terminal deployment")
+    targets = [g for g, gs in dep.groups.items() if gs.desired_canaries and not gs.promoted]
+    if groups:
+        targets = [g for g in targets if g in groups]
+    for g in targets:
+        h, n = _healthy_canaries(c, dep, g), dep.groups[g].desired_canaries
+        if h < n:
+            raise ApiError(500, f'Task group "{g}" has {h}/{n} healthy allocations')
+    now = c.now_s()
+    for g in targets:
+        gs = dep.groups[g]
+        gs.promoted = True
+        if gs.progress_deadline_s > 0:
+            gs.require_progress_by = now + gs.progress_deadline_s
+            c.schedule(gs.require_progress_by, "deploy_deadline", f"{dep.id}|{g}")
+    set_status(c, dep, dep.status, DESC_RUNNING if dep.status == "running" else DESC_PAUSED)
+    c.emit("promote", deployment_id=dep.id, job_id=dep.job_id, groups=targets)
+    job = c.jobs.get((dep.namespace, dep.job_id))
+    if job is None or dep.status != "running":
+        return None
+    return sched.reconcile(c, job, triggered_by="deployment-watcher", deployment_id=dep.id)
+
+
+def pause(c: Cluster, dep: Deployment, *, paused: bool) -> dict[str, Any] | None:
+    from nomadscale.sim import sched
+
+    if not dep.active:
+        raise ApiError(500, f"can't {'pause' if paused else 'resume'} terminal deployment")
+    if paused:
+        set_status(c, dep, "paused", DESC_PAUSED)
+        return None
+    waiting = [g for g, gs in dep.groups.items() if gs.desired_canaries and not gs.promoted]
+    desc = DESC_RUNNING
+    if waiting:
+        auto = all(dep.groups[g].auto_promote for g in waiting)
+        desc = DESC_AUTO_PROMOTION if auto else DESC_NEEDS_PROMOTION
+    set_status(c, dep, "running", desc)
+    job = c.jobs.get((dep.namespace, dep.job_id))
+    if job is None:
+        return None
+    return sched.reconcile(c, job, triggered_by="deployment-watcher", deployment_id=dep.id)

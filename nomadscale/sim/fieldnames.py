@@ -1,0 +1,88 @@
+"""Canonical Nomad JSON field names (from the Nomad OpenAPI spec, plus newer fields).
+
+Used to decode request bodies the way Go's encoding/json does: keys match case-insensitively.
+"""
+
+_NAMES = """
+AccessMode AccessibleTopology AccessorID Address AddressMode Advertise Affinities All AllAtOnce
+AllocID AllocModifyIndex AllocatedResources AllocationTime Allocations AllowStale AnnotatePlan
+Annotations Args Artifacts AttachmentMode Attempts Attribute Attributes AuthToken AutoPromote
+AutoRevert BatchSchedulerEnabled BlockedEval Body Bool CAFile CIDR CPU CSIControllerPlugins
+CSINodePlugins CSIPluginConfig Canary CanaryMeta CanaryTags Canonicalize Capabilities Capacity
+CapacityBytes CertFile CgroupParent ChangeMode ChangeScript ChangeSignal CheckRestart Checks
+Children CipherSuites ClassEligibility ClassExhausted ClassFiltered CleanupDeadServers
+ClientDescription ClientStatus CloneID CoalescedFailures Command Complete Config Connect
+ConnectTimeout ConstraintFiltered Constraints Consul ConsulNamespace ConsulToken Context
+ControllerInfo ControllerRequired Controllers ControllersExpected ControllersHealthy Cores Count
+Counters Cpu CpuShares CreateIndex CreateTime CreatedEvals CurrentReaders CurrentWriters DNS
+Datacenter Datacenters Dead Deadline Delay DelayFunction DeploymentID DeploymentModifyIndex
+DeploymentStatus Description Desired DesiredCanaries DesiredDescription DesiredStatus
+DesiredTGUpdates DesiredTotal DesiredTransition DestPath Destination DestinationName
+DestinationNamespace DestructiveUpdate Details Detected Device DeviceIDs Devices Diff Diffs
+DimensionExhausted DisableDefaultTCPCheck DisableUpgradeMigration DisabledTaskDrivers Disk
+DiskLimit DiskMB DiskSize DispatchIdempotencyToken DispatchPayload Dispatched DispatchedJobID
+DisplayMessage DownloadError Drain DrainSpec DrainStrategy Driver DriverConfigValidated
+DriverError DriverMessage DriverState Drivers Dynamic DynamicPorts Eligibility EmbeddedTmpl
+EnableCustomUpgrades EnableRedundancyZones EnableTagOverride Enabled EnabledTaskDrivers
+EnforceIndex EnforcePriorVersion Env EnvoyDNSDiscoveryType EnvoyGatewayBindAddresses
+EnvoyGatewayBindTaggedAddresses EnvoyGatewayNoDefaultBind Envvars EphemeralDisk Error
+EscapedComputedClass EvalCreateIndex EvalID EvalIDs EvalOptions EvalPriority Events ExitCode
+ExpirationTTL ExpirationTime ExpiresAt Expose ExposeConfig ExternalID ExternalSourceVolumeID
+FSType FailOnError Failed FailedSibling FailedTGAllocs FailsTask FailureTolerance
+FailuresBeforeCritical Fields File Filter FinishedAt Float FollowupEvalID ForceDeadline
+ForceReschedule GRPCService GRPCUseTLS Gateway Gauges GenericSource GetterHeaders GetterMode
+GetterOptions GetterSource Gid Global Grace Group Groups HTTPAddr Hash Header Headers
+HealthCheck HealthDescription HealthTimeout Healthy HealthyAllocationIDs HealthyAllocs
+HealthyDeadline Hook HostIP HostNetwork HostNetworks HostVolumes Hostname Hosts ID IOPS IP
+IdPrefixTemplate Ignore IgnoreSystemJobs IgnoreWarnings InPlaceUpdate Index Ingress
+InitialStatus Instances Int Interface Interval IsAbnormal IsMultiregion IsReady Items Job JobACL
+JobCreateIndex JobHCL JobID JobModifyIndex JobSpecModifyIndex JobStopped JobSummary JobType
+JobVersion KeyFile KillError KillReason KillSignal KillTimeout Kind KnownLeader LTarget Label
+Labels LastContact LastContactThreshold LastDrain LastIndex LastRestart LastTerm Leader
+LeftDelim Lifecycle Limit Limits Links ListenerPort Listeners LocalBindAddress LocalBindPort
+LocalPathPort LocalServiceAddress LocalServicePort Locality LogConfig Lost MBits MarkEligible
+Matches Max MaxClientDisconnect MaxDelay MaxDynamicPort MaxFileSizeMB MaxFiles MaxParallel
+MaxTrailingLogs MaxVolumes Mean Memory MemoryMB MemoryMaxMB MemoryOversubscriptionEnabled Mesh
+MeshGateway Message Meta MetaOptional MetaRequired Method Metrics Migrate Min MinDynamicPort
+MinHealthyTime MinQuorum Mode ModifyIndex ModifyTime MountDir MountFlags MountOptions
+Multiregion Name Namespace Native Networks New NextAllocation NextEval NextPeriodicLaunch
+NextToken Node NodeClass NodeID NodeInfo NodeModifyIndex NodeName NodePool NodeResources Nodes
+NodesAvailable NodesEvaluated NodesExhausted NodesExpected NodesFiltered NodesHealthy
+NomadTokenID NormScore Objects Old OnFailure OnUpdate OneTimeSecretID Operand Options
+ParameterizedJob Parameters Params ParentID Path Pause PauseEvalBroker Payload PciBusID Pending
+PerAlloc PerPage Percent Periodic Perms Place Placed PlacedAllocs PlacedCanaries PluginID Points
+Policies Policy PolicyOverride Port PortLabel Ports PreemptedAllocations PreemptedAllocs
+PreemptedByAllocation PreemptionConfig Preemptions Preferred Prefix PreserveCounts
+PreserveResources PrevAllocID PrevNodeID PreviousAllocation PreviousCount PreviousEval Priority
+ProgressDeadline ProhibitOverlap Promoted PropagationMode Protocol Provider ProviderVersion
+Proxy PublishedExternalNodeIDs Queued QueuedAllocations Quota QuotaExhausted QuotaLimitReached
+RTarget RaftProtocol Rate ReadAllocs ReadOnly Region RegionLimit Regions RejectJobRegistration
+RelatedEvals RelativeDest RequestTime RequestedCapabilities RequestedCapacityMax
+RequestedCapacityMin RequestedTopologies RequireProgressBy Required RequiresControllerPlugin
+RequiresNodeStageVolume RequiresTopologies Reschedule ReschedulePolicy RescheduleTime
+RescheduleTracker ReservableCpuCores Reserved ReservedHostPorts ReservedPorts ReservedResources
+ResourceExhausted Resources ResourcesExhausted RestartPolicy RestartReason Restarts Reverse
+RevertedJobVersion RightDelim Roles Rules Running SNI Samples Scaling ScalingPolicies
+Schedulable SchedulerAlgorithm SchedulerConfig SchedulingEligibility Scope ScoreMetaData Scores
+Searches SecretID Secrets Segments SerfStatus ServerStabilizationTime Servers ServiceName
+ServiceSchedulerEnabled Services SetupError Shared ShutdownDelay Sidecar SidecarService
+SidecarTask Signal SizeBytes SizeMB SnapshotID SnapshotIndex Snapshots Source SourcePath
+SourceVolumeID Spec SpecType Splay SpreadTarget Spreads Stable StableSince StagePublishBaseDir
+Stagger StartDelay StartedAt Starting State Static Status StatusDescription StatusUpdatedAt
+Stddev Sticky Stop StopAfterClientDisconnect Strategy String Submission SubmitTime Subsystem
+SuccessBeforePassing Sum Summary SupportsAttachDetach SupportsClone SupportsCondition
+SupportsCreateDelete SupportsCreateDeleteSnapshot SupportsExpand SupportsGet SupportsGetCapacity
+SupportsListSnapshots SupportsListVolumes SupportsListVolumesAttachedNodes
+SupportsReadOnlyAttach SupportsStats SysBatchSchedulerEnabled SystemSchedulerEnabled TLS
+TLSEnabled TLSMaxVersion TLSMinVersion TLSSkipVerify TaggedAddresses Tags Target Task TaskGroup
+TaskGroups TaskHandle TaskName TaskResources TaskSignal TaskSignalReason TaskStates Tasks
+Templates Terminating Text Time TimeZone Timeout Timestamp To Topologies TotalCpuCores
+TriggeredBy Truncations Type Uid Unhealthy UnhealthyAllocationIDs UnhealthyAllocs Unit Unknown
+Unlimited Update UpdateTime Updated UpdatedAt Updates Upstreams User ValidationError
+ValidationErrors Value Variables VariablesLimit Vault VaultError VaultGrace VaultNamespace
+VaultToken Vendor Version Versions Volume VolumeContext VolumeMounts Volumes Voter Wait
+WaitIndex WaitTime WaitUntil Warnings Weight WriteAllocs
+"""
+
+FIELDS = frozenset(_NAMES.split())
+BY_LOWER = {name.lower(): name for name in FIELDS}

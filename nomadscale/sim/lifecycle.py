@@ -1,0 +1,187 @@
+"""Timed state changes: image pull and start, health, failure, completion, reschedules,
+node boots, deployment progress deadlines and drain deadlines."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from nomadscale.sim import deploy, drain
+from nomadscale.sim.model import Alloc, Node
+
+if TYPE_CHECKING:
+    from nomadscale.sim.cluster import Cluster
+
+log = logging.getLogger(__name__)
+
+FAIL_AFTER_START_S = 3.0
+
+
+def _task_event(c: Cluster, a: Alloc, type_: str, msg: str = "") -> None:
+    a.task_events.append({"Type": type_, "at": c.now_s(), "msg": msg})
+
+
+def alloc_placed(c: Cluster, a: Alloc, node: Node) -> None:
+    now = c.now_s()
+    _task_event(c, a, "Received", "Task received by client")
+    _task_event(c, a, "Task Setup", "Building Task Directory")
+    pull_s = 0.0
+    if a.image and a.image not in node.images:
+        pull_s = a.image_size_gb * 8000.0 / max(c.image_pull_mbps, 1e-6)
+        _task_event(c, a, "Driver", f"Downloading image {a.image}")
+    c.schedule(now + pull_s + c.start_s, "alloc_start", a.id, a.gen)
+    if a.job.get("Type", "service") == "service":
+        tg = _tg(a)
+        _, healthy_deadline = deploy.health_times(tg)
+        c.schedule(now + healthy_deadline, "alloc_deadline", a.id, a.gen)
+
+
+def _tg(a: Alloc) -> dict:  # type: ignore[type-arg]
+    for tg in a.job.get("TaskGroups") or []:
+        if tg.get("Name") == a.task_group:
+            return tg  # type: ignore[no-any-return]
+    return {}
+
+
+def terminate(
+    c: Cluster, a: Alloc, *, desired: str | None, client_status: str, description: str
+) -> None:
+    now = c.now_s()
+    if desired is not None:
+        a.desired_status = desired
+        a.desired_description = description
+    a.client_status = client_status
+    a.client_description = description
+    if a.started_at is not None or client_status != "lost":
+        a.finished_at = now
+    a.gen += 1
+    a.migrating = a.migrating and client_status != "complete"
+    _task_event(c, a, {"complete": "Killed", "failed": "Terminated", "lost": "Killing"}.get(
+        client_status, "Killed"), description)
+    a.modify_time = now
+    a.modify_index = c.bump("allocs")
+    c.capacity_changed()
+    c.emit(f"alloc_{'stopped' if client_status == 'complete' else client_status}",
+           alloc_id=a.id, job_id=a.job_id, group=a.task_group, node_id=a.node_id,
+           reason=description)
+
+
+def handle(c: Cluster, kind: str, key: str, gen: int) -> None:
+    if kind == "deploy_deadline":
+        deploy.deadline(c, key)
+        return
+    if kind == "drain_deadline":
+        drain.force(c, key)
+        return
+    if kind == "node_boot":
+        node = c.nodes.get(key)
+        if node is not None and node.status == "initializing":
+            c.set_node_status(node.id, "ready")
+        return
+    if kind == "reschedule":
+        ns, job_id = key.split("\x00", 1)
+        job = c.jobs.get((ns, job_id))
+        if job is not None and not job.stopped:
+            from nomadscale.sim import sched
+
+            sched.reconcile(c, job, triggered_by="alloc-failure")
+        return
+    a = c.allocs.get(key)
+    if a is None or a.gen != gen:
+        return
+    if kind == "alloc_start":
+        _start(c, a)
+    elif kind == "alloc_healthy":
+        if a.client_status == "running" and a.healthy is None:
+            deploy.on_health(c, a, True)
+            _migrated(c, a)
+    elif kind == "alloc_deadline":
+        if a.healthy is None and a.desired_status == "run":
+            deploy.on_health(c, a, False)
+    elif kind == "alloc_fail":
+        if a.client_status == "running":
+            _fail(c, a)
+    elif kind == "alloc_complete" and a.client_status == "running":
+        terminate(c, a, desired=None, client_status="complete", description="Exit Code: 0")
+        _after_terminal(c, a)
+
+
+def _start(c: Cluster, a: Alloc) -> None:
+    node = c.nodes.get(a.node_id)
+    if node is None or node.status != "ready" or not a.live:
+        return
+    now = c.now_s()
+    if a.image:
+        node.images.add(a.image)
+    a.client_status = "running"
+    a.started_at = now
+    a.modify_time = now
+    _task_event(c, a, "Started", "Task started by client")
+    a.modify_index = c.bump("allocs")
+    c.emit("alloc_running", alloc_id=a.id, job_id=a.job_id, group=a.task_group,
+           node_id=a.node_id)
+    jtype = a.job.get("Type", "service")
+    if a.image and c.faults.image_is_bad(a.image):
+        c.schedule(now + FAIL_AFTER_START_S, "alloc_fail", a.id, a.gen)
+    elif jtype == "service":
+        min_healthy, _ = deploy.health_times(_tg(a))
+        c.schedule(now + min_healthy, "alloc_healthy", a.id, a.gen)
+    elif jtype in ("batch", "sysbatch"):
+        c.schedule(now + c.batch_run_s, "alloc_complete", a.id, a.gen)
+
+
+def _fail(c: Cluster, a: Alloc) -> None:
+    terminate(c, a, desired=None, client_status="failed", description="Exit Code: 1")
+    if a.healthy is None and a.job.get("Type", "service") == "service":
+        deploy.on_health(c, a, False)
+    dep = c.deployments.get(a.deployment_id) if a.deployment_id else None
+    if dep is None or not dep.active:
+        c.schedule(c.now_s() + c.reschedule_delay_s, "reschedule", f"{a.namespace}\x00{a.job_id}")
+    _after_terminal(c, a)
+
+
+def _after_terminal(c: Cluster, a: Alloc) -> None:
+    from nomadscale.sim import sched
+
+    job = c.jobs.get((a.namespace, a.job_id))
+    if job is not None:
+        job.spec["Status"] = sched.job_status(c, job)
+        c.bump("jobs")
+    node = c.nodes.get(a.node_id)
+    if node is not None and node.draining:
+        drain.step(c, node)
+
+
+def _migrated(c: Cluster, a: Alloc) -> None:
+    """A drain replacement turned healthy: stop the allocation it replaces."""
+    prev = c.allocs.get(a.previous_allocation) if a.previous_allocation else None
+    if prev is None or not prev.migrating or not prev.live:
+        return
+    terminate(c, prev, desired="stop", client_status="complete",
+              description="alloc is being migrated")
+    node = c.nodes.get(prev.node_id)
+    if node is not None and node.draining:
+        drain.step(c, node)
+
+
+def node_lost(c: Cluster, node: Node) -> None:
+    from nomadscale.sim import sched
+
+    jobs = {}
+    for a in list(c.allocs_by_node.get(node.id, ())):
+        if a.live:
+            terminate(c, a, desired="stop", client_status="lost",
+                      description="alloc is lost since its node is down")
+            jobs[(a.namespace, a.job_id)] = True
+    for key in jobs:
+        job = c.jobs.get(key)
+        if job is not None:
+            sched.reconcile(c, job, triggered_by="node-update", node_id=node.id)
+
+
+def node_ready(c: Cluster, node: Node) -> None:
+    from nomadscale.sim import sched
+
+    for job in list(c.jobs.values()):
+        if job.type == "system" and not job.stopped:
+            sched.reconcile(c, job, triggered_by="node-update", node_id=node.id)

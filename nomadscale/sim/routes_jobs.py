@@ -1,0 +1,217 @@
+"""HTTP handlers for jobs, scaling, dispatch, parse and plan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nomadscale.sim import filters, jobs, jobspec, sched
+from nomadscale.sim.cluster import Cluster
+from nomadscale.sim.model import ApiError, JobRecord
+from nomadscale.sim.server import Request, Route, route
+
+_ID = r"([^/]+(?:/dispatch-[^/]+)?)"
+
+
+def _job(c: Cluster, req: Request) -> JobRecord:
+    job = c.jobs.get((req.namespace, req.params[0]))
+    if job is None:
+        raise ApiError(404, "job not found")
+    return job
+
+
+def _job_summary(c: Cluster, job: JobRecord) -> dict[str, Any]:
+    children = None
+    if job.parameterized or job.periodic:
+        kids = [j for j in c.jobs.values() if j.spec.get("ParentID") == job.id]
+        st = [sched.job_status(c, k) for k in kids]
+        children = {"Pending": st.count("pending"), "Running": st.count("running"),
+                    "Dead": st.count("dead")}
+    return {"JobID": job.id, "Namespace": job.namespace, "Summary": sched.summary(c, job),
+            "Children": children, "CreateIndex": job.create_index,
+            "ModifyIndex": job.modify_index}
+
+
+def _stub(c: Cluster, job: JobRecord, *, meta: bool) -> dict[str, Any]:
+    s = job.spec
+    out = {
+        "ID": job.id, "ParentID": s.get("ParentID", ""), "Name": s.get("Name", job.id),
+        "Namespace": job.namespace, "Datacenters": s.get("Datacenters"),
+        "NodePool": s.get("NodePool"), "Multiregion": None, "Type": job.type,
+        "Priority": s.get("Priority", 50), "Periodic": job.periodic,
+        "ParameterizedJob": job.parameterized, "Stop": job.stopped,
+        "Status": sched.job_status(c, job), "StatusDescription": "",
+        "JobSummary": _job_summary(c, job), "CreateIndex": job.create_index,
+        "ModifyIndex": job.modify_index, "JobModifyIndex": s.get("JobModifyIndex", 0),
+        "SubmitTime": s.get("SubmitTime", 0),
+    }
+    if meta:
+        out["Meta"] = s.get("Meta")
+    return out
+
+
+def _full(c: Cluster, job: JobRecord) -> dict[str, Any]:
+    out = dict(job.spec)
+    out["Status"] = sched.job_status(c, job)
+    out["ModifyIndex"] = job.modify_index
+    return out
+
+
+def list_jobs(c: Cluster, req: Request) -> tuple[Any, int]:
+    ns = req.namespace
+    prefix = req.query.get("prefix", "")
+    pred = filters.compile_filter(req.query["filter"]) if req.query.get("filter") else None
+    meta = req.query.get("meta", "") in ("true", "True", "1")
+    out = []
+    for (jns, jid), job in sorted(c.jobs.items()):
+        if (ns != "*" and jns != ns) or not jid.startswith(prefix):
+            continue
+        stub = _stub(c, job, meta=meta)
+        if pred is None or pred(stub):
+            out.append(stub)
+    return out, max(c.table_index["jobs"], c.table_index["allocs"])
+
+
+def get_job(c: Cluster, req: Request) -> tuple[Any, int]:
+    return _full(c, _job(c, req)), c.table_index["jobs"]
+
+
+def versions(c: Cluster, req: Request) -> tuple[Any, int]:
+    job = _job(c, req)
+    vs = [job.versions[v] for v in sorted(job.versions, reverse=True)]
+    return {"Versions": vs, "Diffs": None}, c.table_index["jobs"]
+
+
+def job_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
+    job = _job(c, req)
+    all_ = req.query.get("all", "") in ("true", "True", "1")
+    out = [a.stub() for a in c.job_allocs((job.namespace, job.id))
+           if all_ or a.job_version <= job.version]
+    return out, c.table_index["allocs"]
+
+
+def job_deployments(c: Cluster, req: Request) -> tuple[Any, int]:
+    job = _job(c, req)
+    deps = c.deployments_by_job.get((job.namespace, job.id), [])
+    return [d.to_json() for d in deps], c.table_index["deployments"]
+
+
+def job_deployment(c: Cluster, req: Request) -> tuple[Any, int]:
+    job = _job(c, req)
+    deps = c.deployments_by_job.get((job.namespace, job.id), [])
+    return (deps[-1].to_json() if deps else None), c.table_index["deployments"]
+
+
+def job_evals(c: Cluster, req: Request) -> tuple[Any, int]:
+    job = _job(c, req)
+    return list(c.evals_by_job.get((job.namespace, job.id), [])), c.table_index["evals"]
+
+
+def job_summary(c: Cluster, req: Request) -> tuple[Any, int]:
+    return _job_summary(c, _job(c, req)), max(c.table_index["jobs"], c.table_index["allocs"])
+
+
+def scale_status(c: Cluster, req: Request) -> tuple[Any, int]:
+    job = _job(c, req)
+    groups = {}
+    allocs = c.job_allocs((job.namespace, job.id))
+    for tg in job.spec.get("TaskGroups") or []:
+        mine = [a for a in allocs if a.task_group == tg["Name"] and a.live and not a.canary]
+        groups[tg["Name"]] = {
+            "Desired": tg["Count"],
+            "Placed": len(mine),
+            "Running": sum(1 for a in mine if a.client_status == "running"),
+            "Healthy": sum(1 for a in mine if a.healthy is True),
+            "Unhealthy": sum(1 for a in mine if a.healthy is False),
+            "Events": list(job.scaling_events.get(tg["Name"], [])) or None,
+        }
+    body = {"JobID": job.id, "Namespace": job.namespace, "JobCreateIndex": job.create_index,
+            "JobModifyIndex": job.spec["JobModifyIndex"], "JobStopped": job.stopped,
+            "TaskGroups": groups}
+    return body, max(c.table_index["jobs"], c.table_index["allocs"])
+
+
+def _register_body(req: Request, path_id: str | None) -> dict[str, Any]:
+    body = req.json()
+    spec = body.get("Job")
+    if not spec:
+        raise ApiError(400, "Job must be specified")
+    if not spec.get("ID"):
+        raise ApiError(400, "Job ID hasn't been provided")
+    if path_id is not None and spec["ID"] != path_id:
+        raise ApiError(400, "Job ID does not match name")
+    ns = req.query.get("namespace") or body.get("Namespace") or spec.get("Namespace") or "default"
+    spec["Namespace"] = ns
+    return body  # type: ignore[no-any-return]
+
+
+def register(c: Cluster, req: Request) -> Any:
+    body = _register_body(req, req.params[0] if req.params else None)
+    return jobs.register(
+        c, body["Job"], enforce_index=bool(body.get("EnforceIndex")),
+        job_modify_index=int(body.get("JobModifyIndex") or 0),
+        preserve_counts=bool(body.get("PreserveCounts")),
+    )
+
+
+def deregister(c: Cluster, req: Request) -> Any:
+    job = _job(c, req)
+    return jobs.stop(c, job, purge=req.query.get("purge", "") in ("true", "True", "1"))
+
+
+def scale(c: Cluster, req: Request) -> Any:
+    return jobs.scale(c, req.params[0], req.namespace, req.json())
+
+
+def dispatch(c: Cluster, req: Request) -> Any:
+    job = _job(c, req)
+    return jobs.dispatch(c, job, req.json(required=False),
+                         idempotency_token=req.query.get("idempotency_token", ""))
+
+
+def plan(c: Cluster, req: Request) -> Any:
+    body = _register_body(req, req.params[0])
+    return jobs.plan(c, body["Job"])
+
+
+def revert(c: Cluster, req: Request) -> Any:
+    job = _job(c, req)
+    body = req.json()
+    return jobs.revert(c, job, int(body.get("JobVersion") or 0), triggered_by="job-register")
+
+
+def evaluate(c: Cluster, req: Request) -> Any:
+    job = _job(c, req)
+    ev = sched.reconcile(c, job, triggered_by="job-eval")
+    return {"EvalID": ev["ID"] if ev else "", "EvalCreateIndex": ev["CreateIndex"] if ev else 0,
+            "JobModifyIndex": job.spec["JobModifyIndex"], "Index": c.index}
+
+
+def parse(c: Cluster, req: Request) -> Any:
+    body = req.json()
+    text = body.get("JobHCL") or ""
+    job = jobspec.parse_hcl(text)
+    if body.get("Canonicalize"):
+        job = jobspec.canonicalize(job)
+    return job
+
+
+ROUTES: list[Route] = [
+    route("GET", "/v1/jobs", list_jobs),
+    route("PUT POST", "/v1/jobs", register),
+    route("PUT POST", "/v1/jobs/parse", parse),
+    route("GET", f"/v1/job/{_ID}/versions", versions),
+    route("GET", f"/v1/job/{_ID}/allocations", job_allocs),
+    route("GET", f"/v1/job/{_ID}/deployments", job_deployments),
+    route("GET", f"/v1/job/{_ID}/deployment", job_deployment),
+    route("GET", f"/v1/job/{_ID}/evaluations", job_evals),
+    route("GET", f"/v1/job/{_ID}/summary", job_summary),
+    route("GET", f"/v1/job/{_ID}/scale", scale_status),
+    route("PUT POST", f"/v1/job/{_ID}/scale", scale),
+    route("PUT POST", f"/v1/job/{_ID}/dispatch", dispatch),
+    route("PUT POST", f"/v1/job/{_ID}/plan", plan),
+    route("PUT POST", f"/v1/job/{_ID}/revert", revert),
+    route("PUT POST", f"/v1/job/{_ID}/evaluate", evaluate),
+    route("GET", f"/v1/job/{_ID}", get_job),
+    route("PUT POST", f"/v1/job/{_ID}", register),
+    route("DELETE", f"/v1/job/{_ID}", deregister),
+]

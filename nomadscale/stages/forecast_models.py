@@ -1,0 +1,158 @@
+"""Point forecasts of the next horizon's peak demand, at cycle resolution.
+
+Every model reads per-cycle bucket statistics (peak, mean, lead-part peak, valid step count)
+of buckets ``0 .. k-1`` and predicts the peak demand over the horizon starting at bucket
+``k`` (bucket ``k`` plus the lead time into ``k+1``). They are plain Python on lists: the
+backtest calls them once per cycle, so numpy's per-call overhead would dominate.
+A model returns ``None`` when it lacks the history it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODELS = (
+    "recent",
+    "tail",
+    "last",
+    "smooth",
+    "day",
+    "slope",
+    "daily",
+    "weekly",
+    "seasonal",
+    "profile",
+    "weighted",
+    "blend",
+)
+BASE_MODELS = MODELS[:-1]
+
+
+@dataclass
+class Buckets:
+    """Per-cycle statistics; NaN-free: a bucket with no valid step has ``n == 0``."""
+
+    per_hour: int
+    per_day: int
+    per_week: int
+    peak: list[float] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    lead_peak: list[float] = field(default_factory=list)
+    tail: list[float] = field(default_factory=list)  # mean of the bucket's last lead part
+    n: list[int] = field(default_factory=list)
+    # prefix sums of mean * n and of n, so that a level over any range is O(1)
+    csum: list[float] = field(default_factory=lambda: [0.0])
+    cnt: list[int] = field(default_factory=lambda: [0])
+
+    def append(self, *, peak: float, mean: float, lead_peak: float, tail: float, n: int) -> None:
+        self.peak.append(peak)
+        self.mean.append(mean)
+        self.lead_peak.append(lead_peak)
+        self.tail.append(tail)
+        self.n.append(n)
+        self.csum.append(self.csum[-1] + mean * n)
+        self.cnt.append(self.cnt[-1] + n)
+
+    def __len__(self) -> int:
+        return len(self.n)
+
+    def level(self, i0: int, i1: int) -> float | None:
+        """Mean demand over buckets [i0, i1), weighted by valid steps."""
+        i0 = max(i0, 0)
+        i1 = min(i1, len(self.n))
+        if i1 <= i0:
+            return None
+        c = self.cnt[i1] - self.cnt[i0]
+        return (self.csum[i1] - self.csum[i0]) / c if c else None
+
+    def horizon_peak(self, j: int) -> float | None:
+        """Realized peak over the horizon of bucket j (its peak and the next lead part)."""
+        if j < 0 or j >= len(self.n) or not self.n[j]:
+            return None
+        p = self.peak[j]
+        if j + 1 < len(self.n) and self.n[j + 1]:
+            p = max(p, self.lead_peak[j + 1])
+        return p
+
+    def recent_level(self, k: int) -> float | None:
+        """Level of the last hour; if that is a gap, the latest valid bucket in a day."""
+        lv = self.level(k - self.per_hour, k)
+        if lv is not None:
+            return lv
+        for i in range(k - 1, max(k - self.per_day, 0) - 1, -1):
+            if self.n[i]:
+                return self.mean[i]
+        return None
+
+
+def _seasonal(b: Buckets, k: int, back: int, now_level: float | None) -> float | None:
+    """Peak ``back`` buckets ago, scaled by the level now vs the level then."""
+    h = b.horizon_peak(k - back)
+    if h is None or now_level is None:
+        return None
+    then = b.level(k - back - b.per_hour, k - back)
+    if then is None or then <= 0:
+        return h
+    ratio = min(max(now_level / then, 0.25), 4.0)
+    return h * ratio
+
+
+def _theil_sen(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    slopes = sorted(
+        (ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs))
+    )
+    m = slopes[len(slopes) // 2]
+    cs = sorted(y - m * x for x, y in zip(xs, ys, strict=True))
+    return m, cs[len(cs) // 2]
+
+
+def predict_all(b: Buckets, k: int, lead_frac: float) -> dict[str, float | None]:
+    """Every base model's point forecast of the horizon peak starting at bucket k."""
+    now = b.recent_level(k)
+    out: dict[str, float | None] = {}
+    last = k - 1
+    have_last = last >= 0 and b.n[last] > 0
+    out["recent"] = b.mean[last] if have_last else now
+    out["tail"] = b.tail[last] if have_last and b.tail[last] >= 0 else out["recent"]
+    out["last"] = now
+    out["smooth"] = b.level(k - 6 * b.per_hour, k)
+    out["day"] = b.level(k - b.per_day, k)
+    # robust growth slope (Theil-Sen) over the last 2 hours of bucket means
+    xs: list[float] = []
+    ys: list[float] = []
+    for i in range(max(k - max(2 * b.per_hour, 3), 0), k):
+        if b.n[i]:
+            xs.append(float(i))
+            ys.append(b.mean[i])
+    if len(xs) >= 3:
+        m, c = _theil_sen(xs, ys)
+        out["slope"] = max(c + m * (k + 0.5 + lead_frac), 0.0)
+    else:
+        out["slope"] = None
+    out["daily"] = _seasonal(b, k, b.per_day, now)
+    out["weekly"] = _seasonal(b, k, b.per_week, now)
+    prof = [v for d in range(1, 8) if (v := _seasonal(b, k, d * b.per_day, now)) is not None]
+    if len(prof) >= 2:
+        prof.sort()
+        mid = len(prof) // 2
+        out["seasonal"] = prof[mid] if len(prof) % 2 else 0.5 * (prof[mid - 1] + prof[mid])
+    else:
+        out["seasonal"] = None
+    # profile: the median level of the same time of day over the last 7 days
+    lv = [
+        v
+        for d in range(1, 8)
+        if (v := b.level(k - d * b.per_day - 1, k - d * b.per_day + 2)) is not None
+    ]
+    if len(lv) >= 2:
+        lv.sort()
+        mid = len(lv) // 2
+        out["profile"] = lv[mid] if len(lv) % 2 else 0.5 * (lv[mid - 1] + lv[mid])
+    else:
+        out["profile"] = None
+    parts = [(0.5, now)]
+    parts.append((0.3, b.horizon_peak(k - b.per_day)))
+    parts.append((0.2, b.horizon_peak(k - b.per_week)))
+    got = [(w, v) for w, v in parts if v is not None]
+    out["weighted"] = sum(w * v for w, v in got) / sum(w for w, _ in got) if got else None
+    return out

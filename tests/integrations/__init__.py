@@ -1,0 +1,1 @@
+"""Integration tests against real Consul and Prometheus processes."""
