@@ -40,8 +40,10 @@ def main() -> None:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     m = rep.rows["nomadscale"]
     print(f"steps {len(rate)}, cycles scored {len(p.boundaries)}, lookback 35 days")
-    print(f"nomadscale backtest: {t1 - t0:.2f} s (availability {m.availability * 100:.2f}%, "
-          f"cost/oracle {m.cost_vs_oracle:.3f})")
+    print(
+        f"nomadscale backtest: {t1 - t0:.2f} s (availability {m.availability * 100:.2f}%, "
+        f"cost/oracle {m.cost_vs_oracle:.3f})"
+    )
     print(f"with anchors + tuned anchors: {t2 - t1:.2f} s ({len(rep_all.rows)} rows)")
     print(f"peak RSS: {rss_mb:.0f} MB")
 

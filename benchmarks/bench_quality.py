@@ -32,15 +32,19 @@ def main() -> None:
             if SCORER.exists():
                 r = subprocess.run(
                     [sys.executable, str(SCORER), path, "--decisions", str(out)],
-                    capture_output=True, text=True, check=True,
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 print(r.stdout.replace("candidate  ", "nomadscale ").rstrip())
         m = rep.rows["nomadscale"]
         models: dict[str, int] = {}
         for x in rep.replay.models:
             models[x] = models.get(x, 0) + 1
-        print(f"  nomadscale: avail {m.availability*100:.2f}% cost/oracle {m.cost_vs_oracle:.3f}"
-              f"  models {models}\n")
+        print(
+            f"  nomadscale: avail {m.availability * 100:.2f}% cost/oracle {m.cost_vs_oracle:.3f}"
+            f"  models {models}\n"
+        )
 
 
 if __name__ == "__main__":

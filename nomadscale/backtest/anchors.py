@@ -74,9 +74,7 @@ def anchor_decisions(rate: np.ndarray, p: Params) -> dict[str, np.ndarray]:
     return {k: counts(v, DEFAULT_MULT[k], p.capacity_rpm) for k, v in preds.items()}
 
 
-def tuned_decisions(
-    rate: np.ndarray, p: Params, *, target: float = 0.99
-) -> dict[str, np.ndarray]:
+def tuned_decisions(rate: np.ndarray, p: Params, *, target: float = 0.99) -> dict[str, np.ndarray]:
     """Each anchor at the smallest grid multiplier reaching ``target`` on this trace."""
     out: dict[str, np.ndarray] = {}
     for name, pred in predictions(rate, p).items():
@@ -93,5 +91,7 @@ def tuned_decisions(
                 hi = mid
             else:
                 lo = mid + 1
-        out[f"tuned:{name}@x{TUNE_GRID[lo]:.2f}"] = counts(pred, float(TUNE_GRID[lo]), p.capacity_rpm)
+        out[f"tuned:{name}@x{TUNE_GRID[lo]:.2f}"] = counts(
+            pred, float(TUNE_GRID[lo]), p.capacity_rpm
+        )
     return out

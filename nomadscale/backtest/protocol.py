@@ -63,8 +63,8 @@ def make_params(
                 f"{trace.path}: {what} {v / 60:g} min is not a multiple of the trace step "
                 f"{step_s / 60:g} min"
             )
-    cyc = int(round(cycle_s / step_s))
-    lead = int(round(lead_s / step_s))
+    cyc = round(cycle_s / step_s)
+    lead = round(lead_s / step_s)
     rate = trace.requests / (step_s / 60.0)
     if not np.any(~np.isnan(rate)):
         raise InputError(f"{trace.path}: no data")
@@ -75,7 +75,7 @@ def make_params(
     if start is None:
         warm = min(int(7 * 86400 / step_s), int(0.35 * n))
     else:
-        warm = int(math.ceil((start - trace.start).total_seconds() / step_s - 1e-9))
+        warm = math.ceil((start - trace.start).total_seconds() / step_s - 1e-9)
         if warm < 0 or warm >= n:
             raise InputError(f"--start {start.isoformat()} is outside the trace")
     warm = int(math.ceil(warm / cyc) * cyc)

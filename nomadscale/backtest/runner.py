@@ -54,11 +54,15 @@ def replay(
         d = int(b[i])
         fc: Forecast = fcs[i]
         now = p.time_of(d)
+        hours_min = fc.meta.get("min_workers")  # business hours may raise the minimum
+        bd = bounds
+        if isinstance(hours_min, int) and hours_min > bounds.min:
+            bd = replace(bounds, min=hours_min, max=max(bounds.max, hours_min))
         s = size(
             forecast=fc,
             capacity_rpm=p.capacity_rpm,
             current=current,
-            bounds=bounds,
+            bounds=bd,
             now=now,
             last_scale_at=last_scale,
         )

@@ -7,5 +7,6 @@ import click
 
 def all_commands() -> list[click.Command]:
     from nomadscale.cli.cmd_capacity import capacity
+    from nomadscale.cli.cmd_policy import policy
 
-    return [capacity]
+    return [policy, capacity]

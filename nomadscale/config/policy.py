@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -35,9 +35,6 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from nomadscale.core.durations import format_duration, parse_duration
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
 
 # --- field types ----------------------------------------------------------------------------
 
@@ -114,14 +111,17 @@ def _hhmm(value: Any) -> str:
 
 
 def _cron(v: str) -> str:
-    from apscheduler.triggers.cron import CronTrigger
+    from nomadscale.core.cron import cron_triggers
+    from nomadscale.core.errors import InputError
 
     if len(v.split()) != 5:
         raise ValueError(f"bad cron expression {v!r}: need 5 fields (min hour day month weekday)")
     try:
-        CronTrigger.from_crontab(v, timezone="UTC")
-    except ValueError as exc:
-        raise ValueError(f"bad cron expression {v!r}: {exc}") from None
+        cron_triggers(v, "UTC", "cron")
+    except InputError as exc:
+        raise ValueError(
+            f"bad cron expression {v!r}: {str(exc).removeprefix('schedule cron: ')}"
+        ) from None
     return v
 
 
@@ -469,6 +469,9 @@ class Policy(_Model):
         return self.model_dump(mode="json", by_alias=True)
 
 
+BH_MIN = ("forecast", "business_hours", "min_workers")
+
+
 def _get(data: Any, *path: str) -> Any:
     for key in path:
         if not isinstance(data, Mapping):
@@ -502,38 +505,23 @@ def cross_field_problems(data: Any) -> list[tuple[tuple[str | int, ...], str]]:
     cycle = _dur_or_none(data.get("cycle", timedelta(minutes=20)))
     lead = _dur_or_none(data.get("lead_time", timedelta(minutes=10)))
     if cycle is not None and lead is not None and cycle > timedelta(0) and lead >= cycle:
-        out.append(
-            (
-                ("lead_time",),
-                f"must be shorter than cycle ({format_duration(lead)} >= {format_duration(cycle)})",
-            )
-        )
+        why = f"({format_duration(lead)} >= {format_duration(cycle)})"
+        out.append((("lead_time",), f"must be shorter than cycle {why}"))
     bmax = _int_or_none(_get(data, "bounds", "max"))
-    if bmax is not None:
-        bh_min = _int_or_none(_get(data, "forecast", "business_hours", "min_workers"))
-        if bh_min is not None and bh_min > bmax:
-            out.append(
-                (
-                    ("forecast", "business_hours", "min_workers"),
-                    f"must be <= bounds.max ({bh_min} > {bmax})",
-                )
-            )
-        schedules = data.get("schedules")
-        for i, s in enumerate(schedules if isinstance(schedules, list | tuple) else ()):
-            for key in ("min", "fixed"):
-                n = _int_or_none(_get(s, key))
-                if n is not None and n > bmax:
-                    out.append((("schedules", i, key), f"must be <= bounds.max ({n} > {bmax})"))
+    schedules = data.get("schedules")
+    limited: list[tuple[tuple[str | int, ...], Any]] = [(BH_MIN, _get(data, *BH_MIN))]
+    for i, s in enumerate(schedules if isinstance(schedules, list | tuple) else ()):
+        limited += [(("schedules", i, key), _get(s, key)) for key in ("min", "fixed")]
+    for path, value in limited:
+        n = _int_or_none(value)
+        if bmax is not None and n is not None and n > bmax:
+            out.append((path, f"must be <= bounds.max ({n} > {bmax})"))
+    zone_list = _get(data, "zones", "list")
     if isinstance(_get(data, "target", "node_pool"), Mapping):
-        zone_list = _get(data, "zones", "list")
         for i, z in enumerate(zone_list if isinstance(zone_list, list | tuple) else ()):
             if isinstance(z, Mapping) and z.get("instance_group") is None:
-                out.append(
-                    (
-                        ("zones", "list", i, "instance_group"),
-                        "required when target.node_pool is set",
-                    )
-                )
+                where = ("zones", "list", i, "instance_group")
+                out.append((where, "required when target.node_pool is set"))
     return out
 
 
@@ -547,7 +535,7 @@ def load_policy(path: str | Path) -> Policy:
     return _load(path)
 
 
-def load_policies(paths: Iterable[str | Path] | Sequence[str | Path]) -> list[Policy]:
+def load_policies(paths: Iterable[str | Path]) -> list[Policy]:
     """Load policy files and directories (their *.yaml/*.yml); names must be unique."""
     from nomadscale.config.validate import load_policies as _load_all
 

@@ -338,6 +338,8 @@ def _message(err: Any) -> str:
     value = err.get("input")
     if etype == "missing":
         return "required"
+    if etype in _KIND_WORDS and value is None:
+        return f"must be {_KIND_WORDS[etype]}, got nothing"
     if etype in _KIND_WORDS:
         return f"must be {_KIND_WORDS[etype]}, got {_kind(value)} {_show(value)}"
     if etype == "value_error":

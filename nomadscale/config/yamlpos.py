@@ -50,7 +50,9 @@ def load_yaml(text: str) -> YamlDoc:
         loader = yaml.SafeLoader(text)
     except yaml.reader.ReaderError as exc:
         line = text[: exc.position].count("\n") + 1
-        raise YamlSyntaxError(f"character #x{exc.character:04x} is not allowed", line=line) from None
+        raise YamlSyntaxError(
+            f"character #x{exc.character:04x} is not allowed", line=line
+        ) from None
     try:
         node = loader.get_single_node()
         if node is None:

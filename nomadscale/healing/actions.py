@@ -61,6 +61,8 @@ class HealingNomad(Protocol):
 
     def node_metadata(self, node_id: str) -> NodeMetadata: ...
 
+    def set_node_metadata(self, node_id: str, meta: Mapping[str, str | None]) -> NodeMetadata: ...
+
     def allocation(self, alloc_id: str) -> AllocInfo: ...
 
     def stop_allocation(self, alloc_id: str) -> str: ...
@@ -207,8 +209,9 @@ def surge(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
         if not ctx.dry_run:  # absolute count: repeating after a crash is harmless
             cur = _group(ctx, t).desired
             if cur < s["target"]:
-                ctx.nomad.scale(t.job, t.group, s["target"], message=_msg(run, "surge"),
-                                namespace=t.namespace)
+                ctx.nomad.scale(
+                    t.job, t.group, s["target"], message=_msg(run, "surge"), namespace=t.namespace
+                )
         return Done(f"surge of {t.group} to {s['target']} in place")
     g = _group(ctx, t)
     target = g.desired + step.count
@@ -224,8 +227,14 @@ def surge(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
         "target": target,
         "released": False,
     }
-    ctx.nomad.scale(t.job, t.group, target, message=_msg(run, "surge"), namespace=t.namespace,
-                    meta={"nomadscale.run": run["id"]})
+    ctx.nomad.scale(
+        t.job,
+        t.group,
+        target,
+        message=_msg(run, "surge"),
+        namespace=t.namespace,
+        meta={"nomadscale.run": run["id"]},
+    )
     return Done(f"scaled {t.job}/{t.group} {g.desired} -> {target} in zone {t.zone}")
 
 
@@ -238,8 +247,14 @@ def release_surge(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
     if s.get("release_target") is None:
         cur = ctx.nomad.job_status(s["job"], namespace=s["namespace"]).groups[s["group"]].desired
         s["release_target"] = max(0, cur - int(s["count"]))
-    ctx.nomad.scale(s["job"], s["group"], s["release_target"], message=_msg(run, "release"),
-                    namespace=s["namespace"], meta={"nomadscale.run": run["id"]})
+    ctx.nomad.scale(
+        s["job"],
+        s["group"],
+        s["release_target"],
+        message=_msg(run, "release"),
+        namespace=s["namespace"],
+        meta={"nomadscale.run": run["id"]},
+    )
     s["released"] = True
     return Done(f"released surge: {s['job']}/{s['group']} -> {s['release_target']}")
 
@@ -278,7 +293,7 @@ def wait_condition(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
         if not s:
             return Done("no surge")
         g = ctx.nomad.job_status(s["job"], namespace=s["namespace"]).groups[s["group"]]
-        if g.healthy >= s["target"] or g.running >= s["target"] and g.unhealthy == 0:
+        if g.healthy >= s["target"]:
             return Done(f"{s['group']} has {g.healthy} healthy of {s['target']}")
         return Waiting(f"{s['group']} {g.healthy}/{s['target']} healthy")
     if c == "node_ready":
@@ -291,7 +306,9 @@ def wait_condition(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
         new = [
             x
             for x in allocs
-            if x.task_group == a.task_group and x.id != a.id and x.create_index > a.create_index
+            if x.task_group == a.task_group
+            and x.id != a.id
+            and x.create_index > a.create_index
             and x.client_status == "running"
         ]
         return Done(f"replaced by {new[0].id[:8]}") if new else Waiting("no replacement yet")
@@ -304,11 +321,11 @@ def verify_gpu(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
     node = ctx.nomad.node(nid)
     if ctx.dry_run:
         return Done(f"would run the GPU check on {node.name}")
-    checker = gpucheck.GpuChecker(ctx.nomad, namespace="default")
+    checker = gpucheck.GpuChecker(ctx.nomad)
     if not ss.get("check_id"):
         ss["check_id"] = f"{run['id'][:8]}{run['step']:02d}"
-        ss["job"] = checker.start(nid, ss["check_id"], node_pool=node.node_pool)
-        return Waiting(f"GPU check {ss['job']} started")
+        checker.start(nid, ss["check_id"])
+        return Waiting(f"GPU check {ss['check_id']} requested on {node.name}")
     expected = gpucheck.expected_gpu_count(node.meta, step.expected_gpus)
     verdict = checker.result(nid, ss["check_id"], expected_gpus=expected)
     if verdict is None:

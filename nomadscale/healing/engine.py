@@ -175,9 +175,9 @@ class RunbookEngine:
                 continue
             if not PARAM_PATTERNS[name].match(str(raw)):
                 raise UsageError(f"runbook {rb.name}: parameter {name}: invalid value")
-            values[{"incident_id": "incident.id", "allocation": "allocation.id"}.get(name, name)] = (
-                str(raw)
-            )
+            values[
+                {"incident_id": "incident.id", "allocation": "allocation.id"}.get(name, name)
+            ] = str(raw)
         if "node" in values:
             node = actions.resolve_node(self.nomad, values.pop("node"))
             values["node.id"] = node.id
@@ -289,7 +289,12 @@ class RunbookEngine:
             )
             log.warning(
                 "runbook %s run %s step %s %s: temporary error (retry in %.0fs): %s",
-                run["runbook"], run["id"], run["step"], step.action, delay, exc,
+                run["runbook"],
+                run["id"],
+                run["step"],
+                step.action,
+                delay,
+                exc,
             )
             self._save(run)
             self.clock.sleep(delay)
@@ -327,7 +332,13 @@ class RunbookEngine:
         )
         log.info(
             "runbook %s run %s %s step %s %s: %s: %s",
-            run["runbook"], run["id"], run["phase"], run["step"], step.action, status, detail,
+            run["runbook"],
+            run["id"],
+            run["phase"],
+            run["step"],
+            step.action,
+            status,
+            detail,
         )
 
     def _fail_step(self, run: dict[str, Any], step: Any, why: str, *, safety: bool = False) -> None:

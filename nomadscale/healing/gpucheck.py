@@ -1,12 +1,13 @@
-"""GPU verification after a node comes back: a pinned Nomad batch job collects ``nvidia-smi``
-and kernel-log output, writes it into dynamic node metadata (``gpu.check.*``), and the parser
-here turns it into a verdict.
+"""GPU verification after a node comes back: collect ``nvidia-smi`` and kernel-log output on
+the node, pass it back through dynamic node metadata (``gpu.check.*``), parse it into a verdict.
 
-Design: ``GpuChecker.start`` registers ``gpu-check-<node8>-<check_id>`` (batch, raw_exec,
-constraint ``${node.unique.id} == node``); its task runs ``CHECK_SCRIPT``, which stores each
-output base64-encoded with ``nomad node meta apply`` (needs a token allowed to write node meta,
-e.g. through Workload Identity). ``GpuChecker.result`` reads the node meta and returns a
-verdict once ``gpu.check.id`` equals the check id. The parser (``evaluate``) is pure.
+Design: the node is still INELIGIBLE while it is checked, so a new batch job could not be
+placed there. Instead the ``gpu-check`` task of the ``maintenance-watcher`` system job (system
+allocations survive drains with IgnoreSystemJobs and restart with the VM) watches its node's
+meta: ``GpuChecker.start`` sets ``gpu.check.request=<check_id>``; the task runs
+``CHECK_SCRIPT``, which writes each output base64-encoded plus ``gpu.check.id=<check_id>`` with
+``nomad node meta apply``. ``GpuChecker.result`` returns the verdict once ``gpu.check.id``
+equals the check id. The parser (``evaluate``) is pure.
 """
 
 from __future__ import annotations
@@ -253,7 +254,9 @@ def evaluate(
             if r.pending:
                 reasons.append(f"GPU {r.bus_id}: row remap pending (GPU reset needed)")
             if r.uncorrectable:
-                warnings.append(f"GPU {r.bus_id}: {r.uncorrectable} row(s) remapped (uncorrectable)")
+                warnings.append(
+                    f"GPU {r.bus_id}: {r.uncorrectable} row(s) remapped (uncorrectable)"
+                )
     seen: set[tuple[int, str]] = set()
     for ev in parse_xid(xid):
         if (ev.code, ev.bus) in seen:
@@ -272,53 +275,20 @@ def evaluate(
 
 META_PREFIX = "gpu.check."
 CHECK_SCRIPT = r"""set -u
-q=$(nvidia-smi --query-gpu=%(qfields)s --format=csv,noheader 2>&1)
-r=$(nvidia-smi --query-remapped-rows=%(rfields)s --format=csv 2>&1)
+q=$(nvidia-smi --query-gpu=QFIELDS --format=csv,noheader 2>&1)
+r=$(nvidia-smi --query-remapped-rows=RFIELDS --format=csv 2>&1)
 x=$( (journalctl -k -b --no-pager 2>/dev/null || dmesg -T 2>/dev/null) | grep 'NVRM: Xid' | tail -n 50)
-b64() { printf '%%s' "$1" | base64 -w0; }
+b64() { printf '%s' "$1" | base64 -w0; }
 exec nomad node meta apply -node-id "$NODE_ID" "gpu.check.id=$CHECK_ID" \
   "gpu.check.encoding=base64" "gpu.check.query_gpu=$(b64 "$q")" \
   "gpu.check.remapped_rows=$(b64 "$r")" "gpu.check.xid=$(b64 "$x")"
-""" % {"qfields": ",".join(QUERY_GPU_FIELDS), "rfields": ",".join(REMAP_FIELDS)}
+""".replace("QFIELDS", ",".join(QUERY_GPU_FIELDS)).replace("RFIELDS", ",".join(REMAP_FIELDS))
 
 
 class CheckNomad(Protocol):
-    def register_job(self, job: Mapping[str, Any]) -> Any: ...
-
     def node_metadata(self, node_id: str) -> NodeMetadata: ...
 
-
-def check_job(node_id: str, check_id: str, *, node_pool: str, namespace: str) -> dict[str, Any]:
-    """Nomad job JSON for one check. ``node_id`` and ``check_id`` are validated identifiers."""
-    job_id = f"gpu-check-{node_id[:8]}-{check_id}"
-    return {
-        "ID": job_id,
-        "Name": job_id,
-        "Namespace": namespace,
-        "Type": "batch",
-        "Datacenters": ["*"],
-        "NodePool": node_pool,
-        "Priority": 80,
-        "Constraints": [{"LTarget": "${node.unique.id}", "RTarget": node_id, "Operand": "="}],
-        "Meta": {"nomadscale.check_id": check_id, "nomadscale.node_id": node_id},
-        "TaskGroups": [
-            {
-                "Name": "check",
-                "Count": 1,
-                "RestartPolicy": {"Attempts": 0, "Mode": "fail"},
-                "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
-                "Tasks": [
-                    {
-                        "Name": "check",
-                        "Driver": "raw_exec",
-                        "Config": {"command": "/bin/sh", "args": ["-c", CHECK_SCRIPT]},
-                        "Env": {"NODE_ID": "${node.unique.id}", "CHECK_ID": check_id},
-                        "Resources": {"CPU": 100, "MemoryMB": 64},
-                    }
-                ],
-            }
-        ],
-    }
+    def set_node_metadata(self, node_id: str, meta: Mapping[str, str | None]) -> NodeMetadata: ...
 
 
 def _decode(meta: Mapping[str, str | None], key: str, b64: bool) -> str:
@@ -362,14 +332,12 @@ def encode_meta(check_id: str, *, query_gpu: str, remapped_rows: str, xid: str) 
 
 
 class GpuChecker:
-    def __init__(self, nomad: CheckNomad, *, namespace: str = "default") -> None:
+    def __init__(self, nomad: CheckNomad) -> None:
         self._nomad = nomad
-        self._namespace = namespace
 
-    def start(self, node_id: str, check_id: str, *, node_pool: str) -> str:
-        job = check_job(node_id, check_id, node_pool=node_pool, namespace=self._namespace)
-        self._nomad.register_job(job)
-        return str(job["ID"])
+    def start(self, node_id: str, check_id: str) -> None:
+        """Ask the node's checker task for a run (it answers with ``gpu.check.id``)."""
+        self._nomad.set_node_metadata(node_id, {META_PREFIX + "request": check_id})
 
     def result(
         self, node_id: str, check_id: str, *, expected_gpus: int | None

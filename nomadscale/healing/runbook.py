@@ -247,9 +247,9 @@ class Runbook(_Model):
     description: str = ""
     policy: str | None = None  # the policy whose zones/groups/bounds surge and drain use
     triggers: Triggers = Triggers()
-    parameters: dict[
-        Literal["node", "zone", "incident_id", "allocation", "event"], Parameter
-    ] = Field(default_factory=dict)
+    parameters: dict[Literal["node", "zone", "incident_id", "allocation", "event"], Parameter] = (
+        Field(default_factory=dict)
+    )
     steps: tuple[Step, ...] = Field(min_length=1)
     on_failure: tuple[Step, ...] = ()
 
@@ -305,13 +305,12 @@ def _strip_tags(loc: tuple[Any, ...], data: Any) -> tuple[str | int, ...]:
     out: list[str | int] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)
+        ):
             out.append(part)
             node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-            out.append(part)
-            node = node[part]
-        elif isinstance(node, dict) and isinstance(part, str) and not out[-1:] == [part]:
+        elif isinstance(node, dict) and isinstance(part, str) and out[-1:] != [part]:
             if any(isinstance(v, str) and v == part for v in node.values()):
                 continue  # discriminator tag
             out.append(part)

@@ -87,7 +87,9 @@ class MaintenanceWatcher:
                     log.info("maintenance reported: %s on %s", event, self.node)
                     return
                 if r.status_code < 500 and r.status_code != 429:
-                    raise PermanentError(f"report refused by {self.report_url}: HTTP {r.status_code}")
+                    raise PermanentError(
+                        f"report refused by {self.report_url}: HTTP {r.status_code}"
+                    )
                 why = f"HTTP {r.status_code}"
             except httpx.HTTPError as exc:
                 why = type(exc).__name__

@@ -166,17 +166,21 @@ class Dispatcher:
             found = match_incident(self.engine.runbooks, item)
             if found is None:
                 self.stats["ignored"] += 1
-                log.info("pagerduty event %s (%s): no runbook matches", item.get("id"),
-                         item.get("event_type"))
+                log.info(
+                    "pagerduty event %s (%s): no runbook matches",
+                    item.get("id"),
+                    item.get("event_type"),
+                )
                 return
             name, params = found
             trigger = f"pagerduty:{item.get('id')}"
             deadline = None
         else:
-            name = match_maintenance(self.engine.runbooks, item["event"])
-            if name is None:
+            found_name = match_maintenance(self.engine.runbooks, item["event"])
+            if found_name is None:
                 self.stats["ignored"] += 1
                 return
+            name = found_name
             rb = self.engine.runbooks[name]
             params = {"node": item["node"]}
             if "event" in rb.parameters:

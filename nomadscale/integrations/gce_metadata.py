@@ -67,6 +67,7 @@ class MetadataClient:
                 status=r.status_code,
             )
         raise ExternalPermanentError(
-            f"metadata server: GET {path}: HTTP {r.status_code}", system=SYSTEM,
+            f"metadata server: GET {path}: HTTP {r.status_code}",
+            system=SYSTEM,
             status=r.status_code,
         )

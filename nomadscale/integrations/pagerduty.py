@@ -64,7 +64,7 @@ def _quiet_retries(client: pagerduty.ApiClient, timeout_s: float) -> None:
     client.sleep_timer = 0.0
     client.max_network_attempts = 0
     client.max_http_attempts = 2
-    client.timeout = timeout_s
+    client.timeout = timeout_s  # type: ignore[assignment]  # int in the stubs, float ok
 
 
 def _status(exc: BaseException) -> int | None:

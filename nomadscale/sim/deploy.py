@@ -90,8 +90,14 @@ def create(c: Cluster, job: JobRecord, plans: list[dict[str, Any]]) -> Deploymen
     for name, gs in groups.items():
         if gs.require_progress_by is not None:
             c.schedule(gs.require_progress_by, "deploy_deadline", f"{dep.id}|{name}")
-    c.emit("deployment", deployment_id=dep.id, job_id=job.id, status=dep.status,
-           description=dep.description, version=job.version)
+    c.emit(
+        "deployment",
+        deployment_id=dep.id,
+        job_id=job.id,
+        status=dep.status,
+        description=dep.description,
+        version=job.version,
+    )
     return dep
 
 
@@ -99,8 +105,14 @@ def set_status(c: Cluster, dep: Deployment, status: str, description: str) -> No
     dep.status = status
     dep.description = description
     dep.modify_index = c.bump("deployments")
-    c.emit("deployment", deployment_id=dep.id, job_id=dep.job_id, status=status,
-           description=description, version=dep.job_version)
+    c.emit(
+        "deployment",
+        deployment_id=dep.id,
+        job_id=dep.job_id,
+        status=status,
+        description=description,
+        version=dep.job_version,
+    )
 
 
 def _group_allocs(c: Cluster, dep: Deployment, group: str) -> list[Alloc]:
@@ -109,7 +121,8 @@ def _group_allocs(c: Cluster, dep: Deployment, group: str) -> list[Alloc]:
 
 def _healthy_canaries(c: Cluster, dep: Deployment, group: str) -> int:
     return sum(
-        1 for a in _group_allocs(c, dep, group)
+        1
+        for a in _group_allocs(c, dep, group)
         if a.canary and a.deployment_id == dep.id and a.healthy and a.live
     )
 
@@ -137,12 +150,9 @@ def check(c: Cluster, dep: Deployment) -> None:
     job = c.jobs.get((dep.namespace, dep.job_id))
     if job is None or job.version != dep.job_version:
         return
-    waiting = [
-        g for g, gs in dep.groups.items() if gs.desired_canaries and not gs.promoted
-    ]
+    waiting = [g for g, gs in dep.groups.items() if gs.desired_canaries and not gs.promoted]
     if waiting:
-        ready = all(_healthy_canaries(c, dep, g) >= dep.groups[g].desired_canaries
-                    for g in waiting)
+        ready = all(_healthy_canaries(c, dep, g) >= dep.groups[g].desired_canaries for g in waiting)
         if ready and all(dep.groups[g].auto_promote for g in waiting):
             promote(c, dep, groups=None)
         return
@@ -159,8 +169,13 @@ def on_health(c: Cluster, a: Alloc, healthy: bool) -> None:
     a.healthy = healthy
     a.health_time = c.now_s()
     a.modify_index = c.bump("allocs")
-    c.emit("alloc_healthy" if healthy else "alloc_unhealthy", alloc_id=a.id, job_id=a.job_id,
-           group=a.task_group, node_id=a.node_id)
+    c.emit(
+        "alloc_healthy" if healthy else "alloc_unhealthy",
+        alloc_id=a.id,
+        job_id=a.job_id,
+        group=a.task_group,
+        node_id=a.node_id,
+    )
     dep = c.deployments.get(a.deployment_id) if a.deployment_id else None
     if dep is None or not dep.active or a.task_group not in dep.groups:
         return
@@ -195,8 +210,10 @@ def deadline(c: Cluster, key: str) -> None:
     job = c.jobs.get((dep.namespace, dep.job_id))
     if job is None or _group_done(c, dep, job, group):
         return
-    if gs.desired_canaries and not gs.promoted and (
-        _healthy_canaries(c, dep, group) >= gs.desired_canaries
+    if (
+        gs.desired_canaries
+        and not gs.promoted
+        and (_healthy_canaries(c, dep, group) >= gs.desired_canaries)
     ):
         return  # waiting for promotion does not count against progress
     fail(c, dep, DESC_PROGRESS)
@@ -213,19 +230,15 @@ def fail(c: Cluster, dep: Deployment, description: str) -> int | None:
     revert_to: int | None = None
     if job is not None and any(gs.auto_revert for gs in dep.groups.values()):
         stable = [
-            v for v, spec in sorted(job.versions.items(), reverse=True)
+            v
+            for v, spec in sorted(job.versions.items(), reverse=True)
             if spec.get("Stable") and v != dep.job_version
         ]
         if not stable:
             description += " - no stable job version to auto revert to"
         else:
             v = stable[0]
-            same = all(
-                sched.spec_hash(job.versions[v], tg) == sched.spec_hash(job.spec, tg)
-                for tg in job.versions[v].get("TaskGroups") or []
-            ) and len(job.versions[v].get("TaskGroups") or []) == len(
-                job.spec.get("TaskGroups") or []
-            )
+            same = _same_groups(job.versions[v], job.spec)
             if same:
                 description += (
                     f" - not rolling back to stable job version {v} as current job has same "
@@ -241,6 +254,14 @@ def fail(c: Cluster, dep: Deployment, description: str) -> int | None:
         else:
             sched.reconcile(c, job, triggered_by="deployment-watcher", deployment_id=dep.id)
     return revert_to
+
+
+def _same_groups(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    from nomadscale.sim.sched import spec_hash
+
+    ga = {tg["Name"]: spec_hash(a, tg) for tg in a.get("TaskGroups") or []}
+    gb = {tg["Name"]: spec_hash(b, tg) for tg in b.get("TaskGroups") or []}
+    return ga == gb
 
 
 def promote(c: Cluster, dep: Deployment, *, groups: list[str] | None) -> dict[str, Any] | None:

@@ -58,8 +58,9 @@ def start(
     }
     node.events.append(c._node_event("Node drain strategy set"))
     node.modify_index = c.bump("nodes")
-    c.emit("drain", node_id=node.id, phase="start", deadline_s=deadline_ns / NS,
-           meta=dict(meta or {}))
+    c.emit(
+        "drain", node_id=node.id, phase="start", deadline_s=deadline_ns / NS, meta=dict(meta or {})
+    )
     if deadline_ns < 0:
         return force(c, node.id)
     if force_at is not None:

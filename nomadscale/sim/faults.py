@@ -45,15 +45,19 @@ class FaultInjector:
         self.hits: list[str] = []  # "kind METHOD /path" of every fault applied
 
     def fail(
-        self, endpoint_pattern: str, status: int = 500, times: int | None = None,
+        self,
+        endpoint_pattern: str,
+        status: int = 500,
+        times: int | None = None,
         message: str = "",
     ) -> None:
         """Answer matching requests with ``status`` (plain-text body) ``times`` times."""
         text = message or ("rpc error: simulated failure" if status >= 500 else "bad request")
         with self._lock:
             self._rules.append(
-                _Rule(re.compile(endpoint_pattern), "fail", status=status, message=text,
-                      times=times)
+                _Rule(
+                    re.compile(endpoint_pattern), "fail", status=status, message=text, times=times
+                )
             )
 
     def latency(self, pattern: str, seconds: float, times: int | None = None) -> None:

@@ -157,8 +157,9 @@ class _Parser:
 
     def match(self) -> Predicate:
         # value in selector / value not in selector
-        if self.peek() is not None and (self.word("in", 1) or (self.word("not", 1)
-                                                                and self.word("in", 2))):
+        if self.peek() is not None and (
+            self.word("in", 1) or (self.word("not", 1) and self.word("in", 2))
+        ):
             value = self.value()
             neg = self.word("not")
             self.i += 2 if neg else 1
@@ -182,8 +183,10 @@ class _Parser:
             return lambda o: _contains(_lookup(o, path), v) != neg
         if op == "matches":
             rx = re.compile(self.value())
-            return lambda o: (isinstance(_lookup(o, path), str)
-                              and rx.search(_lookup(o, path)) is not None) != neg
+            return lambda o: (
+                (isinstance(_lookup(o, path), str) and rx.search(_lookup(o, path)) is not None)
+                != neg
+            )
         if op == "is":
             neg = self.word("not")
             if neg:

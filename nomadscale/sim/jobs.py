@@ -18,14 +18,23 @@ if TYPE_CHECKING:
 TRACKED_VERSIONS = 6
 MAX_SCALE_EVENTS = 20
 MAX_PAYLOAD = 16 * 1024
-_SERVER_FIELDS = ("Version", "Stable", "SubmitTime", "CreateIndex", "ModifyIndex",
-                  "JobModifyIndex", "Status", "StatusDescription")
+_SERVER_FIELDS = (
+    "Version",
+    "Stable",
+    "SubmitTime",
+    "CreateIndex",
+    "ModifyIndex",
+    "JobModifyIndex",
+    "Status",
+    "StatusDescription",
+)
 
 
 def _same_spec(a: dict[str, Any], b: dict[str, Any]) -> bool:
     def strip(d: dict[str, Any]) -> str:
-        return json.dumps({k: v for k, v in d.items() if k not in _SERVER_FIELDS},
-                          sort_keys=True, default=str)
+        return json.dumps(
+            {k: v for k, v in d.items() if k not in _SERVER_FIELDS}, sort_keys=True, default=str
+        )
 
     return strip(a) == strip(b)
 
@@ -71,14 +80,18 @@ def register(
     else:
         version = existing.version + 1 if existing is not None else 0
         spec.update(
-            Version=version, Stable=False, SubmitTime=unix_ns(now), Status="pending",
-            StatusDescription="", JobModifyIndex=idx, ModifyIndex=idx,
+            Version=version,
+            Stable=False,
+            SubmitTime=unix_ns(now),
+            Status="pending",
+            StatusDescription="",
+            JobModifyIndex=idx,
+            ModifyIndex=idx,
             CreateIndex=existing.create_index if existing is not None else idx,
         )
         spec.setdefault("Stop", False)
         if existing is None:
-            job = JobRecord(id=spec["ID"], namespace=spec["Namespace"], spec=spec,
-                            create_index=idx)
+            job = JobRecord(id=spec["ID"], namespace=spec["Namespace"], spec=spec, create_index=idx)
             c.jobs[key] = job
         else:
             job = existing
@@ -87,8 +100,13 @@ def register(
         for v in sorted(job.versions)[:-TRACKED_VERSIONS]:
             del job.versions[v]
         job.modify_index = idx
-        c.emit("register", job_id=job.id, namespace=job.namespace, version=version,
-               triggered_by=triggered_by)
+        c.emit(
+            "register",
+            job_id=job.id,
+            namespace=job.namespace,
+            version=version,
+            triggered_by=triggered_by,
+        )
     ev = sched.reconcile(c, job, triggered_by=triggered_by) if eval_ else None
     return {
         "EvalID": ev["ID"] if ev else "",
@@ -103,8 +121,9 @@ def register(
 
 def revert(c: Cluster, job: JobRecord, version: int, *, triggered_by: str) -> dict[str, Any]:
     if version not in job.versions:
-        raise ApiError(500, f"job {job.id!r} in namespace {job.namespace!r} at version "
-                       f"{version} not found")
+        raise ApiError(
+            500, f"job {job.id!r} in namespace {job.namespace!r} at version {version} not found"
+        )
     spec = copy.deepcopy(job.versions[version])
     for k in _SERVER_FIELDS:
         spec.pop(k, None)
@@ -124,8 +143,12 @@ def stop(c: Cluster, job: JobRecord, *, purge: bool) -> dict[str, Any]:
         c.jobs.pop(key, None)
         c.blocked.pop(key, None)
         c.bump("jobs")
-    return {"EvalID": reply["EvalID"], "EvalCreateIndex": reply["EvalCreateIndex"],
-            "JobModifyIndex": reply["JobModifyIndex"], "Index": c.index}
+    return {
+        "EvalID": reply["EvalID"],
+        "EvalCreateIndex": reply["EvalCreateIndex"],
+        "JobModifyIndex": reply["JobModifyIndex"],
+        "Index": c.index,
+    }
 
 
 def scale(c: Cluster, job_id: str, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,25 +175,34 @@ def scale(c: Cluster, job_id: str, namespace: str, body: Mapping[str, Any]) -> d
         raise ApiError(404, f'job "{job_id}" not found')
     jmi = int(body.get("JobModifyIndex") or 0)
     if jmi and jmi != int(job.spec["JobModifyIndex"]):
-        raise ApiError(500, f"Enforcing job modify index {jmi}: job exists with conflicting "
-                       f"job modify index: {job.spec['JobModifyIndex']}")
+        raise ApiError(
+            500,
+            f"Enforcing job modify index {jmi}: job exists with conflicting "
+            f"job modify index: {job.spec['JobModifyIndex']}",
+        )
     tg = job.group(group)
     if tg is None:
         raise ApiError(400, f'task group "{group}" specified for scaling does not exist in job')
     prev = int(tg["Count"])
-    reply: dict[str, Any] = {"EvalID": "", "EvalCreateIndex": 0,
-                             "JobModifyIndex": job.spec["JobModifyIndex"], "Warnings": "",
-                             "Index": c.index}
+    reply: dict[str, Any] = {
+        "EvalID": "",
+        "EvalCreateIndex": 0,
+        "JobModifyIndex": job.spec["JobModifyIndex"],
+        "Warnings": "",
+        "Index": c.index,
+    }
     if count is not None:
         if job.type in ("system", "sysbatch") and count > 1:
             raise ApiError(400, "scaling action count must be 0 or 1 for system jobs")
         sc = tg.get("Scaling")
         if sc is not None and sc.get("Min") is not None and count < sc["Min"]:
-            raise ApiError(400, f"group count was less than scaling policy minimum: "
-                           f"{count} < {sc['Min']}")
+            raise ApiError(
+                400, f"group count was less than scaling policy minimum: {count} < {sc['Min']}"
+            )
         if sc is not None and sc.get("Max") is not None and count > sc["Max"]:
-            raise ApiError(400, f"group count was greater than scaling policy maximum: "
-                           f"{count} > {sc['Max']}")
+            raise ApiError(
+                400, f"group count was greater than scaling policy maximum: {count} > {sc['Max']}"
+            )
         dep = c.active_deployment((namespace, job_id))
         if dep is not None and dep.job_create_index == job.create_index:
             raise ApiError(400, "job scaling blocked due to active deployment")
@@ -184,15 +216,28 @@ def scale(c: Cluster, job_id: str, namespace: str, body: Mapping[str, Any]) -> d
         reply = register(c, spec, triggered_by="job-scaling", eval_=eval_wanted)
     idx = c.bump("jobs")
     event = {
-        "Time": unix_ns(c.now_s()), "Count": count, "PreviousCount": prev,
-        "Message": str(body.get("Message") or ""), "Error": error,
-        "Meta": body.get("Meta"), "EvalID": reply["EvalID"] or None, "CreateIndex": idx,
+        "Time": unix_ns(c.now_s()),
+        "Count": count,
+        "PreviousCount": prev,
+        "Message": str(body.get("Message") or ""),
+        "Error": error,
+        "Meta": body.get("Meta"),
+        "EvalID": reply["EvalID"] or None,
+        "CreateIndex": idx,
     }
     events = job.scaling_events.setdefault(group, [])
     events.insert(0, event)
     del events[MAX_SCALE_EVENTS:]
-    c.emit("scale", job_id=job_id, group=group, count=count, previous=prev,
-           message=event["Message"], error=error, meta=event["Meta"])
+    c.emit(
+        "scale",
+        job_id=job_id,
+        group=group,
+        count=count,
+        previous=prev,
+        message=event["Message"],
+        error=error,
+        meta=event["Meta"],
+    )
     reply["Index"] = c.index
     return reply
 
@@ -223,32 +268,47 @@ def dispatch(
         raise ApiError(500, f"Dispatch includes invalid meta keys: {bad}".replace("'", ""))
     missing = [k for k in required if k not in meta]
     if missing:
-        raise ApiError(500, f"Dispatch did not provide required meta keys: {missing}"
-                       .replace("'", ""))
+        raise ApiError(
+            500, f"Dispatch did not provide required meta keys: {missing}".replace("'", "")
+        )
     if idempotency_token and idempotency_token in parent.dispatch_tokens:
         child_id = parent.dispatch_tokens[idempotency_token]
         child = c.jobs.get((parent.namespace, child_id))
         if child is not None and not child.stopped:
-            return {"DispatchedJobID": child_id, "EvalID": "", "EvalCreateIndex": 0,
-                    "JobCreateIndex": child.create_index, "Index": c.index}
+            return {
+                "DispatchedJobID": child_id,
+                "EvalID": "",
+                "EvalCreateIndex": 0,
+                "JobCreateIndex": child.create_index,
+                "Index": c.index,
+            }
     prefix = str(body.get("IdPrefixTemplate") or "")
     unix = int(c.now_s())
-    child_id = f"{parent.id}/dispatch-{prefix + '-' if prefix else ''}{unix}-" \
-               f"{secrets.token_hex(4)}"
+    child_id = f"{parent.id}/dispatch-{prefix + '-' if prefix else ''}{unix}-{secrets.token_hex(4)}"
     spec = copy.deepcopy(parent.spec)
     for k in _SERVER_FIELDS:
         spec.pop(k, None)
-    spec.update(ID=child_id, Name=child_id, ParentID=parent.id, ParameterizedJob=None,
-                Dispatched=True, Payload=payload or None)
+    spec.update(
+        ID=child_id,
+        Name=child_id,
+        ParentID=parent.id,
+        ParameterizedJob=None,
+        Dispatched=True,
+        Payload=payload or None,
+    )
     spec["Meta"] = {**(spec.get("Meta") or {}), **meta}
     reply = register(c, spec, triggered_by="job-register")
     if idempotency_token:
         parent.dispatch_tokens[idempotency_token] = child_id
     child = c.jobs[(parent.namespace, child_id)]
     c.emit("dispatch", job_id=parent.id, child_id=child_id, meta=meta)
-    return {"DispatchedJobID": child_id, "EvalID": reply["EvalID"],
-            "EvalCreateIndex": reply["EvalCreateIndex"], "JobCreateIndex": child.create_index,
-            "Index": c.index}
+    return {
+        "DispatchedJobID": child_id,
+        "EvalID": reply["EvalID"],
+        "EvalCreateIndex": reply["EvalCreateIndex"],
+        "JobCreateIndex": child.create_index,
+        "Index": c.index,
+    }
 
 
 def plan(c: Cluster, spec: dict[str, Any]) -> dict[str, Any]:
@@ -258,8 +318,11 @@ def plan(c: Cluster, spec: dict[str, Any]) -> dict[str, Any]:
     updates: dict[str, Any] = {}
     for tg in spec.get("TaskGroups") or []:
         h = sched.spec_hash(spec, tg)
-        live = [a for a in (c.job_allocs((spec["Namespace"], spec["ID"])) if existing else [])
-                if a.task_group == tg["Name"] and a.live]
+        live = [
+            a
+            for a in (c.job_allocs((spec["Namespace"], spec["ID"])) if existing else [])
+            if a.task_group == tg["Name"] and a.live
+        ]
         same = [a for a in live if a.spec_hash == h]
         other = [a for a in live if a.spec_hash != h]
         count = int(tg["Count"])
@@ -279,8 +342,13 @@ def plan(c: Cluster, spec: dict[str, Any]) -> dict[str, Any]:
         "FailedTGAllocs": None,
         "JobModifyIndex": existing.spec["JobModifyIndex"] if existing else 0,
         "CreatedEvals": None,
-        "Diff": {"Type": "Edited" if existing else "Added", "ID": spec["ID"], "Fields": None,
-                 "Objects": None, "TaskGroups": None},
+        "Diff": {
+            "Type": "Edited" if existing else "Added",
+            "ID": spec["ID"],
+            "Fields": None,
+            "Objects": None,
+            "TaskGroups": None,
+        },
         "NextPeriodicLaunch": None,
         "Warnings": "",
         "Index": c.index,

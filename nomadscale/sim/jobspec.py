@@ -14,34 +14,92 @@ from nomadscale.sim.fieldnames import BY_LOWER
 from nomadscale.sim.model import NS, ApiError
 
 # values of these keys are user maps: their keys are kept as written
-OPAQUE = frozenset({"Meta", "Env", "Config", "Options", "Payload", "Variables", "Attributes",
-                    "Labels", "Headers", "Args", "DynamicMeta", "Dynamic", "Static", "Spec"})
+OPAQUE = frozenset(
+    {
+        "Meta",
+        "Env",
+        "Config",
+        "Options",
+        "Payload",
+        "Variables",
+        "Attributes",
+        "Labels",
+        "Headers",
+        "Args",
+        "DynamicMeta",
+        "Dynamic",
+        "Static",
+        "Spec",
+    }
+)
 
-DURATIONS = frozenset({
-    "MinHealthyTime", "HealthyDeadline", "ProgressDeadline", "Stagger", "Interval", "Timeout",
-    "Delay", "MaxDelay", "KillTimeout", "ShutdownDelay", "Deadline", "InitialStatusDelay",
-    "SuccessBeforePassing", "StopAfterClientDisconnect", "MaxClientDisconnect", "Wait",
-})
+DURATIONS = frozenset(
+    {
+        "MinHealthyTime",
+        "HealthyDeadline",
+        "ProgressDeadline",
+        "Stagger",
+        "Interval",
+        "Timeout",
+        "Delay",
+        "MaxDelay",
+        "KillTimeout",
+        "ShutdownDelay",
+        "Deadline",
+        "InitialStatusDelay",
+        "SuccessBeforePassing",
+        "StopAfterClientDisconnect",
+        "MaxClientDisconnect",
+        "Wait",
+    }
+)
 
 _RENAMES = {
-    "datacenters": "Datacenters", "node_pool": "NodePool", "attribute": "LTarget",
-    "value": "RTarget", "operator": "Operand", "cpu": "CPU", "memory": "MemoryMB",
-    "memory_max": "MemoryMaxMB", "disk": "DiskMB", "id": "ID", "meta_required": "MetaRequired",
-    "meta_optional": "MetaOptional", "port": "PortLabel", "image_pull_timeout":
-    "image_pull_timeout", "min": "Min", "max": "Max", "mbits": "MBits", "size": "SizeMB",
+    "datacenters": "Datacenters",
+    "node_pool": "NodePool",
+    "attribute": "LTarget",
+    "value": "RTarget",
+    "operator": "Operand",
+    "cpu": "CPU",
+    "memory": "MemoryMB",
+    "memory_max": "MemoryMaxMB",
+    "disk": "DiskMB",
+    "id": "ID",
+    "meta_required": "MetaRequired",
+    "meta_optional": "MetaOptional",
+    "port": "PortLabel",
+    "image_pull_timeout": "image_pull_timeout",
+    "min": "Min",
+    "max": "Max",
+    "mbits": "MBits",
+    "size": "SizeMB",
 }
 _LISTS = {  # block name -> (JSON key, labelled?)
-    "group": ("TaskGroups", True), "task": ("Tasks", True), "constraint": ("Constraints", False),
-    "affinity": ("Affinities", False), "spread": ("Spreads", False),
-    "service": ("Services", False), "check": ("Checks", False), "device": ("Devices", True),
-    "network": ("Networks", False), "template": ("Templates", False),
-    "artifact": ("Artifacts", False), "volume_mount": ("VolumeMounts", False),
+    "group": ("TaskGroups", True),
+    "task": ("Tasks", True),
+    "constraint": ("Constraints", False),
+    "affinity": ("Affinities", False),
+    "spread": ("Spreads", False),
+    "service": ("Services", False),
+    "check": ("Checks", False),
+    "device": ("Devices", True),
+    "network": ("Networks", False),
+    "template": ("Templates", False),
+    "artifact": ("Artifacts", False),
+    "volume_mount": ("VolumeMounts", False),
 }
 _SINGLE = {
-    "update": "Update", "scaling": "Scaling", "resources": "Resources",
-    "parameterized": "ParameterizedJob", "periodic": "Periodic", "migrate": "Migrate",
-    "reschedule": "ReschedulePolicy", "restart": "RestartPolicy",
-    "ephemeral_disk": "EphemeralDisk", "logs": "LogConfig", "lifecycle": "Lifecycle",
+    "update": "Update",
+    "scaling": "Scaling",
+    "resources": "Resources",
+    "parameterized": "ParameterizedJob",
+    "periodic": "Periodic",
+    "migrate": "Migrate",
+    "reschedule": "ReschedulePolicy",
+    "restart": "RestartPolicy",
+    "ephemeral_disk": "EphemeralDisk",
+    "logs": "LogConfig",
+    "lifecycle": "Lifecycle",
 }
 _MAPS = {"meta": "Meta", "env": "Env", "config": "Config"}
 
@@ -86,6 +144,13 @@ def _block(body: dict[str, Any]) -> dict[str, Any]:
             out.setdefault(key, []).extend(conv)
         elif k in _SINGLE:
             out[_SINGLE[k]] = _block(_first(v))
+        elif k == "port" and isinstance(v, list | dict):
+            for item in v if isinstance(v, list) else [v]:
+                for label, inner in item.items():
+                    b = _block(_first(inner))
+                    b["Label"] = label
+                    key = "ReservedPorts" if "Static" in b else "DynamicPorts"
+                    out.setdefault(key, []).append(b)
         elif k in _MAPS:
             out[_MAPS[k]] = _first(v)
         else:
@@ -131,7 +196,7 @@ def decode(obj: Any) -> Any:
         return obj
     out: dict[str, Any] = {}
     for k, v in obj.items():
-        key = BY_LOWER.get(str(k).lower(), k)
+        key = BY_LOWER.get(str(k).lower(), str(k))
         out[key] = v if key in OPAQUE else decode(v)
     return out
 
@@ -149,26 +214,49 @@ def get_ci(body: dict[str, Any] | None, key: str, default: Any = None) -> Any:
 
 
 _UPDATE_DEFAULTS = {
-    "Stagger": 30 * NS, "MaxParallel": 1, "HealthCheck": "checks", "MinHealthyTime": 10 * NS,
-    "HealthyDeadline": 300 * NS, "ProgressDeadline": 600 * NS, "AutoRevert": False,
-    "AutoPromote": False, "Canary": 0,
+    "Stagger": 30 * NS,
+    "MaxParallel": 1,
+    "HealthCheck": "checks",
+    "MinHealthyTime": 10 * NS,
+    "HealthyDeadline": 300 * NS,
+    "ProgressDeadline": 600 * NS,
+    "AutoRevert": False,
+    "AutoPromote": False,
+    "Canary": 0,
 }
-_MIGRATE_DEFAULTS = {"MaxParallel": 1, "HealthCheck": "checks", "MinHealthyTime": 10 * NS,
-                     "HealthyDeadline": 300 * NS}
+_MIGRATE_DEFAULTS = {
+    "MaxParallel": 1,
+    "HealthCheck": "checks",
+    "MinHealthyTime": 10 * NS,
+    "HealthyDeadline": 300 * NS,
+}
 
 
 def canonicalize(job: dict[str, Any]) -> dict[str, Any]:
     """Fill Nomad's defaults (like api.Job.Canonicalize plus server-side defaults)."""
     job = copy.deepcopy(job)
     job.setdefault("Name", job.get("ID"))
-    for k, v in (("Namespace", "default"), ("Region", "global"), ("Type", "service"),
-                 ("Priority", 50), ("NodePool", "default")):
+    for k, v in (
+        ("Namespace", "default"),
+        ("Region", "global"),
+        ("Type", "service"),
+        ("Priority", 50),
+        ("NodePool", "default"),
+    ):
         if not job.get(k):
             job[k] = v
     if not job.get("Datacenters"):
         job["Datacenters"] = ["*"]
-    for k in ("Constraints", "Affinities", "Spreads", "Meta", "Periodic", "ParameterizedJob",
-              "Payload", "Update"):
+    for k in (
+        "Constraints",
+        "Affinities",
+        "Spreads",
+        "Meta",
+        "Periodic",
+        "ParameterizedJob",
+        "Payload",
+        "Update",
+    ):
         job.setdefault(k, None)
     job.setdefault("ParentID", "")
     job.setdefault("Dispatched", False)
@@ -182,7 +270,8 @@ def canonicalize(job: dict[str, Any]) -> dict[str, Any]:
     for tg in job.get("TaskGroups") or []:
         if tg.get("Count") is None:
             sc = tg.get("Scaling") or {}
-            tg["Count"] = int(sc.get("Min") if sc.get("Min") is not None else 1)
+            low = sc.get("Min")
+            tg["Count"] = int(low) if low is not None else 1
         tg["Count"] = int(tg["Count"])
         if job["Type"] == "service" and (job_update or tg.get("Update")):
             merged = dict(_UPDATE_DEFAULTS)
@@ -204,6 +293,9 @@ def canonicalize(job: dict[str, Any]) -> dict[str, Any]:
             sc["Target"] = {"Namespace": job["Namespace"], "Job": job["ID"], "Group": tg["Name"]}
         for k in ("Constraints", "Affinities", "Spreads", "Meta", "Networks", "Services"):
             tg.setdefault(k, None)
+        for con in (job.get("Constraints") or []) + (tg.get("Constraints") or []):
+            con.setdefault("Operand", "=")
+            con.setdefault("RTarget", "")
         for task in tg.get("Tasks") or []:
             task.setdefault("Driver", "docker")
             task.setdefault("Config", {})
@@ -248,7 +340,7 @@ def validate(job: dict[str, Any]) -> None:
                 errors.append(f"Task group {name} scaling policy missing max value")
             elif sc["Min"] > sc["Max"]:
                 errors.append(
-                    f"Scaling policy invalid: maximum count must not be less than minimum count"
+                    "Scaling policy invalid: maximum count must not be less than minimum count"
                 )
             elif not sc["Min"] <= tg["Count"] <= sc["Max"]:
                 errors.append(

@@ -56,14 +56,25 @@ def terminate(
         a.finished_at = now
     a.gen += 1
     a.migrating = a.migrating and client_status != "complete"
-    _task_event(c, a, {"complete": "Killed", "failed": "Terminated", "lost": "Killing"}.get(
-        client_status, "Killed"), description)
+    _task_event(
+        c,
+        a,
+        {"complete": "Killed", "failed": "Terminated", "lost": "Killing"}.get(
+            client_status, "Killed"
+        ),
+        description,
+    )
     a.modify_time = now
     a.modify_index = c.bump("allocs")
     c.capacity_changed()
-    c.emit(f"alloc_{'stopped' if client_status == 'complete' else client_status}",
-           alloc_id=a.id, job_id=a.job_id, group=a.task_group, node_id=a.node_id,
-           reason=description)
+    c.emit(
+        f"alloc_{'stopped' if client_status == 'complete' else client_status}",
+        alloc_id=a.id,
+        job_id=a.job_id,
+        group=a.task_group,
+        node_id=a.node_id,
+        reason=description,
+    )
 
 
 def handle(c: Cluster, kind: str, key: str, gen: int) -> None:
@@ -118,8 +129,7 @@ def _start(c: Cluster, a: Alloc) -> None:
     a.modify_time = now
     _task_event(c, a, "Started", "Task started by client")
     a.modify_index = c.bump("allocs")
-    c.emit("alloc_running", alloc_id=a.id, job_id=a.job_id, group=a.task_group,
-           node_id=a.node_id)
+    c.emit("alloc_running", alloc_id=a.id, job_id=a.job_id, group=a.task_group, node_id=a.node_id)
     jtype = a.job.get("Type", "service")
     if a.image and c.faults.image_is_bad(a.image):
         c.schedule(now + FAIL_AFTER_START_S, "alloc_fail", a.id, a.gen)
@@ -157,8 +167,9 @@ def _migrated(c: Cluster, a: Alloc) -> None:
     prev = c.allocs.get(a.previous_allocation) if a.previous_allocation else None
     if prev is None or not prev.migrating or not prev.live:
         return
-    terminate(c, prev, desired="stop", client_status="complete",
-              description="alloc is being migrated")
+    terminate(
+        c, prev, desired="stop", client_status="complete", description="alloc is being migrated"
+    )
     node = c.nodes.get(prev.node_id)
     if node is not None and node.draining:
         drain.step(c, node)
@@ -170,8 +181,13 @@ def node_lost(c: Cluster, node: Node) -> None:
     jobs = {}
     for a in list(c.allocs_by_node.get(node.id, ())):
         if a.live:
-            terminate(c, a, desired="stop", client_status="lost",
-                      description="alloc is lost since its node is down")
+            terminate(
+                c,
+                a,
+                desired="stop",
+                client_status="lost",
+                description="alloc is lost since its node is down",
+            )
             jobs[(a.namespace, a.job_id)] = True
     for key in jobs:
         job = c.jobs.get(key)

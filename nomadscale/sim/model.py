@@ -29,7 +29,7 @@ def rfc3339(ts: float | None) -> str:
 
 
 def unix_ns(ts: float) -> int:
-    return int(round(ts * NS))
+    return round(ts * NS)
 
 
 @dataclass(slots=True)
@@ -256,8 +256,14 @@ class Alloc:
                     "Tasks": {
                         t: {
                             "Devices": (
-                                [{"Vendor": "nvidia", "Type": "gpu", "Name": "gpu",
-                                  "DeviceIDs": [f"GPU-{self.node_id[:8]}-0"]}]
+                                [
+                                    {
+                                        "Vendor": "nvidia",
+                                        "Type": "gpu",
+                                        "Name": "gpu",
+                                        "DeviceIDs": [f"GPU-{self.node_id[:8]}-0"],
+                                    }
+                                ]
                                 if self.gpus
                                 else None
                             )

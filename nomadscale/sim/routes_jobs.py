@@ -24,24 +24,42 @@ def _job_summary(c: Cluster, job: JobRecord) -> dict[str, Any]:
     if job.parameterized or job.periodic:
         kids = [j for j in c.jobs.values() if j.spec.get("ParentID") == job.id]
         st = [sched.job_status(c, k) for k in kids]
-        children = {"Pending": st.count("pending"), "Running": st.count("running"),
-                    "Dead": st.count("dead")}
-    return {"JobID": job.id, "Namespace": job.namespace, "Summary": sched.summary(c, job),
-            "Children": children, "CreateIndex": job.create_index,
-            "ModifyIndex": job.modify_index}
+        children = {
+            "Pending": st.count("pending"),
+            "Running": st.count("running"),
+            "Dead": st.count("dead"),
+        }
+    return {
+        "JobID": job.id,
+        "Namespace": job.namespace,
+        "Summary": sched.summary(c, job),
+        "Children": children,
+        "CreateIndex": job.create_index,
+        "ModifyIndex": job.modify_index,
+    }
 
 
 def _stub(c: Cluster, job: JobRecord, *, meta: bool) -> dict[str, Any]:
     s = job.spec
     out = {
-        "ID": job.id, "ParentID": s.get("ParentID", ""), "Name": s.get("Name", job.id),
-        "Namespace": job.namespace, "Datacenters": s.get("Datacenters"),
-        "NodePool": s.get("NodePool"), "Multiregion": None, "Type": job.type,
-        "Priority": s.get("Priority", 50), "Periodic": job.periodic,
-        "ParameterizedJob": job.parameterized, "Stop": job.stopped,
-        "Status": sched.job_status(c, job), "StatusDescription": "",
-        "JobSummary": _job_summary(c, job), "CreateIndex": job.create_index,
-        "ModifyIndex": job.modify_index, "JobModifyIndex": s.get("JobModifyIndex", 0),
+        "ID": job.id,
+        "ParentID": s.get("ParentID", ""),
+        "Name": s.get("Name", job.id),
+        "Namespace": job.namespace,
+        "Datacenters": s.get("Datacenters"),
+        "NodePool": s.get("NodePool"),
+        "Multiregion": None,
+        "Type": job.type,
+        "Priority": s.get("Priority", 50),
+        "Periodic": job.periodic,
+        "ParameterizedJob": job.parameterized,
+        "Stop": job.stopped,
+        "Status": sched.job_status(c, job),
+        "StatusDescription": "",
+        "JobSummary": _job_summary(c, job),
+        "CreateIndex": job.create_index,
+        "ModifyIndex": job.modify_index,
+        "JobModifyIndex": s.get("JobModifyIndex", 0),
         "SubmitTime": s.get("SubmitTime", 0),
     }
     if meta:
@@ -84,8 +102,11 @@ def versions(c: Cluster, req: Request) -> tuple[Any, int]:
 def job_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
     job = _job(c, req)
     all_ = req.query.get("all", "") in ("true", "True", "1")
-    out = [a.stub() for a in c.job_allocs((job.namespace, job.id))
-           if all_ or a.job_version <= job.version]
+    out = [
+        a.stub()
+        for a in c.job_allocs((job.namespace, job.id))
+        if all_ or a.job_version <= job.version
+    ]
     return out, c.table_index["allocs"]
 
 
@@ -124,9 +145,14 @@ def scale_status(c: Cluster, req: Request) -> tuple[Any, int]:
             "Unhealthy": sum(1 for a in mine if a.healthy is False),
             "Events": list(job.scaling_events.get(tg["Name"], [])) or None,
         }
-    body = {"JobID": job.id, "Namespace": job.namespace, "JobCreateIndex": job.create_index,
-            "JobModifyIndex": job.spec["JobModifyIndex"], "JobStopped": job.stopped,
-            "TaskGroups": groups}
+    body = {
+        "JobID": job.id,
+        "Namespace": job.namespace,
+        "JobCreateIndex": job.create_index,
+        "JobModifyIndex": job.spec["JobModifyIndex"],
+        "JobStopped": job.stopped,
+        "TaskGroups": groups,
+    }
     return body, max(c.table_index["jobs"], c.table_index["allocs"])
 
 
@@ -147,7 +173,9 @@ def _register_body(req: Request, path_id: str | None) -> dict[str, Any]:
 def register(c: Cluster, req: Request) -> Any:
     body = _register_body(req, req.params[0] if req.params else None)
     return jobs.register(
-        c, body["Job"], enforce_index=bool(body.get("EnforceIndex")),
+        c,
+        body["Job"],
+        enforce_index=bool(body.get("EnforceIndex")),
         job_modify_index=int(body.get("JobModifyIndex") or 0),
         preserve_counts=bool(body.get("PreserveCounts")),
     )
@@ -164,8 +192,9 @@ def scale(c: Cluster, req: Request) -> Any:
 
 def dispatch(c: Cluster, req: Request) -> Any:
     job = _job(c, req)
-    return jobs.dispatch(c, job, req.json(required=False),
-                         idempotency_token=req.query.get("idempotency_token", ""))
+    return jobs.dispatch(
+        c, job, req.json(required=False), idempotency_token=req.query.get("idempotency_token", "")
+    )
 
 
 def plan(c: Cluster, req: Request) -> Any:
@@ -182,8 +211,12 @@ def revert(c: Cluster, req: Request) -> Any:
 def evaluate(c: Cluster, req: Request) -> Any:
     job = _job(c, req)
     ev = sched.reconcile(c, job, triggered_by="job-eval")
-    return {"EvalID": ev["ID"] if ev else "", "EvalCreateIndex": ev["CreateIndex"] if ev else 0,
-            "JobModifyIndex": job.spec["JobModifyIndex"], "Index": c.index}
+    return {
+        "EvalID": ev["ID"] if ev else "",
+        "EvalCreateIndex": ev["CreateIndex"] if ev else 0,
+        "JobModifyIndex": job.spec["JobModifyIndex"],
+        "Index": c.index,
+    }
 
 
 def parse(c: Cluster, req: Request) -> Any:

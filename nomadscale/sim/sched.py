@@ -3,6 +3,7 @@ canaries, batch, sysbatch/system one-per-node), places allocations and records e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -37,10 +38,8 @@ def image_of(tg: dict[str, Any]) -> tuple[str, float]:
             image = str(cfg["image"])
         for src in (task.get("Meta") or {}, cfg, tg.get("Meta") or {}):
             if src.get("image_size_gb") is not None:
-                try:
+                with contextlib.suppress(TypeError, ValueError):
                     size = float(src["image_size_gb"])
-                except (TypeError, ValueError):
-                    pass
                 break
     return image, size
 
@@ -127,8 +126,13 @@ def create_alloc(
             gs.placed_canaries.append(a.id)
         dep.modify_index = c.bump("deployments")
     c.emit(
-        "alloc_placed", alloc_id=a.id, job_id=job.id, group=a.task_group, node_id=node.id,
-        canary=canary, version=job.version,
+        "alloc_placed",
+        alloc_id=a.id,
+        job_id=job.id,
+        group=a.task_group,
+        node_id=node.id,
+        canary=canary,
+        version=job.version,
     )
     lifecycle.alloc_placed(c, a, node)
     return a
@@ -165,8 +169,7 @@ def reconcile(
         c.queued[(key, g)] = n
     if failed:
         ev["FailedTGAllocs"] = failed
-        blocked = c.new_eval(job, triggered_by="queued-allocs", status="blocked",
-                             previous=ev["ID"])
+        blocked = c.new_eval(job, triggered_by="queued-allocs", status="blocked", previous=ev["ID"])
         blocked["StatusDescription"] = "created to place remaining allocations"
         ev["BlockedEval"] = blocked["ID"]
         old = c.blocked.get(key)
@@ -228,7 +231,8 @@ def _reconcile_counted(
             live += [a for a in mine if a.client_status == "complete"]
         if dep is not None:  # failed allocs of the running deployment keep their slot
             live += [
-                a for a in mine
+                a
+                for a in mine
                 if a.client_status == "failed" and a.deployment_id == dep.id and a not in live
             ]
         new = [a for a in live if a.spec_hash == h]
@@ -273,7 +277,7 @@ def _apply_group(
     for a in p["inplace"]:
         a.job_version = job.version
         a.job = job.spec
-        if dep is not None and gs is not None and not a.deployment_id == dep.id:
+        if dep is not None and gs is not None and a.deployment_id != dep.id:
             a.deployment_id = dep.id
             gs.placed_allocs += 1
             if a.healthy:
@@ -281,9 +285,11 @@ def _apply_group(
         a.modify_index = c.bump("allocs")
     # drained allocations waiting for a replacement
     waiting = [
-        a for a in p["mine"]
-        if a.live and a.migrating and (not a.next_allocation or
-                                       not c.allocs[a.next_allocation].live)
+        a
+        for a in p["mine"]
+        if a.live
+        and a.migrating
+        and (not a.next_allocation or not c.allocs[a.next_allocation].live)
     ]
     placer: Placer | None = None
     missing = 0
@@ -297,11 +303,15 @@ def _apply_group(
             if node is None:
                 missing += n - i
                 return
-            create_alloc(c, job, tg, node.id, eval_id=ev["ID"], dep=dep, canary=canary,
-                         previous=prev)
+            create_alloc(
+                c, job, tg, node.id, eval_id=ev["ID"], dep=dep, canary=canary, previous=prev
+            )
 
-    canaries_pending = bool(old) and strat is not None and strat["Canary"] > 0 and not (
-        gs is not None and gs.promoted
+    canaries_pending = (
+        bool(old)
+        and strat is not None
+        and strat["Canary"] > 0
+        and not (gs is not None and gs.promoted)
     )
     if canaries_pending:
         have = [a for a in new if a.canary]
@@ -354,13 +364,33 @@ def summary(c: Cluster, job: JobRecord) -> dict[str, dict[str, int]]:
     for tg in job.spec.get("TaskGroups") or []:
         out[tg["Name"]] = {
             "Queued": c.queued.get((key, tg["Name"]), 0),
-            "Complete": 0, "Failed": 0, "Running": 0, "Starting": 0, "Lost": 0, "Unknown": 0,
+            "Complete": 0,
+            "Failed": 0,
+            "Running": 0,
+            "Starting": 0,
+            "Lost": 0,
+            "Unknown": 0,
         }
     for a in c.job_allocs(key):
-        s = out.setdefault(a.task_group, {"Queued": 0, "Complete": 0, "Failed": 0, "Running": 0,
-                                          "Starting": 0, "Lost": 0, "Unknown": 0})
-        field = {"pending": "Starting", "running": "Running", "complete": "Complete",
-                 "failed": "Failed", "lost": "Lost"}.get(a.client_status, "Unknown")
+        s = out.setdefault(
+            a.task_group,
+            {
+                "Queued": 0,
+                "Complete": 0,
+                "Failed": 0,
+                "Running": 0,
+                "Starting": 0,
+                "Lost": 0,
+                "Unknown": 0,
+            },
+        )
+        field = {
+            "pending": "Starting",
+            "running": "Running",
+            "complete": "Complete",
+            "failed": "Failed",
+            "lost": "Lost",
+        }.get(a.client_status, "Unknown")
         s[field] += 1
     return out
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from nomadscale.sim import jobspec
 from nomadscale.sim.cluster import Cluster
@@ -32,8 +32,9 @@ def parse_go_duration(text: str) -> float:
         return float(text) * 1e-9
     if not _GO_DURATION.match(text):
         raise ValueError(text)
-    return sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)",
-                                                         text))
+    return sum(
+        float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
+    )
 
 
 def parse_bool(text: str | None) -> bool:
@@ -79,8 +80,9 @@ class Route:
     read: bool  # reads return (body, index) and may block
 
 
-def route(methods: str, pattern: str, fn: Callable[[Cluster, Request], Any], *,
-          read: bool | None = None) -> Route:
+def route(
+    methods: str, pattern: str, fn: Callable[[Cluster, Request], Any], *, read: bool | None = None
+) -> Route:
     ms = frozenset(methods.split())
     return Route(ms, re.compile(f"^{pattern}$"), fn, ms == {"GET"} if read is None else read)
 
@@ -123,8 +125,12 @@ class TwinServer:
         if self.ssl_context is not None:
             httpd.socket = self.ssl_context.wrap_socket(httpd.socket, server_side=True)
         self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="nomad-twin", daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="nomad-twin",
+            daemon=True,
+        )
         self._thread.start()
         log.info("nomad twin serving at %s", self.address)
         return self
@@ -219,9 +225,7 @@ class TwinServer:
                 body, index = r.fn(c, req)
                 index = max(int(index), 1)
                 remaining = deadline - time.monotonic()
-                if min_index <= 0 or index > min_index or remaining <= 0 or (
-                    self._httpd is None
-                ):
+                if min_index <= 0 or index > min_index or remaining <= 0 or (self._httpd is None):
                     break
                 c.cond.wait(timeout=min(remaining, POLL_S))
             payload = _dump(body)
@@ -255,7 +259,7 @@ def _make_handler(twin: TwinServer) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             headers = {k.lower(): v for k, v in self.headers.items()}
-            req = Request(self.command, url.path.rstrip("/") or "/", query, raw, headers)
+            req = Request(self.command, unquote(url.path).rstrip("/") or "/", query, raw, headers)
             try:
                 out = twin.handle(req)
             except Exception:  # a twin bug must still answer like a server would

@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-_LO = 0.02  # smallest ratio told apart; anything below counts as "served at any multiplier"
+_LO = 0.1  # smallest ratio told apart; anything below counts as "served at any multiplier"
 _RES = 0.01  # relative width of a bin: multipliers are exact to 1%
-_G = int(math.ceil(math.log(5000.0 / _LO) / math.log1p(_RES)))
+_G = math.ceil(math.log(1000.0 / _LO) / math.log1p(_RES))
 _EDGES = _LO * np.power(1.0 + _RES, np.arange(_G + 1))
 _LOG_STEP = math.log1p(_RES)
 

@@ -26,8 +26,8 @@ from nomadscale.core.errors import InputError
 from nomadscale.core.ports import DemandSeries
 from nomadscale.core.values import Forecast
 from nomadscale.stages.calibration import RatioCalibrator
-from nomadscale.stages.history import clean
 from nomadscale.stages.forecast_models import BASE_MODELS, MODELS, Buckets, predict_all
+from nomadscale.stages.history import clean
 
 MODEL_CHOICES = ("auto", *MODELS)
 _ALIASES = {"dyte": "weighted", "reactive": "recent"}
@@ -99,13 +99,13 @@ class Forecaster:
         self.model = model
         self.origin = utc(origin)
         self.step_s = step_s
-        self.S = int(round(steps))
-        self.lead = min(max(int(round(c.lead_s / step_s)), 0), self.S)
-        per_hour = max(1, int(round(3600 / c.cycle_s)))
+        self.S = round(steps)
+        self.lead = min(max(round(c.lead_s / step_s), 0), self.S)
+        per_hour = max(1, round(3600 / c.cycle_s))
         self.b = Buckets(
             per_hour=per_hour,
-            per_day=max(1, int(round(86400 / c.cycle_s))),
-            per_week=max(1, int(round(604800 / c.cycle_s))),
+            per_day=max(1, round(86400 / c.cycle_s)),
+            per_week=max(1, round(604800 / c.cycle_s)),
         )
         nm = len(MODELS)
         window = c.calibration_window_s / c.cycle_s
@@ -252,7 +252,9 @@ class Forecaster:
             choice = j if usable[j] else None
         if choice is not None:
             name, peak, m = MODELS[choice], float(preds[choice]), float(mult[choice])
-            meta["costs"] = {MODELS[i]: round(float(cost[i]), 3) for i in range(len(MODELS)) if usable[i]}
+            meta["costs"] = {
+                MODELS[i]: round(float(cost[i]), 3) for i in range(len(MODELS)) if usable[i]
+            }
         else:
             lv = b.level(k - b.per_hour, k)
             recent = [b.peak[i] for i in range(max(k - b.per_hour, 0), k) if b.n[i]]
@@ -288,8 +290,8 @@ def forecast(series: DemandSeries, *, now: datetime, config: ForecastConfig) -> 
     S = config.cycle_s / step
     if S < 1 or abs(S - round(S)) > 1e-9:
         raise InputError(f"cycle {config.cycle_s:g}s is not a multiple of the step {step:g}s")
-    S_i = int(round(S))
-    n_done = int(math.floor((now - start).total_seconds() / step + 1e-9))  # steps ended <= now
+    S_i = round(S)
+    n_done = math.floor((now - start).total_seconds() / step + 1e-9)  # steps ended <= now
     v = np.asarray(series.values, dtype=float)[: max(n_done, 0)]
     if n_done > len(v):
         v = np.concatenate([v, np.full(n_done - len(v), np.nan)])  # stale source: gaps

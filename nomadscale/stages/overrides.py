@@ -17,16 +17,12 @@ durations are elapsed time, so a window across a DST change still lasts exactly 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Any, Literal, cast
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from apscheduler.triggers.cron import CronTrigger
-
+from nomadscale.core.cron import cron_triggers
 from nomadscale.core.durations import format_duration, parse_duration
 from nomadscale.core.errors import InputError
 
@@ -199,7 +195,7 @@ class Schedule:
             raise InputError(f"schedule {self.name}: duration must be positive")
         if self.kind not in KINDS:
             raise InputError(f"schedule {self.name}: kind must be one of {', '.join(KINDS)}")
-        _triggers(self.cron, self.timezone, self.name)  # validate early
+        cron_triggers(self.cron, self.timezone, self.name)  # validate early
 
     @classmethod
     def coerce(cls, obj: Any) -> Schedule:
@@ -239,65 +235,12 @@ class Schedule:
         )
 
 
-_DOW_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-_DOW_ITEM = re.compile(r"^(\*|\d+)(?:-(\d+))?(?:/(\d+))?$")
-
-
-def _cron_dow(field: str, where: str) -> str:
-    """Translate a cron day-of-week field to APScheduler names (APScheduler's 0 is Monday)."""
-    out: list[str] = []
-    for item in field.lower().split(","):
-        m = _DOW_ITEM.match(item)
-        if not m:
-            out.append(item)  # names (mon-fri) mean the same to APScheduler
-            continue
-        first, last, step = m.group(1), m.group(2), int(m.group(3) or 1)
-        if first == "*":
-            lo, hi = 0, 6
-        else:
-            lo = int(first)
-            hi = int(last) if last is not None else (6 if m.group(3) else lo)
-        if not (0 <= lo <= 7 and 0 <= hi <= 7 and lo <= hi and step > 0):
-            raise InputError(f"{where}: bad day of week {item!r}")
-        out.extend(_DOW_NAMES[d % 7] for d in range(lo, hi + 1, step))
-    return ",".join(dict.fromkeys(out))
-
-
-@lru_cache(maxsize=256)
-def _triggers(cron: str, tz: str, name: str) -> tuple[CronTrigger, ...]:
-    where = f"schedule {name}"
-    try:
-        zone = ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise InputError(f"{where}: unknown timezone {tz!r}") from None
-    fields = cron.split()
-    if len(fields) != 5:
-        raise InputError(f"{where}: cron needs 5 fields (min hour dom month dow), got {cron!r}")
-    minute, hour, dom, month, dow = fields
-    dow_ap = _cron_dow(dow, where)
-    try:
-        if dom != "*" and dow != "*":  # cron matches either field; build one trigger per field
-            return (
-                CronTrigger(minute=minute, hour=hour, day=dom, month=month, timezone=zone),
-                CronTrigger(
-                    minute=minute, hour=hour, month=month, day_of_week=dow_ap, timezone=zone
-                ),
-            )
-        return (
-            CronTrigger(
-                minute=minute, hour=hour, day=dom, month=month, day_of_week=dow_ap, timezone=zone
-            ),
-        )
-    except ValueError as e:
-        raise InputError(f"{where}: bad cron {cron!r}: {e}") from None
-
-
 def last_start(schedule: Schedule, *, now: datetime, within_s: float) -> datetime | None:
     """The latest fire time in ``(now - within_s, now]`` (UTC), or None."""
     now = now.astimezone(UTC)  # elapsed-time arithmetic, never wall-clock
     since = now - timedelta(seconds=within_s) + timedelta(microseconds=1)
     best: datetime | None = None
-    for trig in _triggers(schedule.cron, schedule.timezone, schedule.name):
+    for trig in cron_triggers(schedule.cron, schedule.timezone, schedule.name):
         fire = trig.get_next_fire_time(None, since)
         latest = None
         for _ in range(100_000):  # bounded: a minutely cron over a long window

@@ -56,7 +56,7 @@ def size(
     upper = forecast.upper
     if not math.isfinite(upper) or upper < 0:
         raise InputError(f"forecast upper bound must be a finite non-negative number: {upper}")
-    raw = int(math.ceil(upper / capacity_rpm - 1e-9))
+    raw = math.ceil(upper / capacity_rpm - 1e-9)
     n = raw
     hit: list[str] = []
     why = f"{upper:.1f} rpm / {capacity_rpm:g} rpm per worker = {raw}"

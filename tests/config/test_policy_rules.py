@@ -51,7 +51,7 @@ RULES: list[tuple[tuple[str | int, ...], Any, str, str]] = [
     (("zones", "split"), "round-robin", "zones.split", "must be one of"),
     (("zones", "list", 1, "name"), "asia-southeast2-a", "zones.list[1].name", "duplicate zone"),
     (("zones", "list", 1, "group"), "ml-worker-a", "zones.list[1].group", "duplicate zone"),
-    (("zones", "list", 0, "group"), None, "zones.list[0].group", "must be text"),
+    (("zones", "list", 0, "group"), None, "zones.list[0].group", "must be text, got nothing"),
     (("zones", "list", 0, "instance_group"), None, "zones.list[0].instance_group", "required"),
     (("target", "job"), ["a"], "target.job", "must be text"),
     ((*NP, "provider"), "aws-asg", "target.node_pool.provider", "must be one of"),

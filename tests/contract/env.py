@@ -85,6 +85,18 @@ def twin_target(
         server.stop()
 
 
+def settle(client: Any, target: Target, job_id: str, *, max_s: float = 1800) -> None:
+    """Advance twin time until the job's latest deployment (if any) is no longer active."""
+    waited = 0.0
+    while waited < max_s:
+        target.advance(30)
+        waited += 30
+        dep = client.latest_deployment(job_id)
+        if dep is None or not dep.active:
+            return
+    raise AssertionError(f"{job_id}: deployment still active after {max_s}s")
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 

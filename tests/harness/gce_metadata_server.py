@@ -45,8 +45,13 @@ class MetadataServer:
                 parts = urlsplit(self.path)
                 q = {k: v[0] for k, v in parse_qs(parts.query).items()}
                 with srv.cond:
-                    srv.requests.append({"path": parts.path, "query": q,
-                                         "flavor": self.headers.get("Metadata-Flavor")})
+                    srv.requests.append(
+                        {
+                            "path": parts.path,
+                            "query": q,
+                            "flavor": self.headers.get("Metadata-Flavor"),
+                        }
+                    )
                     srv.cond.notify_all()
                     if srv.failures:
                         self._send(srv.failures.pop(0), "service unavailable")

@@ -188,14 +188,30 @@ class ConsulAgent:
             time.sleep(0.05)
         pytest.fail(f"consul not ready after {timeout_s}s ({last}):\n{_log_tail(self.log_path)}")
 
+    def _wait_state(self, stopped: bool) -> None:
+        """Wait until every thread of the agent is (or is no longer) stopped, per /proc."""
+        assert self.proc is not None
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            states = []
+            for stat in Path(f"/proc/{self.proc.pid}/task").glob("*/stat"):
+                with contextlib.suppress(OSError):
+                    states.append(stat.read_text().rsplit(")", 1)[1].split()[0] in "Tt")
+            if states and all(s == stopped for s in states):
+                return
+            time.sleep(0.01)
+
     def suspend(self) -> None:
-        """SIGSTOP: the agent stops answering (connections hang until the client timeout)."""
+        """SIGSTOP: the agent stops answering (connections hang until the client timeout).
+        Returns once the process is really stopped."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
+        self._wait_state(stopped=True)
 
     def resume(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
+        self._wait_state(stopped=False)
 
     def kill(self) -> None:
         """SIGKILL, no clean shutdown; ``restart()`` brings it back with the same ports/data."""

@@ -41,12 +41,14 @@ def test_alerts_trigger_and_resolve(pd: PagerDutyServer) -> None:
 
 def test_incident_note_and_resolve(pd: PagerDutyServer) -> None:
     pd.open_incident("Q1AB2CD3")
-    inc = PagerDutyIncidents(Secret(pd.state.api_key), from_email="ops@example.com", base_url=pd.url)
+    inc = PagerDutyIncidents(
+        Secret(pd.state.api_key), from_email="ops@example.com", base_url=pd.url
+    )
     assert inc.add_note("Q1AB2CD3", "node drained")
     inc.resolve("Q1AB2CD3")
     assert pd.state.notes["Q1AB2CD3"][0]["content"] == "node drained"
     assert pd.state.incidents["Q1AB2CD3"]["status"] == "resolved"
-    method, path, headers = pd.state.requests[0]
+    headers = pd.state.requests[0][2]
     assert headers["From"] == "ops@example.com"
     assert headers["Accept"] == "application/vnd.pagerduty+json;version=2"
 

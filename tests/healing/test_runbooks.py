@@ -46,7 +46,9 @@ def test_every_error_with_line_and_field(tmp_path: Path) -> None:
     )
     rb, errors = check_runbook(p)
     assert rb is None
-    assert f"{p}:6: steps[0].deadline: not a duration: 'soon' (use e.g. 90s, 20m, 1h30m, 2d)" in errors
+    assert (
+        f"{p}:6: steps[0].deadline: not a duration: 'soon' (use e.g. 90s, 20m, 1h30m, 2d)" in errors
+    )
     assert any(e.startswith(f"{p}:7: steps[1]") and "reboot" in e for e in errors)
     assert f"{p}:10: steps[2].colour: unknown field" in errors
     assert len(errors) == 3

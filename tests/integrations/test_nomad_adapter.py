@@ -8,9 +8,9 @@ import pytest
 
 from nomadscale.core.clock import FakeClock
 from nomadscale.core.errors import ConflictError, ExternalPermanentError, NotFoundError
-from nomadscale.core.ports import NomadPort
+from nomadscale.core.ports import NodeInfo, NomadPort
 from nomadscale.integrations.nomad import NomadClient
-from tests.contract.env import Target, service_job, twin_target, unique
+from tests.contract.env import Target, service_job, settle, twin_target, unique
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def client(target: Target) -> Iterator[NomadClient]:
 def job_id(client: NomadClient, target: Target) -> str:
     jid = unique("ml-worker")
     client.register_job(service_job(jid, count=2))
-    target.advance(30)
+    settle(client, target, jid)
     return jid
 
 
@@ -99,7 +99,8 @@ def test_job_versions_newest_first(client: NomadClient, job_id: str, target: Tar
 
 def test_register_with_stale_enforce_index_conflicts(client: NomadClient, job_id: str) -> None:
     job = client.get_job(job_id)
-    client.register_job(job.spec, enforce_index=job.job_modify_index)  # current: accepted
+    changed = {**job.spec, "Meta": {"owner": "someone-else"}}
+    client.register_job(changed, enforce_index=job.job_modify_index)  # current: accepted
     with pytest.raises(ConflictError):
         client.register_job(job.spec, enforce_index=job.job_modify_index)  # now stale
 
@@ -139,8 +140,12 @@ def test_missing_node_is_not_found(client: NomadClient) -> None:
         client.node("00000000-0000-0000-0000-000000000000")
 
 
-def test_drain_with_meta_then_cancel(client: NomadClient, target: Target) -> None:
-    node = client.list_nodes()[0]
+def _busy_node(client: NomadClient) -> NodeInfo:
+    return max(client.list_nodes(with_allocs=True), key=lambda n: n.allocs_running)
+
+
+def test_drain_with_meta_then_cancel(client: NomadClient, target: Target, job_id: str) -> None:
+    node = _busy_node(client)
     client.drain(node.id, deadline_s=600, meta={"reason": "gce-maintenance"})
     drained = client.node(node.id)
     assert drained.draining
@@ -167,8 +172,8 @@ def test_set_eligibility_both_ways(client: NomadClient) -> None:
     assert client.node(node.id).eligibility == "eligible"
 
 
-def test_eligible_while_draining_is_a_conflict(client: NomadClient) -> None:
-    node = client.list_nodes()[2]
+def test_eligible_while_draining_is_a_conflict(client: NomadClient, job_id: str) -> None:
+    node = _busy_node(client)
     client.drain(node.id, deadline_s=60)
     with pytest.raises(ConflictError):
         client.set_eligibility(node.id, True)

@@ -12,7 +12,7 @@ import pytest
 from nomadscale.core.clock import FakeClock
 from nomadscale.core.errors import ConflictError, ExternalPermanentError, NotFoundError
 from nomadscale.integrations.nomad import NomadClient
-from tests.contract.env import Target, prefetch_job, service_job, twin_target, unique
+from tests.contract.env import Target, prefetch_job, service_job, settle, twin_target, unique
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -34,11 +34,11 @@ def _canary_rollout(client: NomadClient, target: Target) -> tuple[str, str]:
     """Register v0 (settled), then v1 with a new image and 1 canary: returns (job, deployment)."""
     jid = unique("ml-canary")
     client.register_job(service_job(jid, groups=("ml-worker-a",), count=2, canary=1))
-    target.advance(120)
+    settle(client, target, jid)
     client.register_job(
         service_job(jid, groups=("ml-worker-a",), count=2, canary=1, image="busybox:1.37")
     )
-    target.advance(30)
+    target.advance(120)
     dep = client.latest_deployment(jid)
     assert dep is not None
     assert dep.job_version == 1

@@ -16,7 +16,7 @@ from nomadscale.core.errors import (
     NotFoundError,
 )
 from nomadscale.integrations.nomad import NomadClient
-from tests.contract.env import Target, service_job, twin_target, unique
+from tests.contract.env import Target, service_job, settle, twin_target, unique
 
 TOKEN = "s3cr3t-4cl-t0ken-0123456789"
 
@@ -71,6 +71,7 @@ def test_post_scale_500_is_not_retried(
 ) -> None:
     jid = unique("ml")
     client.register_job(service_job(jid))
+    settle(client, target, jid)
     cluster = target.cluster
     assert cluster is not None
     cluster.faults.fail("^POST /v1/job/.*/scale$", status=500, times=1)

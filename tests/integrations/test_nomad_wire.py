@@ -262,3 +262,65 @@ def test_non_json_success_is_temporary(stub: tuple[Script, str]) -> None:
     with pytest.raises(ExternalTemporaryError) as err:
         _client(addr, max_retries=1).leader()
     assert "not JSON" in str(err.value)
+
+
+def test_client_metadata_get_and_post(stub: tuple[Script, str]) -> None:
+    script, addr = stub
+    reply = {
+        "Meta": {"zone": "a", "gpu.health": "bad"},
+        "Dynamic": {"gpu.health": "bad"},
+        "Static": {"zone": "a"},
+    }
+    script.on("GET /v1/client/metadata", 200, reply)
+    script.on("POST /v1/client/metadata", 200, {**reply, "Dynamic": {"gpu.health": None}})
+    c = _client(addr)
+    md = c.node_metadata("n1")
+    assert md.meta["gpu.health"] == "bad"
+    assert script.seen[-1].query["node_id"] == ["n1"]
+    after = c.set_node_metadata("n1", {"gpu.health": None})
+    assert after.dynamic == {"gpu.health": None}
+    assert script.seen[-1].body == {"NodeID": "n1", "Meta": {"gpu.health": None}}
+
+
+def test_register_with_enforce_index(stub: tuple[Script, str]) -> None:
+    script, addr = stub
+    script.on("POST /v1/job/ml", 200, {"EvalID": "e9", "JobModifyIndex": 12})
+    eval_id = _client(addr).register_job({"ID": "ml", "Namespace": "team"}, enforce_index=11)
+    assert eval_id == "e9"
+    req = script.seen[-1]
+    assert req.body == {
+        "Job": {"ID": "ml", "Namespace": "team"},
+        "EnforceIndex": True,
+        "JobModifyIndex": 11,
+    }
+    assert req.query["namespace"] == ["team"]
+
+
+def test_job_status_reads_scale_and_active_deployment(stub: tuple[Script, str]) -> None:
+    script, addr = stub
+    event = {
+        "Time": 1_767_571_200_000_000_000,
+        "Count": 3,
+        "PreviousCount": 2,
+        "Message": "up",
+        "Error": False,
+        "Meta": {"f": 1},
+    }
+    script.on(
+        "GET /v1/job/ml/scale",
+        200,
+        {
+            "JobID": "ml",
+            "JobModifyIndex": 7,
+            "TaskGroups": {"a": {"Desired": 3, "Running": 2, "Events": [event]}},
+        },
+    )
+    script.on("GET /v1/job/ml/deployment", 200, {"ID": "d1", "Status": "running"})
+    status = _client(addr).job_status("ml")
+    assert status.active_deployment == "d1"
+    assert status.groups["a"].desired == 3
+    assert status.groups["a"].events[0].count == 3
+    assert status.groups["a"].events[0].time.year == 2026
+    script.on("GET /v1/job/ml/deployment", 200, {"ID": "d1", "Status": "successful"})
+    script.replies["GET /v1/job/ml/deployment"].pop(0)
+    assert _client(addr).job_status("ml").active_deployment is None

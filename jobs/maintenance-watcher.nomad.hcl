@@ -1,0 +1,50 @@
+# GCE host-maintenance watcher: one instance on every GPU node. It long-polls the metadata
+# server's instance/maintenance-event and reports notices to nomadscale, which runs the
+# gpu-host-maintenance runbook (ineligible, surge, drain, wait, GPU check, eligible).
+job "maintenance-watcher" {
+  type      = "system"
+  node_pool = "gpu-l4"
+  priority  = 90
+
+  group "watcher" {
+    restart {
+      attempts = 10
+      interval = "5m"
+      delay    = "10s"
+      mode     = "delay"
+    }
+
+    task "watch" {
+      driver = "exec"
+
+      config {
+        command = "/usr/local/bin/nomadscale"
+        args = [
+          "watch-maintenance",
+          "--report-url", "${NOMADSCALE_REPORT_URL}",
+          "--node-id", "${node.unique.id}",
+        ]
+      }
+
+      env {
+        NOMADSCALE_REPORT_URL = "http://nomadscale.service.consul:9464/maintenance/report"
+        NOMADSCALE_LOG_JSON   = "true"
+      }
+
+      # The report token comes from Nomad Variables (nomad/jobs/maintenance-watcher), never
+      # from the job file.
+      template {
+        destination = "secrets/env"
+        env         = true
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/maintenance-watcher" }}NOMADSCALE_REPORT_TOKEN={{ .report_token }}{{ end }}
+        EOT
+      }
+
+      resources {
+        cpu    = 50
+        memory = 64
+      }
+    }
+  }
+}

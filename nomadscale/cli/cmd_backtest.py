@@ -1,0 +1,189 @@
+"""``nomadscale backtest``: replay a demand trace through the forecast and sizing stages.
+
+    nomadscale backtest                       # the bundled trace
+    nomadscale backtest demand.csv --policy policies/ekyc-ml.yaml --plot out.png
+
+Follows the scoring protocol (capacity per worker = p99 demand / 24 unless given, warm-up,
+20-min cycles, 10-min lead, at least 2 workers) and prints nomadscale beside the anchors,
+their hindsight-tuned rows and the oracle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime, time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from nomadscale.backtest.protocol import make_params
+from nomadscale.backtest.runner import Report, run_backtest, write_decisions
+from nomadscale.core.clock import utc
+from nomadscale.core.durations import parse_duration
+from nomadscale.core.errors import UsageError
+from nomadscale.data import bundled_trace_path
+from nomadscale.stages.forecast import BusinessHours, ForecastConfig
+from nomadscale.stages.history import load_trace
+from nomadscale.stages.sizing import Bounds
+
+_DAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6}
+
+
+def _seconds(option: str, value: str | None, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        return parse_duration(value).total_seconds()
+    except ValueError as e:
+        raise UsageError(f"{option}: {e}") from None
+
+
+def _hhmm(v: Any) -> time:
+    return v if isinstance(v, time) else time.fromisoformat(str(v))
+
+
+def policy_settings(policy: Any) -> tuple[ForecastConfig, Bounds, float]:
+    """Forecast config, bounds and capacity per worker from a loaded policy."""
+    fs = policy.forecast
+    bh = None
+    if fs.business_hours is not None:
+        h = fs.business_hours
+        bh = BusinessHours(
+            days=tuple(_DAYS[d] if isinstance(d, str) else int(d) for d in h.days),
+            start=_hhmm(h.start),
+            end=_hhmm(h.end),
+            tz=h.timezone,
+            target=h.target_availability,
+            min_workers=h.min_workers,
+        )
+    cfg = ForecastConfig(
+        cycle_s=policy.cycle.total_seconds(),
+        lead_s=policy.lead_time.total_seconds(),
+        target=fs.target_availability,
+        model=fs.model,
+        business_hours=bh,
+    )
+    b = policy.bounds
+    bounds = Bounds(
+        min=b.min,
+        max=b.max,
+        max_step_up=b.max_step_up,
+        max_step_down=b.max_step_down,
+        scale_down_cooldown_s=b.scale_down_cooldown.total_seconds(),
+    )
+    return cfg, bounds, float(policy.capacity.rpm_per_worker)
+
+
+def _table(report: Report, title: str) -> Table:
+    t = Table(title=title)
+    for col in ("strategy", "availability", "served", "worker-hours", "cost/oracle"):
+        if col == "strategy":
+            t.add_column(col, no_wrap=True, min_width=30)
+        else:
+            t.add_column(col, justify="right")
+    for name, m in report.rows.items():
+        style = "bold green" if name == "nomadscale" else None
+        t.add_row(
+            name,
+            f"{m.availability * 100:.2f}%",
+            f"{m.served * 100:.3f}%",
+            f"{m.worker_hours:.1f}",
+            f"{m.cost_vs_oracle:.3f}",
+            style=style,
+        )
+    return t
+
+
+@click.command("backtest")
+@click.argument("trace", required=False, type=click.Path(dir_okay=False))
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(dir_okay=False),
+    help="Policy YAML: cycle, lead time, forecast model/target, bounds, capacity.",
+)
+@click.option(
+    "--capacity-per-worker",
+    type=float,
+    help="req/min one worker serves "
+    "(default: the policy's, else p99 demand / 24 as in the scoring protocol).",
+)
+@click.option("--cycle", help="Decision cycle (default 20m, or the policy's).")
+@click.option("--lead", help="Scale-up lead time (default 10m, or the policy's).")
+@click.option("--min-workers", type=int, help="Fleet minimum (default 2, or the policy's).")
+@click.option("--target-availability", type=float, help="Default 0.99, or the policy's.")
+@click.option("--start", help="First decision (ISO-8601); default: after the warm-up.")
+@click.option(
+    "--decisions-out",
+    type=click.Path(dir_okay=False),
+    help="Write nomadscale's decisions as decided_at,workers CSV.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the replay.")
+def backtest(
+    trace: str | None,
+    policy_path: str | None,
+    capacity_per_worker: float | None,
+    cycle: str | None,
+    lead: str | None,
+    min_workers: int | None,
+    target_availability: float | None,
+    start: str | None,
+    decisions_out: str | None,
+    as_json: bool,
+    plot: str | None,
+) -> None:
+    """Replay TRACE.csv (default: the bundled trace) and compare with the anchors."""
+    cfg, bounds, cap = ForecastConfig(), Bounds(min=2), None
+    if policy_path:
+        from nomadscale.config.policy import load_policy
+
+        cfg, bounds, cap = policy_settings(load_policy(policy_path))
+    if capacity_per_worker is not None:
+        if not capacity_per_worker > 0:
+            raise UsageError("--capacity-per-worker: must be positive")
+        cap = capacity_per_worker
+    if target_availability is not None:
+        if not 0.5 <= target_availability < 1:
+            raise UsageError("--target-availability: must be in [0.5, 1)")
+        cfg = ForecastConfig(**{**asdict(cfg), "target": target_availability})
+    cyc = _seconds("--cycle", cycle, cfg.cycle_s)
+    ld = _seconds("--lead", lead, cfg.lead_s)
+    cfg = ForecastConfig(**{**asdict(cfg), "cycle_s": cyc, "lead_s": ld,
+                            "business_hours": cfg.business_hours})  # fmt: skip
+    if min_workers is not None:
+        if min_workers < 0:
+            raise UsageError("--min-workers: must not be negative")
+        bounds = Bounds(**{**asdict(bounds), "min": min_workers,
+                           "max": max(bounds.max, min_workers)})  # fmt: skip
+    start_dt: datetime | None = None
+    if start:
+        try:
+            start_dt = utc(datetime.fromisoformat(start.replace("Z", "+00:00")))
+        except ValueError:
+            raise UsageError(f"--start: not an ISO-8601 time: {start!r}") from None
+    path = trace or str(bundled_trace_path())
+    tr = load_trace(path)
+    p = make_params(tr, cycle_s=cyc, lead_s=ld, min_workers=bounds.min, capacity_rpm=cap,
+                    start=start_dt)  # fmt: skip
+    rate = tr.series.values
+    report = run_backtest(rate, p, config=cfg, bounds=bounds)
+    if decisions_out:
+        write_decisions(decisions_out, p, report.decisions["nomadscale"])
+    if plot:
+        from nomadscale.backtest.plot import plot_report
+
+        plot_report(report, rate, plot)
+    if as_json:
+        out = {k: asdict(m) for k, m in report.rows.items()}
+        click.echo(json.dumps(out, indent=1))
+        return
+    title = (
+        f"{Path(path).name}: step {p.step_min:g} min, {len(p.boundaries)} cycles scored, "
+        f"capacity/worker {p.capacity_rpm:.2f} req/min"
+    )
+    Console().print(_table(report, title))

@@ -1,0 +1,168 @@
+"""``nomadscale runbook list | validate [PATH] | run NAME --param k=v [--dry-run]`` and
+``nomadscale watch-maintenance``.
+
+Exit codes: 0 ok, 1 invalid runbook / failed run, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nomadscale.config.settings import Secret, Settings, load_settings
+from nomadscale.core.errors import ConfigError, UsageError
+
+log = logging.getLogger(__name__)
+EXIT_INVALID = 1
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _runbook_paths(path: str | None, settings: Settings) -> list[Path]:
+    p = Path(path or settings.runbooks)
+    if not p.exists():
+        raise UsageError(f"runbooks: no such file or directory: {p}")
+    return [p]
+
+
+@click.group("runbook")
+def runbook() -> None:
+    """Scripted healing runbooks (runbooks/*.yaml)."""
+
+
+@runbook.command("list")
+@click.option("--dir", "path", type=click.Path(), default=None, help="Runbook folder.")
+def list_cmd(path: str | None) -> None:
+    """List runbooks with their triggers."""
+    from nomadscale.healing.runbook import load_runbooks
+
+    for rb in load_runbooks(_runbook_paths(path, _settings())).values():
+        trig = []
+        if rb.triggers.pagerduty:
+            trig.append(f"pagerduty({len(rb.triggers.pagerduty)})")
+        if rb.triggers.maintenance:
+            trig.append("maintenance")
+        if rb.triggers.manual:
+            trig.append("manual")
+        params = ",".join(rb.parameters) or "-"
+        click.echo(f"{rb.name:24} params={params:28} triggers={'+'.join(trig)}  {rb.description}")
+
+
+@runbook.command("validate")
+@click.argument("path", required=False, type=click.Path())
+def validate_cmd(path: str | None) -> None:
+    """Validate runbook files; print every problem as file:line: field: message."""
+    from nomadscale.healing.runbook import load_runbooks
+
+    try:
+        rbs = load_runbooks(_runbook_paths(path, _settings()))
+    except ConfigError as exc:
+        for e in exc.errors:
+            click.echo(e)
+        raise SystemExit(EXIT_INVALID) from None
+    for name in rbs:
+        click.echo(f"OK {name}")
+
+
+def _param(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        k, sep, val = v.partition("=")
+        if not sep or not k:
+            raise UsageError(f"--param {v!r}: expected key=value")
+        out[k.strip()] = val.strip()
+    return out
+
+
+def build_engine(settings: Settings, *, runbooks_path: str | None = None) -> Any:
+    """The engine wired from settings: Nomad, Consul KV (or memory), policies, PagerDuty."""
+    from nomadscale.config.validate import load_policies
+    from nomadscale.healing.actions import zone_targets
+    from nomadscale.healing.engine import RunbookEngine
+    from nomadscale.healing.runbook import load_runbooks
+    from nomadscale.integrations.nomad import NomadClient
+
+    kv: Any
+    if settings.consul_addr:
+        from nomadscale.integrations.consul import ConsulKV
+
+        token = settings.consul_token.reveal() if settings.consul_token else None
+        kv = ConsulKV(addr=settings.consul_addr, token=token)
+    else:
+        from nomadscale.integrations.memkv import MemoryKV
+
+        kv = MemoryKV()
+    policies = load_policies([settings.policies]) if Path(settings.policies).exists() else []
+    notes = None
+    if settings.pagerduty_api_key and settings.pagerduty_from:
+        from nomadscale.integrations.pagerduty import PagerDutyIncidents
+
+        notes = PagerDutyIncidents(settings.pagerduty_api_key, from_email=settings.pagerduty_from)
+    return RunbookEngine(
+        runbooks=load_runbooks(_runbook_paths(runbooks_path, settings)),
+        nomad=NomadClient.from_settings(settings),
+        kv=kv,
+        zones=zone_targets(policies),
+        notes=notes,
+        prefix=settings.kv_prefix,
+    )
+
+
+@runbook.command("run")
+@click.argument("name")
+@click.option("--param", "params", multiple=True, help="Parameter as key=value (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Resolve and check, change nothing.")
+@click.option("--dir", "path", type=click.Path(), default=None, help="Runbook folder.")
+def run_cmd(name: str, params: tuple[str, ...], dry_run: bool, path: str | None) -> None:
+    """Run a runbook now, in this process, and print each step."""
+    engine = build_engine(_settings(), runbooks_path=path)
+    run = engine.submit(name, _param(params), trigger="manual", dry_run=dry_run)
+    if run["status"] == "pending":
+        run = engine.run(run["id"])
+    for r in run["results"]:
+        click.echo(f"[{r['phase']} {r['step']}] {r['action']}: {r['status']}: {r['detail']}")
+    click.echo(f"run {run['id']}: {run['status']}" + (f" ({run['error']})" if run["error"] else ""))
+    if run["status"] != "succeeded":
+        raise SystemExit(EXIT_INVALID)
+
+
+@click.command("watch-maintenance")
+@click.option("--report-url", required=True, help="nomadscale's /maintenance/report URL.")
+@click.option(
+    "--metadata-url",
+    default="http://metadata.google.internal/computeMetadata/v1",
+    show_default=True,
+)
+@click.option("--node-id", default=None, help="Nomad node id (default: $NOMAD_NODE_ID).")
+def watch_maintenance(report_url: str, metadata_url: str, node_id: str | None) -> None:
+    """Watch GCE host maintenance events and report them (token: NOMADSCALE_REPORT_TOKEN)."""
+    from nomadscale.healing.watcher import MaintenanceWatcher
+    from nomadscale.integrations.gce_metadata import MetadataClient
+
+    settings = _settings()
+    node = node_id or os.environ.get("NOMAD_NODE_ID")
+    if not node:
+        raise UsageError("--node-id: required (or set NOMAD_NODE_ID)")
+    token: Secret | None = settings.report_token
+    if not token:
+        raise UsageError("NOMADSCALE_REPORT_TOKEN (or _FILE): required to report")
+    w = MaintenanceWatcher(
+        metadata=MetadataClient(base_url=metadata_url),
+        report_url=report_url,
+        token=token,
+        node=node,
+    )
+    log.info("watching maintenance events for node %s", node)
+    try:
+        w.run()
+    finally:
+        w.close()
+
+
+COMMANDS = [runbook, watch_maintenance]

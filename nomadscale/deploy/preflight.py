@@ -1,0 +1,165 @@
+"""Preflight: the policy, the job and its zone groups, nodes per zone, and whether taking one
+worker out at a time keeps capacity above the forecast's upper bound for the rollout."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from nomadscale.config.policy import Policy
+from nomadscale.core.errors import PermanentError, SafetyError
+from nomadscale.core.ports import DemandSource, JobInfo, NodeInfo
+from nomadscale.stages.decide import forecast_config_from
+from nomadscale.stages.forecast import forecast
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ZonePlan:
+    group: str
+    datacenter: str
+    count: int
+    nodes: list[NodeInfo] = field(default_factory=list)  # ready + eligible, not draining
+
+    @property
+    def free(self) -> int:
+        return max(0, len(self.nodes) - self.count)
+
+
+@dataclass
+class Plan:
+    job: JobInfo
+    zones: list[ZonePlan]
+    previous_image: str | None
+    required_workers: int  # ceil(forecast upper / rpm_per_worker); 0 when unknown
+    forecast_upper: float | None
+    surge: bool
+    estimate_s: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(z.count for z in self.zones)
+
+    def explain(self) -> str:
+        f = "no forecast" if self.forecast_upper is None else f"upper {self.forecast_upper:.0f} rpm"
+        return (
+            f"{self.total} workers in {len(self.zones)} zones, {f} -> need "
+            f"{self.required_workers}, {'surge 1 per zone' if self.surge else 'no surge'}; "
+            f"estimated {self.estimate_s / 60:.0f} min"
+        )
+
+
+def task_images(spec: dict[str, Any], group: str) -> list[str]:
+    for tg in spec.get("TaskGroups") or []:
+        if tg.get("Name") == group:
+            return [str((t.get("Config") or {}).get("image") or "") for t in tg.get("Tasks") or []]
+    return []
+
+
+def group_datacenter(spec: dict[str, Any], group: str, default: str) -> str:
+    for tg in spec.get("TaskGroups") or []:
+        if tg.get("Name") != group:
+            continue
+        for c in tg.get("Constraints") or []:
+            if c.get("LTarget") == "${node.datacenter}" and c.get("RTarget"):
+                return str(c["RTarget"])
+    return default
+
+
+def estimate_seconds(policy: Policy, workers: int, *, prefetched: bool) -> float:
+    d = policy.deploy
+    assert d is not None
+    pull = 0.0 if prefetched else (d.image_size_bytes or 7e9) * 8 / 800e6
+    per_node = pull + 10.0 + d.min_healthy_time.total_seconds()
+    gate = d.sli.window_s if d.sli else 0.0
+    return workers * per_node + gate + 120.0
+
+
+def forecast_upper(
+    policy: Policy, demand: DemandSource, *, now: datetime, horizon_s: float
+) -> float:
+    """Upper bound of demand (rpm) over ``horizon_s`` from now (rounded up to whole cycles)."""
+    cfg = forecast_config_from(policy)
+    n = max(1, math.ceil(horizon_s / policy.cycle_s))
+    cfg = replace(cfg, cycle_s=policy.cycle_s * n, lead_s=policy.lead_time_s)
+    step = policy.demand.step_s
+    lookback = getattr(policy.demand, "lookback_s", 7 * 86400.0)
+    series = demand.history(end=now, lookback_s=lookback, step_s=step)
+    return float(forecast(series, now=now, config=cfg).upper)
+
+
+def preflight(
+    policy: Policy,
+    nomad: Any,
+    *,
+    now: datetime,
+    demand: DemandSource | None,
+    prefetched: bool = True,
+) -> Plan:
+    """Check that the rollout can be made safe; SafetyError (one line) when it cannot."""
+    if policy.deploy is None:
+        raise PermanentError(f"policy {policy.name}: no 'deploy:' section")
+    ns = policy.target.namespace
+    job = nomad.get_job(policy.target.job, namespace=ns)
+    if job.stopped:
+        raise SafetyError(f"job {job.job_id} is stopped; nothing to roll out")
+    zones: list[ZonePlan] = []
+    pool_nodes: dict[str, list[NodeInfo]] = {}
+    for z in policy.zones.items:
+        if z.group not in job.groups:
+            raise PermanentError(
+                f"policy {policy.name}: zones: group {z.group!r} is not in job {job.job_id}"
+            )
+        if z.node_pool not in pool_nodes:
+            pool_nodes[z.node_pool] = nomad.list_nodes(node_pool=z.node_pool)
+        dc = group_datacenter(dict(job.spec), z.group, z.name)
+        usable = [
+            n for n in pool_nodes[z.node_pool]
+            if n.datacenter == dc and n.status == "ready" and n.eligibility == "eligible"
+            and not n.draining
+        ]  # fmt: skip
+        zones.append(ZonePlan(group=z.group, datacenter=dc, count=job.groups[z.group], nodes=usable))
+    images = task_images(dict(job.spec), zones[0].group)
+    previous = images[0] if images else None
+    total = sum(z.count for z in zones)
+    est = estimate_seconds(policy, total, prefetched=prefetched)
+    upper = None
+    required = 0
+    if demand is not None:
+        upper = forecast_upper(policy, demand, now=now, horizon_s=est)
+        required = math.ceil(upper / policy.capacity.rpm_per_worker - 1e-9)
+    plan = Plan(job=job, zones=zones, previous_image=previous, required_workers=required,
+                forecast_upper=upper, surge=False, estimate_s=est)  # fmt: skip
+    if total - 1 < required:
+        if total < required:
+            raise SafetyError(
+                f"deploy {policy.name}: {total} workers already serve less than the forecast "
+                f"upper bound ({upper:.0f} rpm needs {required}); scale up before rolling out"
+            )
+        if total + 1 > policy.bounds.max:
+            raise SafetyError(
+                f"deploy {policy.name}: taking one worker out leaves {total - 1} < {required} "
+                f"needed and a surge worker would pass bounds.max {policy.bounds.max}"
+            )
+        plan.surge = True
+    canary = policy.deploy.canary
+    for i, z in enumerate(zones):
+        if z.count == 0:
+            continue
+        need = (1 if plan.surge else 0) + (canary if i == 0 else 0)
+        if z.free < need:
+            what = "a surge worker" if plan.surge else ""
+            what += (" and " if what and i == 0 and canary else "") + (
+                f"{canary} canary" if i == 0 and canary else ""
+            )
+            raise SafetyError(
+                f"deploy {policy.name}: zone {z.datacenter} ({z.group}) has {z.free} free "
+                f"node(s), {what} needs {need}"
+            )
+    log.info("deploy %s preflight: %s", policy.name, plan.explain())
+    return plan

@@ -1,0 +1,47 @@
+"""Job spec edits for a rollout: new image in zone groups, the rollout's update block."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+from nomadscale.config.policy import Deploy
+
+NS = 1_000_000_000
+
+
+def update_block(d: Deploy, *, canary: int, auto_revert: bool = True) -> dict[str, Any]:
+    return {
+        "MaxParallel": 1,
+        "Canary": canary,
+        "AutoRevert": auto_revert,
+        "AutoPromote": False,
+        "HealthCheck": "checks",
+        "MinHealthyTime": int(d.min_healthy_time.total_seconds() * NS),
+        "HealthyDeadline": int(d.healthy_deadline.total_seconds() * NS),
+        "ProgressDeadline": int(d.progress_deadline.total_seconds() * NS),
+        "Stagger": 30 * NS,
+    }
+
+
+def with_image(
+    spec: dict[str, Any],
+    *,
+    image: str,
+    groups: Iterable[str],
+    update: dict[str, Any] | None,
+    update_group: str | None,
+) -> dict[str, Any]:
+    """A copy of ``spec`` whose ``groups`` run ``image``; ``update_group`` gets ``update``."""
+    out = copy.deepcopy(dict(spec))
+    wanted = set(groups)
+    for tg in out.get("TaskGroups") or []:
+        if tg.get("Name") in wanted:
+            for task in tg.get("Tasks") or []:
+                cfg = task.setdefault("Config", {}) or {}
+                cfg["image"] = image
+                task["Config"] = cfg
+        if update is not None and tg.get("Name") == update_group:
+            tg["Update"] = dict(update)
+    return out

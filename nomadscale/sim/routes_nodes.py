@@ -1,0 +1,284 @@
+"""HTTP handlers for nodes, drains, allocations, client metadata, evaluations, deployments,
+namespaces and status."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from nomadscale.sim import deploy, drain, filters, sched
+from nomadscale.sim.cluster import Cluster
+from nomadscale.sim.model import ApiError, Deployment, Node
+from nomadscale.sim.server import Request, Route, route
+
+_META_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
+
+
+def _paged(req: Request, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    token = req.query.get("next_token")
+    if token:
+        items = [i for i in items if i["ID"] >= token]
+    per_page = int(req.query.get("per_page") or 0)
+    if per_page > 0 and len(items) > per_page:
+        req.query["_next_token"] = items[per_page]["ID"]
+        items = items[:per_page]
+    return items
+
+
+def list_nodes(c: Cluster, req: Request) -> tuple[Any, int]:
+    prefix = req.query.get("prefix", "")
+    pred = filters.compile_filter(req.query["filter"]) if req.query.get("filter") else None
+    out = []
+    for node in sorted(c.nodes.values(), key=lambda n: n.id):
+        if not node.id.startswith(prefix):
+            continue
+        if pred is not None and not pred(node.full()):
+            continue
+        out.append(node.stub())
+    return _paged(req, out), c.table_index["nodes"]
+
+
+def _node(c: Cluster, node_id: str, status: int = 404) -> Node:
+    node = c.nodes.get(node_id)
+    if node is None:
+        raise ApiError(status, "node not found")
+    return node
+
+
+def get_node(c: Cluster, req: Request) -> tuple[Any, int]:
+    node = _node(c, req.params[0])
+    return node.full(), node.modify_index
+
+
+def node_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
+    node = _node(c, req.params[0])
+    return [a.full() for a in c.allocs_by_node.get(node.id, ())], c.table_index["allocs"]
+
+
+def drain_node(c: Cluster, req: Request) -> Any:
+    body = req.json()
+    node = _node(c, req.params[0], status=500)
+    spec = body.get("DrainSpec")
+    meta = body.get("Meta")
+    evals = drain.start(c, node, spec, meta=meta, mark_eligible=bool(body.get("MarkEligible")))
+    return {
+        "NodeModifyIndex": node.modify_index,
+        "EvalIDs": evals or None,
+        "EvalCreateIndex": c.index,
+        "Index": c.index,
+    }
+
+
+def eligibility(c: Cluster, req: Request) -> Any:
+    body = req.json()
+    node = _node(c, req.params[0], status=500)
+    value = body.get("Eligibility")
+    if value not in ("eligible", "ineligible"):
+        raise ApiError(500, f'invalid scheduling eligibility "{value}"')
+    if value == "eligible" and node.draining:
+        raise ApiError(
+            500, "can not set node's scheduling eligibility to eligible while it is draining"
+        )
+    if node.eligibility != value:
+        node.eligibility = value
+        node.modify_index = c.bump("nodes")
+        c.emit("eligibility", node_id=node.id, eligibility=value)
+        if value == "eligible":
+            c.capacity_changed()
+    return {
+        "NodeModifyIndex": node.modify_index,
+        "EvalIDs": None,
+        "EvalCreateIndex": 0,
+        "Index": c.index,
+    }
+
+
+def list_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
+    ns = req.namespace
+    prefix = req.query.get("prefix", "")
+    task_states = req.query.get("task_states", "true") not in ("false", "False", "0")
+    pred = filters.compile_filter(req.query["filter"]) if req.query.get("filter") else None
+    out = []
+    for a in c.allocs.values():
+        if (ns != "*" and a.namespace != ns) or not a.id.startswith(prefix):
+            continue
+        stub = a.stub(task_states=task_states)
+        if pred is None or pred(stub):
+            out.append(stub)
+    if req.query.get("reverse") == "true":
+        out.reverse()
+    return out, c.table_index["allocs"]
+
+
+def get_alloc(c: Cluster, req: Request) -> tuple[Any, int]:
+    a = c.allocs.get(req.params[0])
+    if a is None:
+        raise ApiError(404, "alloc not found")
+    return a.full(), a.modify_index
+
+
+def stop_alloc(c: Cluster, req: Request) -> Any:
+    a = c.allocs.get(req.params[0])
+    if a is None:
+        raise ApiError(404, "alloc not found")
+    sched.stop_alloc(c, a, "alloc was stopped by the user")
+    job = c.jobs.get((a.namespace, a.job_id))
+    ev = sched.reconcile(c, job, triggered_by="alloc-stop") if job else None
+    return {"EvalID": ev["ID"] if ev else "", "Index": c.index}
+
+
+def client_meta(c: Cluster, req: Request) -> Any:
+    if req.method == "GET":
+        node_id = req.query.get("node_id", "")
+    else:
+        body = req.json()
+        node_id = body.get("NodeID") or req.query.get("node_id", "")
+    if not node_id:
+        raise ApiError(400, "No local Node and node_id not provided")
+    node = c.nodes.get(node_id)
+    if node is None:
+        raise ApiError(404, "Unknown node")
+    if req.method != "GET":
+        changes = body.get("Meta") or {}
+        for k, v in changes.items():
+            if not _META_KEY.match(str(k)):
+                raise ApiError(400, f"invalid node metadata key {k!r}")
+            node.dynamic_meta[str(k)] = None if v is None else str(v)
+        node.modify_index = c.bump("nodes")
+        c.emit("node_meta", node_id=node.id, meta=dict(changes))
+    return {
+        "Meta": node.merged_meta(),
+        "Dynamic": dict(node.dynamic_meta),
+        "Static": dict(node.meta),
+    }
+
+
+def list_evals(c: Cluster, req: Request) -> tuple[Any, int]:
+    ns, job, status = req.namespace, req.query.get("job"), req.query.get("status")
+    prefix = req.query.get("prefix", "")
+    out = [
+        e
+        for e in c.evals.values()
+        if (ns == "*" or e["Namespace"] == ns)
+        and (not job or e["JobID"] == job)
+        and (not status or e["Status"] == status)
+        and e["ID"].startswith(prefix)
+    ]
+    return out, c.table_index["evals"]
+
+
+def get_eval(c: Cluster, req: Request) -> tuple[Any, int]:
+    ev = c.evals.get(req.params[0])
+    if ev is None:
+        raise ApiError(404, "eval not found")
+    return ev, ev["ModifyIndex"]
+
+
+def list_deployments(c: Cluster, req: Request) -> tuple[Any, int]:
+    ns, prefix = req.namespace, req.query.get("prefix", "")
+    out = [
+        d.to_json()
+        for d in c.deployments.values()
+        if (ns == "*" or d.namespace == ns) and d.id.startswith(prefix)
+    ]
+    return out, c.table_index["deployments"]
+
+
+def _dep(c: Cluster, dep_id: str, status: int = 404) -> Deployment:
+    dep = c.deployments.get(dep_id)
+    if dep is None:
+        raise ApiError(status, "deployment not found")
+    return dep
+
+
+def get_deployment(c: Cluster, req: Request) -> tuple[Any, int]:
+    dep = _dep(c, req.params[0])
+    return dep.to_json(), dep.modify_index
+
+
+def deployment_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
+    dep = _dep(c, req.params[0])
+    out = [a.stub() for a in c.job_allocs((dep.namespace, dep.job_id)) if a.deployment_id == dep.id]
+    return out, c.table_index["allocs"]
+
+
+def _dep_reply(c: Cluster, dep: Deployment, ev: dict[str, Any] | None, **extra: Any) -> Any:
+    return {
+        "EvalID": ev["ID"] if ev else "",
+        "EvalCreateIndex": ev["CreateIndex"] if ev else 0,
+        "DeploymentModifyIndex": dep.modify_index,
+        "Index": c.index,
+        **extra,
+    }
+
+
+def promote(c: Cluster, req: Request) -> Any:
+    body = req.json()
+    if body.get("DeploymentID") and body["DeploymentID"] != req.params[0]:
+        raise ApiError(400, "Deployment ID does not match")
+    dep = _dep(c, req.params[0], 500)
+    groups = None if body.get("All") else list(body.get("Groups") or []) or None
+    ev = deploy.promote(c, dep, groups=groups)
+    return _dep_reply(c, dep, ev)
+
+
+def pause(c: Cluster, req: Request) -> Any:
+    body = req.json()
+    dep = _dep(c, req.params[0], 500)
+    ev = deploy.pause(c, dep, paused=bool(body.get("Pause")))
+    return _dep_reply(c, dep, ev)
+
+
+def fail(c: Cluster, req: Request) -> Any:
+    dep = _dep(c, req.params[0], 500)
+    version = deploy.fail(c, dep, deploy.DESC_FAILED_BY_USER)
+    return _dep_reply(c, dep, None, RevertedJobVersion=version)
+
+
+def list_namespaces(c: Cluster, req: Request) -> tuple[Any, int]:
+    return list(c.namespaces.values()), c.table_index["namespaces"]
+
+
+def get_namespace(c: Cluster, req: Request) -> tuple[Any, int]:
+    ns = c.namespaces.get(req.params[0])
+    if ns is None:
+        raise ApiError(404, "namespace not found")
+    return ns, ns["ModifyIndex"]
+
+
+def leader(c: Cluster, req: Request) -> tuple[Any, int]:
+    return "127.0.0.1:4647", c.index
+
+
+def peers(c: Cluster, req: Request) -> tuple[Any, int]:
+    return ["127.0.0.1:4647"], c.index
+
+
+def regions(c: Cluster, req: Request) -> tuple[Any, int]:
+    return ["global"], c.index
+
+
+ROUTES: list[Route] = [
+    route("GET", "/v1/nodes", list_nodes),
+    route("GET", "/v1/node/([^/]+)/allocations", node_allocs),
+    route("PUT POST", "/v1/node/([^/]+)/drain", drain_node),
+    route("PUT POST", "/v1/node/([^/]+)/eligibility", eligibility),
+    route("GET", "/v1/node/([^/]+)", get_node),
+    route("GET", "/v1/allocations", list_allocs),
+    route("PUT POST", "/v1/allocation/([^/]+)/stop", stop_alloc),
+    route("GET", "/v1/allocation/([^/]+)", get_alloc),
+    route("GET POST", "/v1/client/metadata", client_meta, read=False),
+    route("GET", "/v1/evaluations", list_evals),
+    route("GET", "/v1/evaluation/([^/]+)", get_eval),
+    route("GET", "/v1/deployments", list_deployments),
+    route("GET", "/v1/deployment/allocations/([^/]+)", deployment_allocs),
+    route("PUT POST", "/v1/deployment/promote/([^/]+)", promote),
+    route("PUT POST", "/v1/deployment/pause/([^/]+)", pause),
+    route("PUT POST", "/v1/deployment/fail/([^/]+)", fail),
+    route("GET", "/v1/deployment/([^/]+)", get_deployment),
+    route("GET", "/v1/namespaces", list_namespaces),
+    route("GET", "/v1/namespace/([^/]+)", get_namespace),
+    route("GET", "/v1/status/leader", leader),
+    route("GET", "/v1/status/peers", peers),
+    route("GET", "/v1/regions", regions),
+]
