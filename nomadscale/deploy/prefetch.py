@@ -105,8 +105,17 @@ def prefetch(
             "prefetch %s: dispatched %s for %s node(s) (attempt %s/%s)",
             image, child, len(pending), attempt + 1, retries + 1,
         )  # fmt: skip
-        pending = _follow(nomad, child, pending, result, namespace, clock, deadline, poll_s,
-                          lambda: on_progress(result, len(targets)) if on_progress else None)
+        pending = _follow(
+            nomad,
+            child,
+            pending,
+            result,
+            namespace,
+            clock,
+            deadline,
+            poll_s,
+            lambda: on_progress(result, len(targets)) if on_progress else None,
+        )
         for node_id in pending:
             log.warning(
                 "prefetch %s failed on node %s (%s): %s",

@@ -123,7 +123,9 @@ def preflight(
             if n.datacenter == dc and n.status == "ready" and n.eligibility == "eligible"
             and not n.draining
         ]  # fmt: skip
-        zones.append(ZonePlan(group=z.group, datacenter=dc, count=job.groups[z.group], nodes=usable))
+        zones.append(
+            ZonePlan(group=z.group, datacenter=dc, count=job.groups[z.group], nodes=usable)
+        )
     images = task_images(dict(job.spec), zones[0].group)
     previous = images[0] if images else None
     total = sum(z.count for z in zones)
@@ -148,17 +150,17 @@ def preflight(
             )
         plan.surge = True
     canary = policy.deploy.canary
-    for i, z in enumerate(zones):
-        if z.count == 0:
+    for i, zp in enumerate(zones):
+        if zp.count == 0:
             continue
         need = (1 if plan.surge else 0) + (canary if i == 0 else 0)
-        if z.free < need:
+        if zp.free < need:
             what = "a surge worker" if plan.surge else ""
             what += (" and " if what and i == 0 and canary else "") + (
                 f"{canary} canary" if i == 0 and canary else ""
             )
             raise SafetyError(
-                f"deploy {policy.name}: zone {z.datacenter} ({z.group}) has {z.free} free "
+                f"deploy {policy.name}: zone {zp.datacenter} ({zp.group}) has {zp.free} free "
                 f"node(s), {what} needs {need}"
             )
     log.info("deploy %s preflight: %s", policy.name, plan.explain())

@@ -120,10 +120,12 @@ class TwinServer:
 
     def start(self) -> TwinServer:
         handler = _make_handler(self)
-        httpd = ThreadingHTTPServer((self.host, self.port), handler)
+        httpd = _QuietServer((self.host, self.port), handler)
         httpd.daemon_threads = True
         if self.ssl_context is not None:
-            httpd.socket = self.ssl_context.wrap_socket(httpd.socket, server_side=True)
+            httpd.socket = self.ssl_context.wrap_socket(
+                httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever,
@@ -239,6 +241,18 @@ class TwinServer:
         if next_token:
             headers["X-Nomad-NextToken"] = next_token
         return 200, headers, payload
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | ssl.SSLError | TimeoutError):
+            return  # the client went away (timeouts, dropped connections)
+        log.exception("twin request from %s failed", client_address)
 
 
 def _dump(body: Any) -> bytes:

@@ -241,3 +241,25 @@ def check_runbook_text(tmp_path: Any, text: str) -> Any:
     rb, errors = check_runbook(p)
     assert rb is not None, errors
     return rb
+
+
+@pytest.mark.consul
+def test_resume_with_state_in_real_consul(
+    rig_factory: Any, consul_agent: Any, consul_prefix: str
+) -> None:
+    from nomadscale.integrations.consul import ConsulKV
+
+    kv = ConsulKV(addr=consul_agent.addr, token=consul_agent.token)
+    rig = rig_factory(kv=kv, prefix=consul_prefix.rstrip("/"))
+    node = rig.twin.cluster.nodes[rig.node_id(ZONES[1])]
+    run = rig.engine.submit("gpu-host-maintenance", {"node": node.id})
+    rig.engine.run(run["id"], max_calls=3)
+    second = rig.make_engine()
+    rig.engine = second
+    assert second.resume_all() == [run["id"]]
+    second.start(workers=1)
+    play_host_maintenance(rig, node.id, run["id"])
+    done = rig.wait_run(lambda r: r["id"] == run["id"] and r["finalized"])
+    assert done["status"] == "succeeded"
+    assert kv.get(f"{consul_prefix.rstrip('/')}/runbooks/locks/zone/{ZONES[1]}") is None
+    second.stop()

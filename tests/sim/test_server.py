@@ -129,7 +129,7 @@ def test_tls(tmp_path):
     key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
+         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
         check=True, capture_output=True,
     )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -44,7 +44,7 @@ def test_missing_rows_are_gaps_and_rates_are_per_minute(tmp_path: Path) -> None:
         ("timestamp,requests\n2026-01-05T00:01:00Z,1\n2026-01-05T00:00:00Z,1\n", "t.csv:3: timestamp"),  # noqa: E501
         (
             "timestamp,requests\n2026-01-05T00:00:00Z,1\n2026-01-05T00:01:00Z,1\n"
-            "2026-01-05T00:02:00Z,1\n2026-01-05T00:02:30Z,1\n",
+            "2026-01-05T00:02:00Z,1\n2026-01-05T00:03:20Z,1\n",
             "t.csv:5: timestamp is off the 60s grid",
         ),
         ("timestamp,requests\n2026-01-05T00:00:00Z,1\n", "needs at least 2 data rows"),

@@ -1,0 +1,465 @@
+"""Rolling golden-image deployments: preflight -> prefetch -> canary -> one node at a time.
+
+Zones roll one after another (``policy.zones`` order): each zone is one Nomad job version
+whose zone group gets the new image and the rollout's update block (max_parallel 1,
+auto_revert, manual promotion; the first zone gets ``deploy.canary`` canaries). The rollout
+state lives in KV (``state.StateStore``, CAS) so ``resume`` reattaches after a crash and the
+autoscaler holds the policy meanwhile. Every outcome is one of: completed, rolled_back,
+aborted (nothing changed or stopped on request) or paused (with a reason; ``resume`` goes on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
+from typing import Any
+
+from nomadscale.config.policy import Policy
+from nomadscale.core.clock import Clock
+from nomadscale.core.errors import ConflictError, PermanentError, TemporaryError
+from nomadscale.core.ports import AlertPort, DemandSource, DeploymentInfo, KVPort
+from nomadscale.deploy import spec as jobspec
+from nomadscale.deploy.gate import GateResult, SLIGate
+from nomadscale.deploy.image import parse_image
+from nomadscale.deploy.prefetch import DEFAULT_HCL, ensure_prefetch_job, prefetch
+from nomadscale.deploy.preflight import Plan, preflight
+from nomadscale.deploy.state import RolloutState, StateStore
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[RolloutState, dict[str, Any]], None]
+
+
+class _Stop(Exception):
+    """Internal: the rollout reached a final or paused state."""
+
+
+class Rollout:
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        nomad: Any,
+        kv: KVPort,
+        clock: Clock,
+        prometheus: Any | None = None,
+        demand: DemandSource | None = None,
+        alerts: AlertPort | None = None,
+        prefix: str = "nomadscale",
+        reporter: Reporter | None = None,
+        poll_s: float = 5.0,
+        watch_wait_s: float = 30.0,
+        outage_limit_s: float | None = None,
+        prefetch_hcl: Any = DEFAULT_HCL,
+    ) -> None:
+        if policy.deploy is None:
+            raise PermanentError(f"policy {policy.name}: no 'deploy:' section")
+        self.policy, self.d = policy, policy.deploy
+        self.nomad, self.clock, self.alerts = nomad, clock, alerts
+        self.demand = demand
+        self.store = StateStore(kv, prefix=prefix)
+        self.gate = SLIGate(sli=self.d.sli, prometheus=prometheus)
+        self.reporter = reporter
+        self.poll_s, self.watch_wait_s = poll_s, watch_wait_s
+        self.outage_limit_s = outage_limit_s or self.d.progress_deadline.total_seconds()
+        self.prefetch_hcl = prefetch_hcl
+        self.ns = policy.target.namespace
+        self.job_id = policy.target.job
+        self.prefetch_job = self.d.prefetch_job or "image-prefetch"
+        self._index = 0
+        self.state: RolloutState | None = None
+
+    # --- public ----------------------------------------------------------------------------
+
+    def status(self) -> RolloutState | None:
+        return self.store.load(self.policy.name)[0]
+
+    def plan(self, image: str, *, prefetch: bool = True) -> Plan:
+        parse_image(image)
+        return preflight(self.policy, self.nomad, now=self.clock.now(), demand=self.demand,
+                         prefetched=prefetch)  # fmt: skip
+
+    def start(self, image: str, *, prefetch: bool = True) -> RolloutState:
+        ref = parse_image(image).ref
+        old = self.status()
+        if old is not None and old.active:
+            raise ConflictError(
+                f"deploy {self.policy.name}: rollout {old.id} of {old.image} is {old.status}; "
+                "use 'deploy resume' or 'deploy abort'",
+                system="kv",
+            )
+        plan = preflight(self.policy, self.nomad, now=self.clock.now(), demand=self.demand,
+                         prefetched=prefetch)  # fmt: skip
+        now = self.clock.now()
+        st = RolloutState(
+            policy=self.policy.name, image=ref, job_id=self.job_id, namespace=self.ns,
+            status="prefetch" if prefetch else "rolling",
+            previous_image=plan.previous_image, previous_version=plan.job.version,
+            zones=[z.group for z in plan.zones], started_at=now.isoformat(),
+            updated_at=now.isoformat(), reason=plan.explain(),
+        )  # fmt: skip
+        st.prefetch = {"wanted": prefetch}
+        st.sli = {"surge_needed": plan.surge, "required_workers": plan.required_workers}
+        st.note(now, f"started: {plan.explain()}")
+        self._index = self.store.create(st)
+        self.state = st
+        log.info("deploy %s: rollout %s of %s started (%s)", st.policy, st.id, ref, plan.explain())
+        return self._drive(plan)
+
+    def resume(self) -> RolloutState | None:
+        """Reattach to the rollout recorded in KV and finish it (or roll it back)."""
+        st, index = self.store.load(self.policy.name)
+        if st is None or not st.active:
+            return st
+        self.state, self._index = st, index
+        if st.status == "paused":
+            st.status = "rolling" if st.zones_done or st.deployment_id else "prefetch"
+            if st.deployment_id:
+                dep_id = st.deployment_id
+                self._call(lambda: self._resume_nomad_deployment(dep_id))
+        self._save(f"resumed by a new process at {st.status}")
+        plan = preflight(self.policy, self.nomad, now=self.clock.now(), demand=None)
+        return self._drive(plan)
+
+    def abort(self, *, reason: str = "aborted by operator") -> RolloutState | None:
+        st, index = self.store.load(self.policy.name)
+        if st is None or not st.active:
+            return st
+        self.state, self._index = st, index
+        with contextlib.suppress(_Stop):
+            self._rollback(reason, status="aborted")
+        return self.state
+
+    # --- the state machine -----------------------------------------------------------------
+
+    def _drive(self, plan: Plan) -> RolloutState:
+        st = self.state
+        assert st is not None
+        try:
+            if st.status == "prefetch":
+                self._prefetch(plan)
+            for group in st.zones:
+                if group in st.zones_done:
+                    continue
+                self._roll_zone(plan, group)
+            self._finish("completed", f"{st.image} runs on every zone group")
+        except _Stop:
+            pass
+        return st
+
+    def _prefetch(self, plan: Plan) -> None:
+        st = self.state
+        assert st is not None
+        nodes = [n for z in plan.zones for n in z.nodes]
+        pool = self.policy.zones.items[0].node_pool
+        self._call(lambda: ensure_prefetch_job(self.nomad, job_id=self.prefetch_job,
+                   namespace=self.ns, node_pool=pool, hcl_path=self.prefetch_hcl))  # fmt: skip
+        t0 = self.clock.now()
+
+        def progress(res: Any, total: int) -> None:
+            self._report({"phase": "prefetch", "ok": len(res.ok), "failed": len(res.failed),
+                          "total": total})  # fmt: skip
+
+        res = prefetch(
+            self.nomad, image=st.image, nodes=nodes, job_id=self.prefetch_job, namespace=self.ns,
+            clock=self.clock, retries=self.d.prefetch_retries, poll_s=self.poll_s,
+            on_progress=progress,
+        )  # fmt: skip
+        st.prefetch.update(res.to_dict())
+        st.timings["prefetch_s"] = (self.clock.now() - t0).total_seconds()
+        names = {n.id: n.name for n in nodes}
+        if res.failed:
+            bad = ", ".join(f"{names.get(i, i)} ({r})" for i, r in sorted(res.failed.items()))
+            if self.d.on_prefetch_failure == "block":
+                self._alert(f"prefetch of {st.image} failed on {bad}", "error")
+                self._finish("aborted", f"prefetch failed on {bad}; policy blocks the rollout")
+            for node_id in res.failed:
+                self._call(partial(self.nomad.set_eligibility, node_id, False))
+            st.prefetch["ineligible"] = sorted(res.failed)
+            st.note(self.clock.now(), f"prefetch failed on {bad}: made ineligible")
+        self.store.set_golden_image(self.policy.name, st.image)
+        st.status = "rolling"
+        self._save(f"prefetched {st.image} on {len(res.ok)}/{len(nodes)} nodes")
+
+    def _roll_zone(self, plan: Plan, group: str) -> None:
+        st = self.state
+        assert st is not None
+        first = not st.zones_done
+        if st.current_zone != group or not st.deployment_id:
+            st.current_zone, st.deployment_id = group, None
+            st.timings[f"{group}_start"] = self._elapsed()
+            if plan.surge and (st.surge is None or st.surge.get("group") != group):
+                self._surge(group)
+            job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
+            empty = [z.group for z in plan.zones if z.count == 0]
+            canary = self.d.canary if first else 0
+            spec = jobspec.with_image(
+                dict(job.spec), image=st.image, groups=[*st.zones_done, group, *empty],
+                update=jobspec.update_block(self.d, canary=canary), update_group=group,
+            )  # fmt: skip
+            self._call(lambda: self.nomad.register_job(spec, enforce_index=job.job_modify_index,
+                                                       namespace=self.ns))  # fmt: skip
+            dep = self._wait_new_deployment(job.version)
+            if dep is None:  # nothing to replace in this zone
+                self._zone_done(group)
+                return
+            st.deployment_id = dep.id
+            st.status = "canary" if canary else "rolling"
+            self._save(f"zone {group}: deployment {dep.id[:8]} (canary {canary})")
+        self._follow(group)
+
+    def _follow(self, group: str) -> None:
+        st = self.state
+        assert st is not None and st.deployment_id is not None
+        index, healthy_seen, outage_since = 0, -1, None
+        gate_since: datetime | None = None
+        while True:
+            try:
+                dep, new_index = self.nomad.watch_deployment(
+                    st.deployment_id, index=index, wait_s=self.watch_wait_s
+                )
+                outage_since = None
+            except TemporaryError as e:
+                now = self.clock.now()
+                outage_since = outage_since or now
+                if (now - outage_since).total_seconds() > self.outage_limit_s:
+                    self._pause(f"nomad unavailable for {self.outage_limit_s:.0f}s: {e}")
+                log.warning("deploy %s: watching deployment: %s", st.policy, e)
+                self.clock.sleep(max(self.poll_s, e.retry_after))
+                continue
+            g = dep.groups.get(group)
+            self._report(
+                {
+                    "phase": st.status,
+                    "deployment": dep.status,
+                    "group": group,
+                    "healthy": g.healthy_allocs if g else 0,
+                    "total": g.desired_total if g else 0,
+                    "sli": st.sli.get("last"),
+                }
+            )
+            if dep.status == "successful":
+                self._zone_done(group)
+                return
+            if dep.status == "failed":
+                self._rollback(f"deployment {dep.id[:8]} failed: {dep.status_description}",
+                               status="rolled_back", failed=True)  # fmt: skip
+            if dep.status == "cancelled":
+                self._pause(f"deployment {dep.id[:8]} cancelled: {dep.status_description}")
+            if dep.status == "paused":
+                self._pause(f"deployment {dep.id[:8]} was paused outside nomadscale")
+            if g is not None and g.unhealthy_allocs > 0:
+                what = "canary" if g.desired_canaries and not g.promoted else "allocation"
+                self._rollback(f"{what} of {st.image} unhealthy in {group}",
+                               status="rolled_back", failed=True)  # fmt: skip
+            if (
+                dep.needs_promotion
+                and g is not None
+                and (
+                    len(g.placed_canaries) >= g.desired_canaries
+                    and g.healthy_allocs >= g.desired_canaries
+                )
+            ):
+                gate_since = gate_since or self.clock.now()
+                if self._gate(dep, gate_since, canary=True):
+                    self._call(partial(self.nomad.promote, dep.id))
+                    st.timings["canary_s"] = self._elapsed() - st.timings.get(f"{group}_start", 0)
+                    st.status = "rolling"
+                    self._save(f"canary healthy and SLI gate passed: promoted {dep.id[:8]}")
+                    gate_since = None
+            elif g is not None and g.healthy_allocs > healthy_seen:
+                if healthy_seen >= 0 and self.gate.enabled:
+                    self._gate(dep, self.clock.now(), canary=False)
+                healthy_seen = g.healthy_allocs
+            if new_index == index or self.watch_wait_s <= 0:
+                self.clock.sleep(self.poll_s)
+            index = new_index
+
+    def _gate(self, dep: DeploymentInfo, since: datetime, *, canary: bool) -> bool:
+        """True when the SLI gate passed; a breach (or no data until the timeout) fails."""
+        st = self.state
+        assert st is not None
+        if not self.gate.enabled:
+            return True
+        res: GateResult = self.gate.check(st.image, at=self.clock.now())
+        st.sli["last"] = res.to_dict()
+        self._report({"phase": "gate", "sli": res.to_dict()})
+        if res.verdict == "pass":
+            return True
+        waited = (self.clock.now() - since).total_seconds()
+        limit = self.d.healthy_deadline.total_seconds()
+        if res.verdict == "breach" or waited >= limit:
+            reason = res.reason if res.verdict == "breach" else f"no SLI data for {limit:.0f}s"
+            self._call(lambda: self.nomad.pause_deployment(dep.id, pause=True))
+            self._save(f"SLI gate failed: {reason}; paused {dep.id[:8]}")
+            self._call(lambda: self.nomad.fail_deployment(dep.id))
+            self._rollback(f"SLI gate: {reason}", status="rolled_back", failed=True)
+        return False
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _wait_new_deployment(self, old_version: int) -> DeploymentInfo | None:
+        for _ in range(60):
+            dep = self._call(lambda: self.nomad.latest_deployment(self.job_id, namespace=self.ns))
+            if dep is not None and dep.job_version > old_version:
+                return dep
+            job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
+            if job.version > old_version and dep is not None and dep.job_version < job.version:
+                status = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
+                if status.active_deployment is None:
+                    return None
+            self.clock.sleep(1.0)
+        self._pause("the new job version got no deployment after 60 s")
+        return None
+
+    def _zone_done(self, group: str) -> None:
+        st = self.state
+        assert st is not None
+        st.zones_done.append(group)
+        st.timings[f"{group}_s"] = self._elapsed() - st.timings.get(f"{group}_start", 0)
+        st.deployment_id = None
+        self._release_surge()
+        self._save(f"zone {group} done")
+
+    def _surge(self, group: str) -> None:
+        st = self.state
+        assert st is not None
+        status = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
+        cur = status.groups[group].desired
+        self._call(lambda: self.nomad.scale(self.job_id, group, cur + 1, namespace=self.ns,
+                   message=f"nomadscale deploy {st.id}: surge for rollout"))  # fmt: skip
+        st.surge = {"group": group, "from": cur, "to": cur + 1, "released": False}
+        self._save(f"surge: {group} {cur} -> {cur + 1}")
+        for _ in range(240):  # wait until the surge worker is healthy
+            g = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
+            if g.groups[group].healthy >= cur + 1:
+                return
+            self.clock.sleep(self.poll_s)
+        self._pause(f"surge worker in {group} not healthy")
+
+    def _release_surge(self) -> None:
+        st = self.state
+        assert st is not None
+        s = st.surge
+        if not s or s.get("released"):
+            return
+        status = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
+        cur = status.groups[s["group"]].desired
+        target = max(int(s["from"]), cur - 1)
+        if target != cur:
+            self._call(lambda: self.nomad.scale(self.job_id, s["group"], target,
+                       namespace=self.ns, message=f"nomadscale deploy {st.id}: release surge"))  # fmt: skip
+        s["released"] = True
+        st.note(self.clock.now(), f"surge released: {s['group']} -> {target}")
+
+    def _rollback(self, reason: str, *, status: str, failed: bool = False) -> None:
+        """Fail the running deployment (auto-revert), roll finished zones back, release the
+        surge and finish with ``status``."""
+        st = self.state
+        assert st is not None
+        st.status = "rolling-back"
+        self._save(f"rolling back: {reason}")
+        if st.deployment_id:
+            dep = self._call(lambda: self.nomad.deployment(st.deployment_id))
+            if dep.active:
+                self._call(lambda: self.nomad.fail_deployment(dep.id))
+        self._settle()
+        if st.previous_image and (st.zones_done or st.deployment_id):
+            job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
+            spec = jobspec.with_image(
+                dict(job.spec), image=st.previous_image, groups=st.zones,
+                update=None, update_group=None,
+            )  # fmt: skip
+            if spec != dict(job.spec):
+                self._call(lambda: self.nomad.register_job(spec, namespace=self.ns))
+                self._settle()
+        st.deployment_id = None
+        self._release_surge()
+        if failed:
+            self._alert(f"rollout of {st.image} rolled back: {reason}", "error")
+        self._finish(status, reason)
+
+    def _settle(self) -> None:
+        """Wait until the job has no active deployment (auto-revert or rollback finished)."""
+        limit = self.d.progress_deadline.total_seconds()
+        t0 = self.clock.now()
+        while (self.clock.now() - t0).total_seconds() < limit:
+            s = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
+            if s.active_deployment is None:
+                return
+            self.clock.sleep(self.poll_s)
+        log.warning("deploy %s: a deployment is still active after %.0fs", self.policy.name, limit)
+
+    def _resume_nomad_deployment(self, dep_id: str) -> None:
+        dep = self.nomad.deployment(dep_id)
+        if dep.status == "paused":
+            self.nomad.pause_deployment(dep_id, pause=False)
+
+    def _pause(self, reason: str) -> None:
+        st = self.state
+        assert st is not None
+        st.status, st.reason = "paused", reason
+        self._alert(f"rollout of {st.image} paused: {reason}", "warning")
+        self._save(f"paused: {reason}")
+        raise _Stop
+
+    def _finish(self, status: str, reason: str) -> None:
+        st = self.state
+        assert st is not None
+        st.status, st.reason = status, reason
+        st.finished_at = self.clock.now().isoformat()
+        st.timings["total_s"] = self._elapsed()
+        self._save(f"{status}: {reason}")
+        log.info("deploy %s: rollout %s %s: %s", st.policy, st.id, status, reason)
+        raise _Stop
+
+    def _elapsed(self) -> float:
+        st = self.state
+        assert st is not None
+        return (self.clock.now() - datetime.fromisoformat(st.started_at)).total_seconds()
+
+    def _save(self, note: str) -> None:
+        st = self.state
+        assert st is not None
+        now = self.clock.now()
+        st.updated_at = now.isoformat()
+        st.note(now, note)
+        log.info("deploy %s: %s", st.policy, note)
+        self._index = self.store.save(st, self._index)
+        self._report({"phase": st.status, "note": note})
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Retry Nomad's temporary errors until the outage limit, then pause."""
+        t0 = self.clock.now()
+        while True:
+            try:
+                return fn()
+            except TemporaryError as e:
+                if (self.clock.now() - t0).total_seconds() > self.outage_limit_s:
+                    if self.state is not None and self.state.status != "paused":
+                        self._pause(f"nomad unavailable: {e}")
+                    raise
+                log.warning("deploy %s: %s; retrying", self.policy.name, e)
+                self.clock.sleep(max(self.poll_s, e.retry_after))
+
+    def _alert(self, summary: str, severity: str) -> None:
+        if self.alerts is None:
+            return
+        st = self.state
+        try:
+            self.alerts.trigger(
+                dedup_key=f"nomadscale-deploy-{self.policy.name}-{st.id if st else ''}",
+                summary=f"nomadscale deploy {self.policy.name}: {summary}",
+                severity=severity,
+                details={"policy": self.policy.name, "image": st.image if st else "",
+                         "rollout": st.id if st else "", "status": st.status if st else ""},
+            )  # fmt: skip
+        except (TemporaryError, PermanentError) as e:
+            log.warning("deploy %s: alert not sent: %s", self.policy.name, e)
+
+    def _report(self, info: dict[str, Any]) -> None:
+        if self.reporter is not None and self.state is not None:
+            self.reporter(self.state, info)

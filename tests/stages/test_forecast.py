@@ -1,0 +1,133 @@
+"""Forecast: the live path equals the backtest path; calibration, gaps, fallbacks, hours."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+
+import numpy as np
+import pytest
+
+from nomadscale.core.errors import InputError
+from nomadscale.core.ports import DemandSeries
+from nomadscale.data import bundled_trace_path
+from nomadscale.stages.forecast import BusinessHours, ForecastConfig, Forecaster, forecast
+from nomadscale.stages.history import load_trace
+
+T0 = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday
+
+
+def series(values: np.ndarray, step_s: float = 60) -> DemandSeries:
+    return DemandSeries(start=T0, step_s=step_s, values=np.asarray(values, dtype=float))
+
+
+def test_forecast_equals_incremental_forecaster_fed_causally() -> None:
+    tr = load_trace(bundled_trace_path())
+    s = tr.series
+    cfg = ForecastConfig(capacity_rpm=4000.0, min_workers=2)
+    f = Forecaster(origin=s.start, step_s=s.step_s, config=cfg)
+    checked = 0
+    for k, d in enumerate(range(0, len(s.values) - 2, 2)):  # a boundary every 20 min
+        if k % 97 == 0 and d > 0:
+            now = s.start + timedelta(seconds=d * s.step_s)
+            live = forecast(s, now=now, config=cfg)  # the whole series: future is cut off
+            assert live == f.predict()
+            checked += 1
+        f.feed(s.values[d : d + 2])
+    assert checked >= 4
+
+
+def test_future_data_is_never_used() -> None:
+    rng = np.random.default_rng(1)
+    v = 100 + 10 * rng.random(3 * 1440)
+    now = T0 + timedelta(days=2)
+    a = forecast(series(v), now=now, config=ForecastConfig())
+    w = v.copy()
+    w[2 * 1440 :] *= 50
+    assert forecast(series(w), now=now, config=ForecastConfig()) == a
+
+
+def test_calibrated_bound_serves_the_target_share_of_new_demand() -> None:
+    rng = np.random.default_rng(2)
+    minutes = np.arange(5 * 1440)
+    level = 1000 * (1.5 + np.sin(2 * np.pi * minutes / 1440))
+    v = level * rng.lognormal(0, 0.15, len(minutes))
+    cfg = ForecastConfig()
+    f = Forecaster(origin=T0, step_s=60, config=cfg)
+    f.feed(v[: 3 * 1440])
+    served = total = 0
+    for d in range(3 * 1440, 5 * 1440 - 20, 20):
+        fc = f.predict()
+        assert fc.data_ok and fc.upper >= fc.peak > 0
+        window = v[d : d + 20]
+        served += int(np.sum(window <= fc.upper))
+        total += len(window)
+        f.feed(window)
+    assert 0.975 <= served / total <= 0.999  # about the 0.99 target, not a fixed headroom
+    assert 0.05 < fc.headroom < 1.0
+
+
+def test_missing_recent_history_marks_data_not_ok() -> None:
+    v = np.full(2 * 1440, 300.0)
+    v[-25:] = np.nan
+    fc = forecast(series(v), now=T0 + timedelta(days=2), config=ForecastConfig())
+    assert fc.data_ok is False and fc.peak > 0
+    stale = forecast(series(np.full(1440, 300.0)), now=T0 + timedelta(days=1, hours=1),
+                     config=ForecastConfig())  # fmt: skip
+    assert stale.data_ok is False
+
+
+def test_short_history_falls_back_gracefully() -> None:
+    v = np.full(90, 200.0)
+    fc = forecast(series(v), now=T0 + timedelta(minutes=90), config=ForecastConfig())
+    assert fc.data_ok and fc.upper >= 200 and fc.model.startswith("fallback")
+    empty = forecast(series(np.empty(0)), now=T0, config=ForecastConfig())
+    assert empty.data_ok is False and empty.upper == 0
+
+
+def test_level_shift_is_followed_within_hours() -> None:
+    rng = np.random.default_rng(3)
+    v = 100 * rng.lognormal(0, 0.1, 3 * 1440)
+    v[-180:] *= 3  # traffic tripled three hours ago
+    fc = forecast(series(v), now=T0 + timedelta(days=3), config=ForecastConfig())
+    assert fc.upper >= 300
+
+
+def test_zeros_and_spikes_do_not_break_it() -> None:
+    v = np.zeros(2 * 1440)
+    v[::97] = 5000.0
+    fc = forecast(series(v), now=T0 + timedelta(days=2), config=ForecastConfig())
+    assert np.isfinite(fc.upper) and fc.upper >= 0
+
+
+def test_bad_input_is_rejected() -> None:
+    with pytest.raises(InputError, match="negative"):
+        forecast(series(np.array([1.0, -2.0])), now=T0 + timedelta(hours=1),
+                 config=ForecastConfig())  # fmt: skip
+    with pytest.raises(InputError, match="not a multiple"):
+        forecast(series(np.ones(100), step_s=420), now=T0 + timedelta(days=1),
+                 config=ForecastConfig())  # fmt: skip
+    with pytest.raises(InputError, match="unknown"):
+        Forecaster(origin=T0, step_s=60, config=ForecastConfig(model="prophet"))
+
+
+@pytest.mark.parametrize("model", ["slope", "seasonal", "weighted", "blend", "auto"])
+def test_policy_models_run(model: str) -> None:
+    rng = np.random.default_rng(4)
+    v = 100 * (1.5 + np.sin(np.arange(9 * 1440) * 2 * np.pi / 1440)) * rng.lognormal(0, .1, 9 * 1440)
+    fc = forecast(series(v), now=T0 + timedelta(days=9), config=ForecastConfig(model=model))
+    assert fc.model == model or model == "auto"
+    assert fc.upper >= fc.peak > 0
+
+
+def test_business_hours_use_their_own_target_and_minimum() -> None:
+    bh = BusinessHours(days=(0, 1, 2, 3, 4), start=time(8), end=time(20), tz="Asia/Jakarta",
+                       target=0.995, min_workers=4)  # fmt: skip
+    assert bh.in_hours(datetime(2026, 1, 5, 2, tzinfo=UTC))  # 09:00 in Jakarta, Monday
+    assert not bh.in_hours(datetime(2026, 1, 5, 14, tzinfo=UTC))  # 21:00
+    assert not bh.in_hours(datetime(2026, 1, 10, 2, tzinfo=UTC))  # Saturday
+    v = np.full(2 * 1440, 100.0)
+    fc = forecast(series(v), now=datetime(2026, 1, 7, 2, tzinfo=UTC),
+                  config=ForecastConfig(business_hours=bh))  # fmt: skip
+    assert fc.target == 0.995 and fc.meta["min_workers"] == 4
+    with pytest.raises(InputError, match="time zone"):
+        BusinessHours(tz="Mars/Olympus")
