@@ -46,5 +46,36 @@ job "maintenance-watcher" {
         memory = 64
       }
     }
+
+    # Post-maintenance GPU check. The node is still ineligible when nomadscale asks, so a new
+    # batch job could not be placed; this system task (kept through drains) answers instead:
+    # when node meta gpu.check.request changes it runs nvidia-smi + the kernel-log Xid scan and
+    # writes the raw output back as gpu.check.* (see nomadscale/healing/gpucheck.py,
+    # CHECK_SCRIPT); nomadscale parses it into the verdict.
+    task "gpu-check" {
+      driver = "raw_exec"
+
+      config {
+        command = "/bin/sh"
+        args    = ["-c", "while true; do req=$(nomad node meta read -node-id \"$NODE_ID\" -json | jq -r '.Meta[\"gpu.check.request\"] // empty'); done_id=$(nomad node meta read -node-id \"$NODE_ID\" -json | jq -r '.Meta[\"gpu.check.id\"] // empty'); if [ -n \"$req\" ] && [ \"$req\" != \"$done_id\" ]; then CHECK_ID=$req /usr/local/bin/nomadscale-gpu-check; fi; sleep 5; done"]
+      }
+
+      env {
+        NODE_ID = "${node.unique.id}"
+      }
+
+      template {
+        destination = "secrets/env"
+        env         = true
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/maintenance-watcher" }}NOMAD_TOKEN={{ .node_meta_token }}{{ end }}
+        EOT
+      }
+
+      resources {
+        cpu    = 50
+        memory = 64
+      }
+    }
   }
 }

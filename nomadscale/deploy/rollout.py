@@ -66,6 +66,7 @@ class Rollout:
         self.poll_s, self.watch_wait_s = poll_s, watch_wait_s
         self.outage_limit_s = outage_limit_s or self.d.progress_deadline.total_seconds()
         self.prefetch_hcl = prefetch_hcl
+        self.gate_every_s = 30.0
         self.ns = policy.target.namespace
         self.job_id = policy.target.job
         self.prefetch_job = self.d.prefetch_job or "image-prefetch"
@@ -216,6 +217,7 @@ class Rollout:
         assert st is not None and st.deployment_id is not None
         index, healthy_seen, outage_since = 0, -1, None
         gate_since: datetime | None = None
+        last_gate = self.clock.now()
         while True:
             try:
                 dep, new_index = self.nomad.watch_deployment(
@@ -242,6 +244,8 @@ class Rollout:
                 }
             )
             if dep.status == "successful":
+                if self.gate.enabled:
+                    self._gate(dep, self.clock.now(), canary=False, final=True)
                 self._zone_done(group)
                 return
             if dep.status == "failed":
@@ -265,21 +269,31 @@ class Rollout:
             ):
                 gate_since = gate_since or self.clock.now()
                 if self._gate(dep, gate_since, canary=True):
-                    self._call(partial(self.nomad.promote, dep.id))
+                    self._call(partial(self.nomad.promote, dep.id, groups=[group]))
                     st.timings["canary_s"] = self._elapsed() - st.timings.get(f"{group}_start", 0)
                     st.status = "rolling"
                     self._save(f"canary healthy and SLI gate passed: promoted {dep.id[:8]}")
                     gate_since = None
-            elif g is not None and g.healthy_allocs > healthy_seen:
-                if healthy_seen >= 0 and self.gate.enabled:
-                    self._gate(dep, self.clock.now(), canary=False)
-                healthy_seen = g.healthy_allocs
+            elif (
+                g is not None
+                and self.gate.enabled
+                and (
+                    g.healthy_allocs > healthy_seen
+                    or (self.clock.now() - last_gate).total_seconds() >= self.gate_every_s
+                )
+            ):
+                self._gate(dep, self.clock.now(), canary=False, final=True)
+                healthy_seen, last_gate = g.healthy_allocs, self.clock.now()
             if new_index == index or self.watch_wait_s <= 0:
                 self.clock.sleep(self.poll_s)
             index = new_index
 
-    def _gate(self, dep: DeploymentInfo, since: datetime, *, canary: bool) -> bool:
-        """True when the SLI gate passed; a breach (or no data until the timeout) fails."""
+    def _gate(
+        self, dep: DeploymentInfo, since: datetime, *, canary: bool, final: bool = False
+    ) -> bool:
+        """True when the SLI gate passed; a breach (or, for the canary, no data until the
+        healthy deadline) pauses and fails the deployment and rolls back. With ``final`` only
+        a breach counts (no data between nodes is not a reason to stop)."""
         st = self.state
         assert st is not None
         if not self.gate.enabled:
@@ -291,11 +305,9 @@ class Rollout:
             return True
         waited = (self.clock.now() - since).total_seconds()
         limit = self.d.healthy_deadline.total_seconds()
-        if res.verdict == "breach" or waited >= limit:
+        if res.verdict == "breach" or (not final and waited >= limit):
             reason = res.reason if res.verdict == "breach" else f"no SLI data for {limit:.0f}s"
-            self._call(lambda: self.nomad.pause_deployment(dep.id, pause=True))
-            self._save(f"SLI gate failed: {reason}; paused {dep.id[:8]}")
-            self._call(lambda: self.nomad.fail_deployment(dep.id))
+            self._save(f"SLI gate failed: {reason}")
             self._rollback(f"SLI gate: {reason}", status="rolled_back", failed=True)
         return False
 
@@ -364,6 +376,8 @@ class Rollout:
         self._save(f"rolling back: {reason}")
         if st.deployment_id:
             dep = self._call(lambda: self.nomad.deployment(st.deployment_id))
+            if dep.status == "running":
+                self._call(partial(self.nomad.pause_deployment, dep.id, pause=True))
             if dep.active:
                 self._call(lambda: self.nomad.fail_deployment(dep.id))
         self._settle()

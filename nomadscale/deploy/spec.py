@@ -44,4 +44,7 @@ def with_image(
                 task["Config"] = cfg
         if update is not None and tg.get("Name") == update_group:
             tg["Update"] = dict(update)
+        elif tg.get("Update"):
+            # other groups have nothing to replace: no canaries waiting for promotion there
+            tg["Update"] = {**tg["Update"], "Canary": 0}
     return out

@@ -47,6 +47,7 @@ def terminate(
     c: Cluster, a: Alloc, *, desired: str | None, client_status: str, description: str
 ) -> None:
     now = c.now_s()
+    was_live = a.live
     if desired is not None:
         a.desired_status = desired
         a.desired_description = description
@@ -66,6 +67,9 @@ def terminate(
     )
     a.modify_time = now
     a.modify_index = c.bump("allocs")
+    node = c.nodes.get(a.node_id)
+    if was_live and not a.live and node is not None:
+        node.track(a, -1)
     c.capacity_changed()
     c.emit(
         f"alloc_{'stopped' if client_status == 'complete' else client_status}",

@@ -7,6 +7,8 @@ RFC 3339 strings, ``*Time`` int fields (ModifyTime, SubmitTime, ...) are Unix na
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,9 +23,22 @@ def new_uuid() -> str:
     return str(uuid.uuid4())
 
 
+class RawJSON(bytes):
+    """Already-encoded JSON; the server writes it as is."""
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def rfc3339(ts: float | None) -> str:
     if ts is None:
         return ZERO_TIME
+    return _rfc3339(ts)
+
+
+@functools.lru_cache(maxsize=65536)
+def _rfc3339(ts: float) -> str:
     dt = datetime.fromtimestamp(ts, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond:06d}Z"
 
@@ -52,6 +67,27 @@ class Node:
     status_updated_at: float = 0.0
     events: list[dict[str, Any]] = field(default_factory=list)
     address: str = "10.0.0.1"
+    _stub_cache: tuple[int, bytes] | None = None
+    # live (non-terminal) allocations on the node, kept by the scheduler
+    n_live: int = 0
+    gpu_used: int = 0
+    jobs_live: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def track(self, alloc: Alloc, delta: int) -> None:
+        key = (alloc.namespace, alloc.job_id)
+        self.n_live += delta
+        self.gpu_used += delta * alloc.gpus
+        left = self.jobs_live.get(key, 0) + delta
+        if left > 0:
+            self.jobs_live[key] = left
+        else:
+            self.jobs_live.pop(key, None)
+
+    def stub_json(self) -> bytes:
+        """The stub's JSON, cached per ModifyIndex (every stub change bumps it)."""
+        if self._stub_cache is None or self._stub_cache[0] != self.modify_index:
+            self._stub_cache = (self.modify_index, dumps(self.stub()))
+        return self._stub_cache[1]
 
     @property
     def draining(self) -> bool:
@@ -169,6 +205,15 @@ class Alloc:
     task_names: tuple[str, ...] = ()
     task_events: list[dict[str, Any]] = field(default_factory=list)
     gen: int = 0  # bumped on each transition; stale timers are ignored
+    _stub_cache: dict[bool, tuple[int, bytes]] = field(default_factory=dict)
+
+    def stub_json(self, *, task_states: bool = True) -> bytes:
+        """The stub's JSON, cached per ModifyIndex (every stub change bumps it)."""
+        hit = self._stub_cache.get(task_states)
+        if hit is None or hit[0] != self.modify_index:
+            hit = (self.modify_index, dumps(self.stub(task_states=task_states)))
+            self._stub_cache[task_states] = hit
+        return hit[1]
 
     @property
     def live(self) -> bool:

@@ -135,17 +135,8 @@ class Placer:
         self._heap: list[tuple[int, int, str]] | None = None
 
     def _load(self, node: Node) -> tuple[int, int, bool]:
-        live = 0
-        gpu_used = 0
-        has_job = False
         key = (self.job.namespace, self.job.id)
-        for a in self.c.allocs_by_node.get(node.id, ()):
-            if a.live:
-                live += 1
-                gpu_used += a.gpus
-                if (a.namespace, a.job_id) == key:
-                    has_job = True
-        return live, gpu_used, has_job
+        return node.n_live, node.gpu_used, key in node.jobs_live
 
     def fits(self, node: Node) -> bool:
         _, gpu_used, has_job = self._load(node)

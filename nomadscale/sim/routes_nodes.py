@@ -8,7 +8,7 @@ from typing import Any
 
 from nomadscale.sim import deploy, drain, filters, sched
 from nomadscale.sim.cluster import Cluster
-from nomadscale.sim.model import ApiError, Deployment, Node
+from nomadscale.sim.model import ApiError, Deployment, Node, RawJSON
 from nomadscale.sim.server import Request, Route, route
 
 _META_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
@@ -25,8 +25,16 @@ def _paged(req: Request, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
+def _raw_list(parts: list[bytes]) -> RawJSON:
+    return RawJSON(b"[" + b",".join(parts) + b"]")
+
+
 def list_nodes(c: Cluster, req: Request) -> tuple[Any, int]:
     prefix = req.query.get("prefix", "")
+    if not req.query.get("filter") and not req.query.get("per_page"):
+        nodes = sorted(c.nodes.values(), key=lambda n: n.id)
+        parts = [n.stub_json() for n in nodes if n.id.startswith(prefix)]
+        return _raw_list(parts), c.table_index["nodes"]
     pred = filters.compile_filter(req.query["filter"]) if req.query.get("filter") else None
     out = []
     for node in sorted(c.nodes.values(), key=lambda n: n.id):
@@ -97,6 +105,15 @@ def list_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
     ns = req.namespace
     prefix = req.query.get("prefix", "")
     task_states = req.query.get("task_states", "true") not in ("false", "False", "0")
+    if not req.query.get("filter"):
+        parts = [
+            a.stub_json(task_states=task_states)
+            for a in c.allocs.values()
+            if (ns == "*" or a.namespace == ns) and a.id.startswith(prefix)
+        ]
+        if req.query.get("reverse") == "true":
+            parts.reverse()
+        return _raw_list(parts), c.table_index["allocs"]
     pred = filters.compile_filter(req.query["filter"]) if req.query.get("filter") else None
     out = []
     for a in c.allocs.values():

@@ -59,17 +59,26 @@ def stop_alloc(c: Cluster, a: Alloc, description: str, *, client_status: str = "
     lifecycle.terminate(c, a, desired="stop", client_status=client_status, description=description)
 
 
-def _free_index(c: Cluster, job: JobRecord, group: str) -> int:
-    used = set()
+class IndexPool(set[int]):
+    """Name indexes in use; ``take`` hands out the lowest free one."""
+
+    cursor = 0
+
+    def take(self) -> int:
+        while self.cursor in self:
+            self.cursor += 1
+        self.add(self.cursor)
+        return self.cursor
+
+
+def used_indexes(c: Cluster, job: JobRecord, group: str) -> IndexPool:
+    used = IndexPool()
     for a in c.job_allocs((job.namespace, job.id)):
         if a.task_group == group and a.live:
             m = _NAME_IDX.search(a.name)
             if m:
                 used.add(int(m.group(1)))
-    i = 0
-    while i in used:
-        i += 1
-    return i
+    return used
 
 
 def create_alloc(
@@ -82,9 +91,15 @@ def create_alloc(
     dep: Deployment | None,
     canary: bool = False,
     previous: Alloc | None = None,
+    used: IndexPool | None = None,
+    hash_: str = "",
 ) -> Alloc:
+    """Place one allocation of ``tg`` on ``node_id``. ``used``: the group's name indexes in
+    use (pass one set for many placements in one evaluation)."""
     from nomadscale.sim import lifecycle
 
+    if used is None:
+        used = used_indexes(c, job, tg["Name"])
     node = c.nodes[node_id]
     image, size = image_of(tg)
     image = _interp_image(image, job.spec)
@@ -93,7 +108,7 @@ def create_alloc(
     a = Alloc(
         id=new_uuid(),
         eval_id=eval_id,
-        name=f"{job.id}.{tg['Name']}[{_free_index(c, job, tg['Name'])}]",
+        name=f"{job.id}.{tg['Name']}[{used.take()}]",
         namespace=job.namespace,
         node_id=node.id,
         node_name=node.name,
@@ -106,7 +121,7 @@ def create_alloc(
         image=image,
         image_size_gb=size,
         gpus=group_gpus(tg),
-        spec_hash=spec_hash(job.spec, tg),
+        spec_hash=hash_ or spec_hash(job.spec, tg),
         deployment_id=dep.id if dep else "",
         canary=canary,
         modify_index=idx,
@@ -119,6 +134,7 @@ def create_alloc(
     c.allocs[a.id] = a
     c.allocs_by_job[(job.namespace, job.id)].append(a)
     c.allocs_by_node[node.id].append(a)
+    node.track(a, +1)
     if dep is not None and tg["Name"] in dep.groups:
         gs = dep.groups[tg["Name"]]
         gs.placed_allocs += 1
@@ -197,11 +213,12 @@ def _reconcile_per_node(
             if a.live or (job.type == "sysbatch" and a.client_status == "complete"):
                 have.add(a.node_id)
         missing = 0
+        used = used_indexes(c, job, tg["Name"])
         for node in placer.candidates:
             if node.id in have:
                 continue
             if placer.fits(node):
-                create_alloc(c, job, tg, node.id, eval_id=ev["ID"], dep=None)
+                create_alloc(c, job, tg, node.id, eval_id=ev["ID"], dep=None, used=used)
             else:
                 missing += 1
         queued[tg["Name"]] = 0
@@ -297,6 +314,8 @@ def _apply_group(
     def place(n: int, *, canary: bool = False, previous: list[Alloc] | None = None) -> None:
         nonlocal placer, missing
         placer = placer or Placer(c, job, tg)
+        used = used_indexes(c, job, name) if n else IndexPool()
+        h = spec_hash(job.spec, tg) if n else ""
         for i in range(n):
             prev = previous[i] if previous and i < len(previous) else None
             node = placer.choose(exclude=prev.node_id if prev else "")
@@ -304,7 +323,9 @@ def _apply_group(
                 missing += n - i
                 return
             create_alloc(
-                c, job, tg, node.id, eval_id=ev["ID"], dep=dep, canary=canary, previous=prev
+                c, job, tg, node.id, eval_id=ev["ID"], dep=dep, canary=canary, previous=prev,
+                used=used,
+                hash_=h,
             )
 
     canaries_pending = (

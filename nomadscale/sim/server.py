@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from nomadscale.sim import jobspec
 from nomadscale.sim.cluster import Cluster
-from nomadscale.sim.model import ApiError
+from nomadscale.sim.model import ApiError, RawJSON
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,8 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 def _dump(body: Any) -> bytes:
+    if isinstance(body, RawJSON):
+        return bytes(body)
     return json.dumps(body, separators=(",", ":")).encode()
 
 

@@ -69,7 +69,7 @@ class ForecastConfig:
     target: float = 0.99
     model: str = "auto"
     business_hours: BusinessHours | None = None
-    calibration_window_s: float = 7 * 86400.0
+    calibration_window_s: float = 14 * 86400.0  # exponential forgetting of past errors
     tracking_rate: float = 0.05  # log-multiplier step per missed cycle (0 = off)
     min_calibration_s: float = 6 * 3600.0
     # capacity of one worker (req/min) and the fleet minimum, when known: headroom is then
@@ -199,7 +199,8 @@ class Forecaster:
             ok = ~np.isnan(x)
             err = float(np.mean(x[ok] > thr[ok] + 1e-9))
             target = self._target(in_hours)
-            self._offset += self.config.tracking_rate * (err - (1.0 - target))
+            # aim at 90% of the allowed miss rate: a margin for the noise of a finite run
+            self._offset += self.config.tracking_rate * (err - 0.9 * (1.0 - target))
             self._offset = min(max(self._offset, -0.7), 0.7)
 
     def _bucket_start(self, k: int) -> datetime:

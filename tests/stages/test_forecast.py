@@ -113,7 +113,11 @@ def test_bad_input_is_rejected() -> None:
 @pytest.mark.parametrize("model", ["slope", "seasonal", "weighted", "blend", "auto"])
 def test_policy_models_run(model: str) -> None:
     rng = np.random.default_rng(4)
-    v = 100 * (1.5 + np.sin(np.arange(9 * 1440) * 2 * np.pi / 1440)) * rng.lognormal(0, .1, 9 * 1440)
+    v = (
+        100
+        * (1.5 + np.sin(np.arange(9 * 1440) * 2 * np.pi / 1440))
+        * rng.lognormal(0, 0.1, 9 * 1440)
+    )
     fc = forecast(series(v), now=T0 + timedelta(days=9), config=ForecastConfig(model=model))
     assert fc.model == model or model == "auto"
     assert fc.upper >= fc.peak > 0

@@ -38,10 +38,16 @@ def test_missing_rows_are_gaps_and_rates_are_per_minute(tmp_path: Path) -> None:
     [
         ("time,req\n", "t.csv:1: header must be 'timestamp,requests'"),
         ("timestamp,requests\n2026-01-05T00:00:00Z,1\nyesterday,2\n", "t.csv:3: bad timestamp"),
-        ("timestamp,requests\n2026-01-05T00:00:00Z,1\n2026-01-05T00:01:00Z,-4\n", "t.csv:3: requests must not be negative"),  # noqa: E501
+        (
+            "timestamp,requests\n2026-01-05T00:00:00Z,1\n2026-01-05T00:01:00Z,-4\n",
+            "t.csv:3: requests must not be negative",
+        ),
         ("timestamp,requests\n2026-01-05T00:00:00Z,nan\n", "t.csv:2: requests must be finite"),
         ("timestamp,requests\n2026-01-05T00:00:00Z,abc\n", "t.csv:2: requests is not a number"),
-        ("timestamp,requests\n2026-01-05T00:01:00Z,1\n2026-01-05T00:00:00Z,1\n", "t.csv:3: timestamp"),  # noqa: E501
+        (
+            "timestamp,requests\n2026-01-05T00:01:00Z,1\n2026-01-05T00:00:00Z,1\n",
+            "t.csv:3: timestamp",
+        ),
         (
             "timestamp,requests\n2026-01-05T00:00:00Z,1\n2026-01-05T00:01:00Z,1\n"
             "2026-01-05T00:02:00Z,1\n2026-01-05T00:03:20Z,1\n",

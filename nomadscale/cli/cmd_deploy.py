@@ -1,0 +1,177 @@
+"""``nomadscale deploy`` and ``nomadscale prefetch``: rolling golden-image deployments.
+
+    nomadscale deploy start ekyc-ml --image registry/ml-worker:2026.11.2 [--dry-run] [--yes]
+    nomadscale deploy status [ekyc-ml]      nomadscale deploy abort ekyc-ml
+    nomadscale deploy resume ekyc-ml        nomadscale prefetch ekyc-ml --image REF
+
+POLICY is a policy name (looked up in the settings' policies folder) or a policy file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from nomadscale.config.policy import Policy, load_policies, load_policy
+from nomadscale.config.settings import load_settings
+from nomadscale.core.clock import SystemClock
+from nomadscale.core.errors import ConfigError, UsageError
+from nomadscale.deploy.image import parse_image
+from nomadscale.deploy.prefetch import ensure_prefetch_job
+from nomadscale.deploy.prefetch import prefetch as run_prefetch
+from nomadscale.deploy.progress import LiveProgress, status_table
+from nomadscale.deploy.rollout import Rollout
+from nomadscale.deploy.state import StateStore
+
+
+def _policy(name: str, settings: Any) -> Policy:
+    if Path(name).is_file():
+        return load_policy(name)
+    for p in load_policies([settings.policies]):
+        if p.name == name:
+            if p.deploy is None:
+                raise UsageError(f"POLICY {name}: the policy has no 'deploy:' section")
+            return p
+    raise UsageError(f"POLICY {name!r}: no such policy in {settings.policies}")
+
+
+def _ports(policy: Policy | None, *, need_demand: bool = False) -> dict[str, Any]:
+    from nomadscale.integrations.consul import ConsulKV
+    from nomadscale.integrations.nomad import NomadClient
+    from nomadscale.service.runtime import alerts_for, demand_for
+
+    settings = load_settings()
+    if not settings.consul_addr:
+        raise ConfigError("CONSUL_HTTP_ADDR: not set (rollout state lives in Consul KV)")
+    token = settings.consul_token.reveal() if settings.consul_token else None
+    out: dict[str, Any] = {
+        "settings": settings,
+        "nomad": NomadClient.from_settings(settings, clock=SystemClock()),
+        "kv": ConsulKV(addr=settings.consul_addr, token=token, cacert=settings.consul_cacert),
+        "prefix": settings.kv_prefix,
+    }
+    if policy is not None:
+        out["alerts"] = alerts_for([policy])
+        if settings.prometheus_url:
+            from nomadscale.integrations.prometheus import PrometheusClient
+
+            out["prometheus"] = PrometheusClient(url=settings.prometheus_url)
+        if need_demand:
+            out["demand"] = demand_for(settings)(policy)
+    return out
+
+
+def _rollout(name: str, *, reporter: Any = None, need_demand: bool = False) -> Rollout:
+    policy = _policy(name, load_settings())
+    p = _ports(policy, need_demand=need_demand)
+    return Rollout(
+        policy=policy, nomad=p["nomad"], kv=p["kv"], clock=SystemClock(), prefix=p["prefix"],
+        prometheus=p.get("prometheus"), demand=p.get("demand"), alerts=p.get("alerts"),
+        reporter=reporter,
+    )  # fmt: skip
+
+
+def _done(st: Any, console: Console) -> None:
+    console.print(status_table(st))
+    if st is not None and st.status not in ("completed",):
+        raise click.exceptions.Exit(1)
+
+
+class _DefaultStart(click.Group):
+    """``deploy POLICY --image ...`` means ``deploy start POLICY --image ...``."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["start", *args]
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_DefaultStart)
+def deploy() -> None:
+    """Rolling golden-image deployments (prefetch, canary, one node at a time)."""
+
+
+@deploy.command("start")
+@click.argument("policy")
+@click.option("--image", required=True, help="REPO:TAG or REPO@sha256:<digest>")
+@click.option("--dry-run", is_flag=True, help="Preflight only: print the plan.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--no-prefetch", is_flag=True, help="Let nodes pull during the rollout.")
+def start(policy: str, image: str, dry_run: bool, yes: bool, no_prefetch: bool) -> None:
+    """Start a rollout of IMAGE for POLICY."""
+    ref = parse_image(image).ref
+    console = Console()
+    if dry_run:
+        plan = _rollout(policy, need_demand=True).plan(ref, prefetch=not no_prefetch)
+        console.print(f"deploy {policy} {ref}: {plan.explain()}")
+        return
+    if not yes:
+        click.confirm(f"Roll out {ref} to {policy}?", abort=True)
+    with LiveProgress() as live:
+        st = _rollout(policy, reporter=live, need_demand=True).start(ref, prefetch=not no_prefetch)
+    _done(st, console)
+
+
+@deploy.command("status")
+@click.argument("policy", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def status(policy: str | None, as_json: bool) -> None:
+    """Show the rollout record of POLICY (or of every policy)."""
+    p = _ports(None)
+    store = StateStore(p["kv"], prefix=p["prefix"])
+    names = [policy] if policy else sorted(
+        {e.key.split("/")[-2] for e in p["kv"].list(f"{p['prefix'].strip('/')}/deploy/")}
+    )  # fmt: skip
+    console = Console()
+    for name in names:
+        st = store.load(name)[0]
+        if st is None:
+            console.print(f"{name}: no rollout recorded")
+        elif as_json:
+            click.echo(json.dumps(st.to_dict(), indent=2))
+        else:
+            console.print(status_table(st))
+
+
+@deploy.command("abort")
+@click.argument("policy")
+def abort(policy: str) -> None:
+    """Fail the running deployment (auto-revert), roll back and release the surge."""
+    _done(_rollout(policy).abort(), Console())
+
+
+@deploy.command("resume")
+@click.argument("policy")
+def resume(policy: str) -> None:
+    """Reattach to the recorded rollout and finish it (or roll it back)."""
+    with LiveProgress() as live:
+        st = _rollout(policy, reporter=live).resume()
+    if st is None:
+        raise UsageError(f"POLICY {policy}: no rollout recorded")
+    _done(st, Console())
+
+
+@click.command("prefetch")
+@click.argument("policy")
+@click.option("--image", required=True, help="REPO:TAG or REPO@sha256:<digest>")
+def prefetch(policy: str, image: str) -> None:
+    """Pull IMAGE on every eligible node of POLICY's pool (no rollout)."""
+    ref = parse_image(image).ref
+    pol = _policy(policy, load_settings())
+    p = _ports(pol)
+    nomad, pool, ns = p["nomad"], pol.zones.items[0].node_pool, pol.target.namespace
+    job = (pol.deploy.prefetch_job if pol.deploy else None) or "image-prefetch"
+    ensure_prefetch_job(nomad, job_id=job, namespace=ns, node_pool=pool)
+    nodes = [n for n in nomad.list_nodes(node_pool=pool)
+             if n.status == "ready" and n.eligibility == "eligible"]  # fmt: skip
+    res = run_prefetch(nomad, image=ref, nodes=nodes, job_id=job, namespace=ns,
+                       clock=SystemClock(), retries=pol.deploy.prefetch_retries if pol.deploy else 2)  # fmt: skip
+    click.echo(f"prefetched {ref} on {len(res.ok)}/{len(nodes)} nodes in {res.seconds:.0f}s")
+    for node_id, why in sorted(res.failed.items()):
+        click.echo(f"  failed on {node_id}: {why}", err=True)
+    if res.failed:
+        raise click.exceptions.Exit(1)

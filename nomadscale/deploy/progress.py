@@ -1,0 +1,60 @@
+"""Live rollout progress with rich: nodes prefetched, canary, nodes updated, current SLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from nomadscale.deploy.state import RolloutState
+
+
+def status_table(st: RolloutState, info: dict[str, Any] | None = None) -> Table:
+    info = info or {}
+    t = Table(title=f"deploy {st.policy}: {st.image}", title_justify="left", show_header=False)
+    t.add_row("rollout", f"{st.id} [bold]{st.status}[/bold]")
+    t.add_row("previous image", str(st.previous_image))
+    pf = st.prefetch
+    if pf.get("ok") is not None or info.get("phase") == "prefetch":
+        ok = info.get("ok", len(pf.get("ok") or []))
+        total = info.get("total", ok + len(pf.get("failed") or {}))
+        failed = pf.get("failed") or {}
+        t.add_row(
+            "prefetched", f"{ok}/{total} nodes" + (f", failed {len(failed)}" if failed else "")
+        )
+    t.add_row("zones done", ", ".join(st.zones_done) or "-")
+    if st.current_zone and st.active:
+        t.add_row("zone", f"{st.current_zone}: {info.get('healthy', '?')}/{info.get('total', '?')} "
+                  f"healthy, deployment {(st.deployment_id or '-')[:8]} {info.get('deployment', '')}")  # fmt: skip
+    sli = info.get("sli") or st.sli.get("last")
+    if sli:
+        t.add_row("SLI", f"{sli.get('verdict')}: {sli.get('reason')}")
+    if st.surge:
+        t.add_row("surge", f"{st.surge['group']} {st.surge['from']} -> {st.surge['to']}"
+                  + (" (released)" if st.surge.get("released") else ""))  # fmt: skip
+    if st.reason:
+        t.add_row("reason", st.reason)
+    t.add_row("started", st.started_at)
+    if st.finished_at:
+        t.add_row("finished", f"{st.finished_at} ({st.timings.get('total_s', 0) / 60:.1f} min)")
+    return t
+
+
+class LiveProgress:
+    """A ``Reporter`` that redraws the status table."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> LiveProgress:
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.stop()
+
+    def __call__(self, st: RolloutState, info: dict[str, Any]) -> None:
+        self.live.update(status_table(st, info))

@@ -1,0 +1,87 @@
+"""Parameterized sysbatch dispatch (the image prefetch job) runs once on every eligible node."""
+
+from __future__ import annotations
+
+import re
+
+import nomad
+import pytest
+
+from tests.sim.helpers import WORKER_IMAGE, hcl
+
+
+def _register_prefetch(n) -> None:
+    n.jobs.register_job({"Job": n.jobs.parse(hcl("image-prefetch.nomad.hcl"))})
+
+
+def test_dispatch_pulls_image_on_each_eligible_node(twin):
+    n = twin.nomad()
+    _register_prefetch(n)
+    nodes = n.nodes.get_nodes()
+    n.node.eligible_node(nodes[0]["ID"], ineligible=True)
+    reply = n.job.dispatch_job("image-prefetch", meta={"image": WORKER_IMAGE},
+                               id_prefix_template="v2")
+    child = reply["DispatchedJobID"]
+    assert re.fullmatch(r"image-prefetch/dispatch-v2-\d+-[0-9a-f]{8}", child)
+    assert reply["EvalID"] and reply["JobCreateIndex"] > 0
+    allocs = n.job.get_allocations(child)
+    assert sorted(a["NodeID"] for a in allocs) == sorted(x["ID"] for x in nodes[1:])
+    assert all(a["ClientStatus"] == "pending" for a in allocs)
+    twin.advance(60)  # 7 GB at 800 Mbit/s = 70 s: still pulling
+    assert all(a["ClientStatus"] == "pending" for a in n.job.get_allocations(child))
+    twin.advance(30)
+    assert all(a["ClientStatus"] == "complete" for a in n.job.get_allocations(child))
+    assert n.job.get_job(child)["Status"] == "dead"
+    assert n.job.get_job(child)["Meta"] == {"image": WORKER_IMAGE}
+    for node in nodes[1:]:
+        assert WORKER_IMAGE in twin.cluster.nodes[node["ID"]].images
+    assert WORKER_IMAGE not in twin.cluster.nodes[nodes[0]["ID"]].images
+    summary = n.job.get_summary("image-prefetch")
+    assert summary["Children"] == {"Pending": 0, "Running": 0, "Dead": 1}
+
+
+def test_cached_image_makes_workers_start_fast(twin):
+    n = twin.nomad()
+    _register_prefetch(n)
+    n.job.dispatch_job("image-prefetch", meta={"image": "registry/web:1"})
+    twin.advance(120)
+    from tests.sim.helpers import live_allocs, service_job
+
+    n.jobs.register_job({"Job": service_job("web", count=2)})
+    twin.advance(5)  # no pull: start_s only
+    assert all(a["ClientStatus"] == "running" for a in live_allocs(n, "web"))
+
+
+@pytest.mark.parametrize(
+    ("meta", "text"),
+    [
+        ({}, "Dispatch did not provide required meta keys: [image]"),
+        ({"image": "x", "color": "red"}, "Dispatch includes invalid meta keys: [color]"),
+    ],
+)
+def test_dispatch_meta_rules(twin, meta, text):
+    n = twin.nomad()
+    _register_prefetch(n)
+    with pytest.raises(nomad.api.exceptions.BaseNomadException) as e:
+        n.job.dispatch_job("image-prefetch", meta=meta)
+    assert (e.value.nomad_resp.status_code, e.value.nomad_resp.text) == (500, text)
+
+
+def test_dispatch_of_non_parameterized_job_fails(twin):
+    from tests.sim.helpers import service_job
+
+    n = twin.nomad()
+    n.jobs.register_job({"Job": service_job("web", count=1)})
+    with pytest.raises(nomad.api.exceptions.BaseNomadException) as e:
+        n.job.dispatch_job("web")
+    assert e.value.nomad_resp.text == 'Specified job "web" is not a parameterized job'
+
+
+def test_idempotency_token_is_a_query_param(twin):
+    n = twin.nomad()
+    _register_prefetch(n)
+    first = n.job.request("image-prefetch", "dispatch", method="post",
+                          params={"idempotency_token": "t1"}, json={"Meta": {"image": "x"}})
+    again = n.job.request("image-prefetch", "dispatch", method="post",
+                          params={"idempotency_token": "t1"}, json={"Meta": {"image": "x"}})
+    assert first.json()["DispatchedJobID"] == again.json()["DispatchedJobID"]
