@@ -15,12 +15,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nomadscale.core.clock import FakeClock  # noqa: E402
-from nomadscale.deploy.rollout import Rollout  # noqa: E402
-from nomadscale.integrations.memkv import MemoryKV  # noqa: E402
-from nomadscale.integrations.tracefile import TraceDemandSource  # noqa: E402
-from nomadscale.sim import Cluster, TwinServer  # noqa: E402
-from tests.deploy.helpers import NEW, TRACE, policy, setup_job  # noqa: E402
+from nomadscale.core.clock import FakeClock
+from nomadscale.deploy.rollout import Rollout
+from nomadscale.integrations.memkv import MemoryKV
+from nomadscale.integrations.tracefile import TraceDemandSource
+from nomadscale.sim import Cluster, TwinServer
+from tests.deploy.helpers import NEW, TRACE, policy, setup_job
 
 RPM_PER_WORKER = 5000.0
 PER_ZONE = 15

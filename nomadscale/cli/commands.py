@@ -8,6 +8,7 @@ import click
 def all_commands() -> list[click.Command]:
     from nomadscale.cli.cmd_backtest import backtest
     from nomadscale.cli.cmd_capacity import capacity
+    from nomadscale.cli.cmd_deploy import deploy, prefetch
     from nomadscale.cli.cmd_policy import policy
 
-    return [policy, backtest, capacity]
+    return [policy, backtest, capacity, deploy, prefetch]
