@@ -10,5 +10,6 @@ def all_commands() -> list[click.Command]:
     from nomadscale.cli.cmd_capacity import capacity
     from nomadscale.cli.cmd_deploy import deploy, prefetch
     from nomadscale.cli.cmd_policy import policy
+    from nomadscale.cli.cmd_runbook import COMMANDS as RUNBOOK_COMMANDS
 
-    return [policy, backtest, capacity, deploy, prefetch]
+    return [policy, backtest, capacity, deploy, prefetch, *RUNBOOK_COMMANDS]
