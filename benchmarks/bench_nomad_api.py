@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nomadscale.core.clock import FakeClock
 from nomadscale.integrations.nomad import NomadClient
-from tests.contract.env import service_job, twin_target
+from tests.contract.env import service_job, settle, twin_target
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -49,8 +49,10 @@ def main() -> None:
     t0 = time.perf_counter()
     with twin_target(nodes=args.nodes) as target:
         client = NomadClient(address=target.address, clock=FakeClock(), timeout=30)
-        client.register_job(service_job("ml-worker", count=args.workers))
-        target.advance(600)
+        job = service_job("ml-worker", count=args.workers)
+        job["Update"]["MaxParallel"] = 0  # no deployments: back-to-back scale calls are allowed
+        client.register_job(job)
+        settle(client, target, "ml-worker", max_s=36_000)
         nodes = client.list_nodes(node_pool="gpu")
         running = sum(n.allocs_running for n in client.list_nodes(with_allocs=True))
         print(

@@ -20,8 +20,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nomadscale.core.clock import FakeClock  # noqa: E402
-from nomadscale.sim import Cluster, TwinServer  # noqa: E402
+from nomadscale.core.clock import FakeClock
+from nomadscale.sim import Cluster, TwinServer
 
 JOBS = 20
 
@@ -32,12 +32,20 @@ def _job(i: int, count: int) -> dict:
         "Type": "service",
         "NodePool": "gpu",
         "Datacenters": ["*"],
-        "TaskGroups": [{
-            "Name": "app",
-            "Count": count,
-            "Tasks": [{"Name": "app", "Driver": "docker", "Config": {"image": f"app:{i}"},
-                       "Resources": {"CPU": 100, "MemoryMB": 128}}],
-        }],
+        "TaskGroups": [
+            {
+                "Name": "app",
+                "Count": count,
+                "Tasks": [
+                    {
+                        "Name": "app",
+                        "Driver": "docker",
+                        "Config": {"image": f"app:{i}"},
+                        "Resources": {"CPU": 100, "MemoryMB": 128},
+                    }
+                ],
+            }
+        ],
     }
 
 
@@ -58,8 +66,9 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    cluster = Cluster.build(nodes=args.nodes, zones=("zone-a", "zone-b", "zone-c"),
-                            clock=FakeClock())
+    cluster = Cluster.build(
+        nodes=args.nodes, zones=("zone-a", "zone-b", "zone-c"), clock=FakeClock()
+    )
     per_job = args.allocs // JOBS
     with TwinServer(cluster) as twin:
         s = requests.Session()
@@ -75,30 +84,84 @@ def main() -> None:
         print(f"built {len(cluster.nodes)} nodes, {live} running allocations in {build_s:.1f} s")
 
         rows = []
-        rows.append(("list nodes", *timed(lambda: s.get(f"{base}/v1/nodes").json(), args.repeat),
-                     "< 100 ms"))
-        rows.append(("list nodes, filter Meta.zone", *timed(
-            lambda: s.get(f"{base}/v1/nodes", params={"filter": 'Meta.zone == "zone-b"'}).json(),
-            args.repeat), ""))
+        rows.append(
+            (
+                "list nodes",
+                *timed(lambda: s.get(f"{base}/v1/nodes").json(), args.repeat),
+                "< 100 ms",
+            )
+        )
+        rows.append(
+            (
+                "list nodes, filter Meta.zone",
+                *timed(
+                    lambda: s.get(
+                        f"{base}/v1/nodes", params={"filter": 'Meta.zone == "zone-b"'}
+                    ).json(),
+                    args.repeat,
+                ),
+                "",
+            )
+        )
         counts = iter(range(per_job + 1, per_job + 1 + args.repeat))
-        rows.append(("scale +1 (one job)", *timed(
-            lambda: s.post(f"{base}/v1/job/svc-00/scale",
-                           json={"Count": next(counts), "Target": {"Group": "app"}}
-                           ).raise_for_status(), args.repeat), ""))
+        rows.append(
+            (
+                "scale +1 (one job)",
+                *timed(
+                    lambda: s.post(
+                        f"{base}/v1/job/svc-00/scale",
+                        json={"Count": next(counts), "Target": {"Group": "app"}},
+                    ).raise_for_status(),
+                    args.repeat,
+                ),
+                "",
+            )
+        )
         node_ids = iter(sorted(cluster.nodes))
-        rows.append(("drain a node", *timed(
-            lambda: s.post(f"{base}/v1/node/{next(node_ids)}/drain",
-                           json={"DrainSpec": {"Deadline": 3600 * 10**9}}).raise_for_status(),
-            args.repeat), ""))
-        rows.append(("list allocations (bytes only)", *timed(
-            lambda: s.get(f"{base}/v1/allocations").content, args.repeat), ""))
-        rows.append(("list allocations + client json parse", *timed(
-            lambda: s.get(f"{base}/v1/allocations").json(), args.repeat), ""))
-        rows.append(("list allocations, no task states", *timed(
-            lambda: s.get(f"{base}/v1/allocations", params={"task_states": "false"}).json(),
-            args.repeat), ""))
-        rows.append(("job scale status", *timed(
-            lambda: s.get(f"{base}/v1/job/svc-01/scale").json(), args.repeat), ""))
+        rows.append(
+            (
+                "drain a node",
+                *timed(
+                    lambda: s.post(
+                        f"{base}/v1/node/{next(node_ids)}/drain",
+                        json={"DrainSpec": {"Deadline": 3600 * 10**9}},
+                    ).raise_for_status(),
+                    args.repeat,
+                ),
+                "",
+            )
+        )
+        rows.append(
+            (
+                "list allocations (bytes only)",
+                *timed(lambda: s.get(f"{base}/v1/allocations").content, args.repeat),
+                "",
+            )
+        )
+        rows.append(
+            (
+                "list allocations + client json parse",
+                *timed(lambda: s.get(f"{base}/v1/allocations").json(), args.repeat),
+                "",
+            )
+        )
+        rows.append(
+            (
+                "list allocations, no task states",
+                *timed(
+                    lambda: s.get(f"{base}/v1/allocations", params={"task_states": "false"}).json(),
+                    args.repeat,
+                ),
+                "",
+            )
+        )
+        rows.append(
+            (
+                "job scale status",
+                *timed(lambda: s.get(f"{base}/v1/job/svc-01/scale").json(), args.repeat),
+                "",
+            )
+        )
         t1 = time.perf_counter()
         cluster.advance(600)
         advance_ms = (time.perf_counter() - t1) * 1000

@@ -28,15 +28,28 @@ def sim() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", type=int, default=4646, show_default=True, help="0 picks a free port.")
 @click.option("--nodes", type=click.IntRange(min=0), default=6, show_default=True)
-@click.option("--zones", default="zone-a,zone-b", show_default=True,
-              help="Comma-separated zones; nodes are spread over them (Datacenter = zone).")
+@click.option(
+    "--zones",
+    default="zone-a,zone-b",
+    show_default=True,
+    help="Comma-separated zones; nodes are spread over them (Datacenter = zone).",
+)
 @click.option("--node-pool", default="gpu", show_default=True)
 @click.option("--node-class", default="gpu-l4", show_default=True)
 @click.option("--image-pull-mbps", type=float, default=800.0, show_default=True)
-@click.option("--acl-token-file", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="File holding the one valid ACL token (enables ACLs).")
-@click.option("--speed", type=float, default=1.0, show_default=True,
-              help="Virtual time multiplier (10 = ten virtual seconds per real second).")
+@click.option(
+    "--acl-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the one valid ACL token (enables ACLs).",
+)
+@click.option(
+    "--speed",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Virtual time multiplier (10 = ten virtual seconds per real second).",
+)
 def serve(
     host: str,
     port: int,
@@ -66,8 +79,13 @@ def serve(
         if not token:
             raise UsageError(f"--acl-token-file: {acl_token_file} is empty")
     cluster = Cluster.build(
-        nodes=nodes, zones=zone_list, node_pool=node_pool, node_class=node_class,
-        clock=ScaledClock(speed), image_pull_mbps=image_pull_mbps, acl_token=token,
+        nodes=nodes,
+        zones=zone_list,
+        node_pool=node_pool,
+        node_class=node_class,
+        clock=ScaledClock(speed),
+        image_pull_mbps=image_pull_mbps,
+        acl_token=token,
     )
     try:
         twin = TwinServer(cluster, host=host, port=port).start()

@@ -82,10 +82,17 @@ def read_trace(path: str | Path) -> Trace:
 class TraceDemandSource:
     """``DemandSource`` reading a trace file (in memory after the first read)."""
 
-    def __init__(self, path: str | Path, *, shift: timedelta = timedelta(0)) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        shift: timedelta = timedelta(0),
+        max_lookback_s: float | None = None,
+    ) -> None:
         self.path = str(path)
         self.trace = read_trace(path)
         self.shift = shift
+        self.max_lookback_s = max_lookback_s
 
     def __repr__(self) -> str:
         return f"TraceDemandSource({self.path!r}, shift={self.shift})"
@@ -105,8 +112,10 @@ class TraceDemandSource:
         end_tr = end - self.shift
         offset = (end_tr - tr.start).total_seconds()
         last = math.floor(offset / step_s)  # steps that ended at or before `end`
+        if self.max_lookback_s is not None:
+            lookback_s = min(lookback_s, self.max_lookback_s)
         n = max(0, int(lookback_s // step_s))
-        first = last - n
+        first = max(last - n, min(0, last))  # nothing before the trace starts
         start = tr.start + timedelta(seconds=first * step_s) + self.shift
         # Sample each output step at up to k points and average what the trace covers.
         k = max(1, math.ceil(step_s / tr.step_s))

@@ -128,9 +128,13 @@ def worker_job(policy: Policy, *, counts: dict[str, int], image: str) -> dict[st
 class _SimClock:
     """The cluster's FakeClock, where sleeping advances the whole twin."""
 
-    def __init__(self, fake: FakeClock, advance: Callable[[float], None]) -> None:
+    def __init__(
+        self, fake: FakeClock, advance: Callable[[float], None], *, chunk_s: float = 10.0
+    ) -> None:
         self._fake = fake
         self._advance = advance
+        self.chunk_s = chunk_s
+        self.on_tick: Callable[[], object] | None = None  # the lock-renewal job
 
     def now(self) -> datetime:
         return self._fake.now()
@@ -139,8 +143,14 @@ class _SimClock:
         return self._fake.monotonic()
 
     def sleep(self, seconds: float) -> None:
-        if seconds > 0:
-            self._advance(seconds)
+        """Advance the twin; renew the lock every ``chunk_s`` as the service's job would."""
+        left = seconds
+        while left > 0:
+            step = min(left, self.chunk_s)
+            self._advance(step)
+            left -= step
+            if self.on_tick is not None:
+                self.on_tick()
 
 
 @dataclass
@@ -206,7 +216,8 @@ def simulate(
     policy = policy or default_policy(trace_path)
     if policy.demand.source == "trace" and trace is None:
         trace_path = Path(policy.demand.trace)
-    demand = TraceDemandSource(trace_path)
+    # History capped at 2 days: the forecast replays its whole input every cycle.
+    demand = TraceDemandSource(trace_path, max_lookback_s=2 * 86400.0)
     tr = demand.trace
     if days <= 0:
         raise InputError("--days: must be positive")
@@ -267,6 +278,7 @@ def simulate(
                       pool_for=lambda _p: pool)  # fmt: skip
         svc = Service(settings=settings, policies=[policy], ports=ports, clock=clock,
                       poll_s=30.0)  # fmt: skip
+        clock.on_tick = lock.acquire
         return _drive(svc, policy, demand, cluster, compute, nomad, clock,
                       start=start, end=end, out_dir=out_dir, progress=progress)  # fmt: skip
     finally:
@@ -313,7 +325,7 @@ def _drive(
             res.failed += out.record.outcome == "failed"
         if progress is not None:
             progress(res.cycles, total_cycles)
-        fire = svc.next_fire(name, max(fire, clock.now()))
+        fire = svc.next_fire(name, max(fire + timedelta(microseconds=1), clock.now()))
     while next_sample < end:
         gap = (next_sample - clock.now()).total_seconds()
         if gap > 0:

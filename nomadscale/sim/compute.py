@@ -298,7 +298,10 @@ class ComputeServer:
 
     def start(self) -> ComputeServer:
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="sim-compute", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="sim-compute",
+            daemon=True,
         )
         self._thread.start()
         return self

@@ -208,6 +208,17 @@ def revert(c: Cluster, req: Request) -> Any:
     return jobs.revert(c, job, int(body.get("JobVersion") or 0), triggered_by="job-register")
 
 
+def stable(c: Cluster, req: Request) -> Any:
+    job = _job(c, req)
+    body = req.json()
+    version = int(body.get("JobVersion") or 0)
+    if version not in job.versions:
+        raise ApiError(500, f"job {job.id!r} at version {version} not found")
+    job.versions[version]["Stable"] = bool(body.get("Stable"))
+    job.modify_index = c.bump("jobs")
+    return {"JobModifyIndex": job.spec["JobModifyIndex"], "Index": c.index}
+
+
 def evaluate(c: Cluster, req: Request) -> Any:
     job = _job(c, req)
     ev = sched.reconcile(c, job, triggered_by="job-eval")
@@ -244,6 +255,7 @@ ROUTES: list[Route] = [
     route("PUT POST", f"/v1/job/{_ID}/plan", plan),
     route("PUT POST", f"/v1/job/{_ID}/revert", revert),
     route("PUT POST", f"/v1/job/{_ID}/evaluate", evaluate),
+    route("PUT POST", f"/v1/job/{_ID}/stable", stable),
     route("GET", f"/v1/job/{_ID}", get_job),
     route("PUT POST", f"/v1/job/{_ID}", register),
     route("DELETE", f"/v1/job/{_ID}", deregister),

@@ -252,6 +252,21 @@ def fail(c: Cluster, req: Request) -> Any:
     return _dep_reply(c, dep, None, RevertedJobVersion=version)
 
 
+def allocation_health(c: Cluster, req: Request) -> Any:
+    body = req.json()
+    dep = _dep(c, req.params[0], 500)
+    if not dep.active:
+        raise ApiError(500, "can't set health of allocations for a terminal deployment")
+    for key, healthy in (("HealthyAllocationIDs", True), ("UnhealthyAllocationIDs", False)):
+        for alloc_id in body.get(key) or []:
+            a = c.allocs.get(alloc_id)
+            if a is None or a.deployment_id != dep.id:
+                raise ApiError(500, f"Deployment {dep.id} has no allocation {alloc_id}")
+            if a.healthy is not healthy:
+                deploy.on_health(c, a, healthy)
+    return _dep_reply(c, dep, None)
+
+
 def list_namespaces(c: Cluster, req: Request) -> tuple[Any, int]:
     return list(c.namespaces.values()), c.table_index["namespaces"]
 
@@ -284,7 +299,7 @@ ROUTES: list[Route] = [
     route("GET", "/v1/allocations", list_allocs),
     route("PUT POST", "/v1/allocation/([^/]+)/stop", stop_alloc),
     route("GET", "/v1/allocation/([^/]+)", get_alloc),
-    route("GET POST", "/v1/client/metadata", client_meta, read=False),
+    route("GET POST", "/v1/client/metadata", client_meta, read=False, index_header=False),
     route("GET", "/v1/evaluations", list_evals),
     route("GET", "/v1/evaluation/([^/]+)", get_eval),
     route("GET", "/v1/deployments", list_deployments),
@@ -292,6 +307,7 @@ ROUTES: list[Route] = [
     route("PUT POST", "/v1/deployment/promote/([^/]+)", promote),
     route("PUT POST", "/v1/deployment/pause/([^/]+)", pause),
     route("PUT POST", "/v1/deployment/fail/([^/]+)", fail),
+    route("PUT POST", "/v1/deployment/allocation-health/([^/]+)", allocation_health),
     route("GET", "/v1/deployment/([^/]+)", get_deployment),
     route("GET", "/v1/namespaces", list_namespaces),
     route("GET", "/v1/namespace/([^/]+)", get_namespace),

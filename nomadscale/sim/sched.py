@@ -323,7 +323,14 @@ def _apply_group(
                 missing += n - i
                 return
             create_alloc(
-                c, job, tg, node.id, eval_id=ev["ID"], dep=dep, canary=canary, previous=prev,
+                c,
+                job,
+                tg,
+                node.id,
+                eval_id=ev["ID"],
+                dep=dep,
+                canary=canary,
+                previous=prev,
                 used=used,
                 hash_=h,
             )

@@ -3,9 +3,11 @@ optional TLS), with ACL checks, fault injection and blocking queries."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import socket
 import ssl
 import threading
 import time
@@ -78,13 +80,20 @@ class Route:
     pattern: re.Pattern[str]
     fn: Callable[[Cluster, Request], Any]
     read: bool  # reads return (body, index) and may block
+    index_header: bool = True
 
 
 def route(
-    methods: str, pattern: str, fn: Callable[[Cluster, Request], Any], *, read: bool | None = None
+    methods: str,
+    pattern: str,
+    fn: Callable[[Cluster, Request], Any],
+    *,
+    read: bool | None = None,
+    index_header: bool = True,
 ) -> Route:
     ms = frozenset(methods.split())
-    return Route(ms, re.compile(f"^{pattern}$"), fn, ms == {"GET"} if read is None else read)
+    is_read = ms == {"GET"} if read is None else read
+    return Route(ms, re.compile(f"^{pattern}$"), fn, is_read, index_header)
 
 
 def _routes() -> list[Route]:
@@ -187,7 +196,7 @@ class TwinServer:
                 c.settle()
                 index = c.index
                 payload = _dump(body)
-            headers = {"X-Nomad-Index": str(index)} if body is not None else {}
+            headers = {"X-Nomad-Index": str(index)} if chosen.index_header else {}
             return 200, {**headers, "Content-Type": "application/json"}, payload
         except ApiError as err:
             text = err.message.encode()
@@ -265,6 +274,11 @@ def _make_handler(twin: TwinServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "nomad-twin"
+
+        def setup(self) -> None:
+            super().setup()
+            with contextlib.suppress(OSError):  # headers and body go out without Nagle delays
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("twin %s", format % args)

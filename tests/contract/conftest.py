@@ -85,9 +85,13 @@ class World:
     def wait_for(self, what: str, fn: Callable[[], bool], timeout_s: float = 60) -> None:
         """Twin: advance simulated time; real Nomad: poll."""
         deadline = time.monotonic() + timeout_s
+        simulated = 0.0
         while not fn():
             if self.target.is_twin:
+                if simulated > 3600:
+                    raise AssertionError(f"twin: {what} not reached after {simulated:.0f}s")
                 self.target.advance(10)
+                simulated += 10
             elif time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}")
             else:
@@ -139,6 +143,12 @@ def world(target: Target) -> Iterator[World]:
         eval_id=reg["EvalID"],
     )
     w.wait_for("the probe job to run", lambda: len(_running_allocs(api, job_id)) >= 2)
+
+    def settled() -> bool:
+        dep = api.call("GET", f"/job/{seg(job_id)}/deployment").json()
+        return not dep or dep["Status"] in ("successful", "failed", "cancelled")
+
+    w.wait_for("the first deployment to finish", settled)
     alloc = _running_allocs(api, job_id)[0]
     w.alloc_id = alloc["ID"]
     w.node_id = alloc["NodeID"]

@@ -28,9 +28,24 @@ def test_serve_answers_with_acl(tmp_path):
         "sim.main(args=sys.argv[1:], prog_name='sim')"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "serve", "--port", str(port), "--nodes", "4",
-         "--zones", "a,b", "--acl-token-file", str(token), "--speed", "10"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            "--port",
+            str(port),
+            "--nodes",
+            "4",
+            "--zones",
+            "a,b",
+            "--acl-token-file",
+            str(token),
+            "--speed",
+            "10",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         url = f"http://127.0.0.1:{port}/v1/nodes"

@@ -30,8 +30,7 @@ def _deploy_v1(twin, n, count=3):
 def test_canary_then_promote_then_successful(twin):
     n = twin.nomad()
     _deploy_v1(twin, n)
-    n.jobs.register_job({"Job": service_job("web", count=3, image="registry/web:2",
-                                            update=UPDATE)})
+    n.jobs.register_job({"Job": service_job("web", count=3, image="registry/web:2", update=UPDATE)})
     dep = n.job.get_deployment("web")
     assert dep["JobVersion"] == 1 and dep["Status"] == "running"
     assert dep["StatusDescription"] == "Deployment is running but requires manual promotion"
@@ -63,8 +62,9 @@ def test_unhealthy_image_fails_deployment_and_auto_reverts(twin):
     n = twin.nomad()
     _deploy_v1(twin, n)
     twin.cluster.faults.unhealthy_image("web:bad")
-    n.jobs.register_job({"Job": service_job("web", count=3, image="registry/web:bad",
-                                            update=UPDATE)})
+    n.jobs.register_job(
+        {"Job": service_job("web", count=3, image="registry/web:bad", update=UPDATE)}
+    )
     dep = n.job.get_deployment("web")
     twin.advance(400)  # past the progress deadline
     dep = n.deployment.get_deployment(dep["ID"])
@@ -87,8 +87,7 @@ def test_unhealthy_image_fails_deployment_and_auto_reverts(twin):
 def test_manual_fail_and_terminal_errors(twin):
     n = twin.nomad()
     _deploy_v1(twin, n, count=2)
-    n.jobs.register_job({"Job": service_job("web", count=2, image="registry/web:2",
-                                            update=UPDATE)})
+    n.jobs.register_job({"Job": service_job("web", count=2, image="registry/web:2", update=UPDATE)})
     dep = n.job.get_deployment("web")
     paused = n.deployment.pause_deployment(dep["ID"], True)
     assert paused["DeploymentModifyIndex"] > 0
@@ -105,17 +104,17 @@ def test_manual_fail_and_terminal_errors(twin):
     with pytest.raises(nomad.api.exceptions.BaseNomadException) as e:
         n.deployment.promote_deployment_all("00000000-0000-0000-0000-000000000000")
     assert (e.value.nomad_resp.status_code, e.value.nomad_resp.text) == (
-        500, "deployment not found")
+        500,
+        "deployment not found",
+    )
 
 
 def test_newer_version_cancels_running_deployment(twin):
     n = twin.nomad()
     _deploy_v1(twin, n, count=2)
-    n.jobs.register_job({"Job": service_job("web", count=2, image="registry/web:2",
-                                            update=UPDATE)})
+    n.jobs.register_job({"Job": service_job("web", count=2, image="registry/web:2", update=UPDATE)})
     first = n.job.get_deployment("web")
-    n.jobs.register_job({"Job": service_job("web", count=2, image="registry/web:3",
-                                            update=UPDATE)})
+    n.jobs.register_job({"Job": service_job("web", count=2, image="registry/web:3", update=UPDATE)})
     first = n.deployment.get_deployment(first["ID"])
     assert first["Status"] == "cancelled"
     assert first["StatusDescription"] == "Cancelled due to newer version of job"

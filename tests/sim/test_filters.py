@@ -7,8 +7,14 @@ import pytest
 from nomadscale.sim.filters import compile_filter
 from nomadscale.sim.model import ApiError
 
-NODE = {"Datacenter": "zone-a", "Status": "ready", "Drain": False, "CreateIndex": 12,
-        "Meta": {"gpu": "l4", "zone": "zone-a"}, "Tags": ["a", "b"]}
+NODE = {
+    "Datacenter": "zone-a",
+    "Status": "ready",
+    "Drain": False,
+    "CreateIndex": 12,
+    "Meta": {"gpu": "l4", "zone": "zone-a"},
+    "Tags": ["a", "b"],
+}
 
 
 @pytest.mark.parametrize(
@@ -25,7 +31,7 @@ NODE = {"Datacenter": "zone-a", "Status": "ready", "Drain": False, "CreateIndex"
         ('"c" not in Tags', True),
         ('Tags contains "a"', True),
         ('Meta.missing == "x"', False),
-        ('Meta.missing is empty', True),
+        ("Meta.missing is empty", True),
         ('Datacenter matches "^zone-[ab]$"', True),
     ],
 )

@@ -70,10 +70,20 @@ def test_register_validations_and_enforce_index(twin):
 
 
 def test_go_style_case_insensitive_keys(twin):
-    body = {"job": {"id": "lower", "type": "service", "nodepool": "gpu",
-                    "taskgroups": [{"name": "g", "count": 1,
-                                    "tasks": [{"name": "t", "driver": "docker",
-                                               "config": {"image": "x:1"}}]}]}}
+    body = {
+        "job": {
+            "id": "lower",
+            "type": "service",
+            "nodepool": "gpu",
+            "taskgroups": [
+                {
+                    "name": "g",
+                    "count": 1,
+                    "tasks": [{"name": "t", "driver": "docker", "config": {"image": "x:1"}}],
+                }
+            ],
+        }
+    }
     r = requests.put(f"{twin.address}/v1/jobs", json=body, timeout=5)
     assert r.status_code == 200, r.text
     job = requests.get(f"{twin.address}/v1/job/lower", timeout=5).json()
@@ -152,18 +162,32 @@ def test_scale_rejected_during_active_deployment(twin):
     ("body", "status", "text"),
     [
         ({"Count": 2, "Target": {}}, 400, "missing task group name for scaling action"),
-        ({"Count": -1, "Target": {"Group": "web"}}, 400,
-         "scaling action count can't be negative"),
-        ({"Count": 2, "Error": True, "Target": {"Group": "web"}}, 400,
-         "scaling action should not contain count if error is true"),
-        ({"Count": 2, "Target": {"Group": "nope"}}, 400,
-         'task group "nope" specified for scaling does not exist in job'),
-        ({"Count": 0, "Target": {"Group": "web"}}, 400,
-         "group count was less than scaling policy minimum: 0 < 1"),
-        ({"Count": 9, "Target": {"Group": "web"}}, 400,
-         "group count was greater than scaling policy maximum: 9 > 5"),
-        ({"Count": 2, "Target": {"Group": "web", "Job": "other"}}, 400,
-         "job ID in payload did not match URL"),
+        ({"Count": -1, "Target": {"Group": "web"}}, 400, "scaling action count can't be negative"),
+        (
+            {"Count": 2, "Error": True, "Target": {"Group": "web"}},
+            400,
+            "scaling action should not contain count if error is true",
+        ),
+        (
+            {"Count": 2, "Target": {"Group": "nope"}},
+            400,
+            'task group "nope" specified for scaling does not exist in job',
+        ),
+        (
+            {"Count": 0, "Target": {"Group": "web"}},
+            400,
+            "group count was less than scaling policy minimum: 0 < 1",
+        ),
+        (
+            {"Count": 9, "Target": {"Group": "web"}},
+            400,
+            "group count was greater than scaling policy maximum: 9 > 5",
+        ),
+        (
+            {"Count": 2, "Target": {"Group": "web", "Job": "other"}},
+            400,
+            "job ID in payload did not match URL",
+        ),
     ],
 )
 def test_scale_rejections(twin, body, status, text):

@@ -59,9 +59,13 @@ def test_drain_migrates_replacement_first_then_completes(twin):
     victim = live_allocs(n, "web")[0]
     node_id = victim["NodeID"]
     r = n.node.request(
-        node_id, "drain", method="post",
-        json={"DrainSpec": {"Deadline": HOUR_NS, "IgnoreSystemJobs": True},
-              "Meta": {"reason": "gce-maintenance"}},
+        node_id,
+        "drain",
+        method="post",
+        json={
+            "DrainSpec": {"Deadline": HOUR_NS, "IgnoreSystemJobs": True},
+            "Meta": {"reason": "gce-maintenance"},
+        },
     )
     assert r.status_code == 200 and r.json()["EvalIDs"]
     node = n.node.get_node(node_id)
@@ -70,8 +74,11 @@ def test_drain_migrates_replacement_first_then_completes(twin):
     assert node["LastDrain"]["Meta"] == {"reason": "gce-maintenance"}
     allocs = live_allocs(n, "web")
     assert len(allocs) == 3  # replacement placed while the old one still runs
-    replacement = next(a for a in allocs if a["ID"] != victim["ID"] and a["NodeID"] != node_id
-                       and a["ClientStatus"] == "pending")
+    replacement = next(
+        a
+        for a in allocs
+        if a["ID"] != victim["ID"] and a["NodeID"] != node_id and a["ClientStatus"] == "pending"
+    )
     assert n.allocation.get_allocation(replacement["ID"])["PreviousAllocation"] == victim["ID"]
     twin.advance(200)
     assert n.allocation.get_allocation(victim["ID"])["DesiredStatus"] == "stop"
@@ -81,9 +88,12 @@ def test_drain_migrates_replacement_first_then_completes(twin):
     assert {a["NodeID"] for a in live_allocs(n, "web")}.isdisjoint({node_id})
     phases = [e["phase"] for e in twin.cluster.events if e["type"] == "drain"]
     assert phases == ["start", "complete"]
-    order = [e["type"] for e in twin.cluster.events
-             if e["type"] in ("alloc_healthy", "alloc_stopped") and e["alloc_id"] in
-             (victim["ID"], replacement["ID"])]
+    order = [
+        e["type"]
+        for e in twin.cluster.events
+        if e["type"] in ("alloc_healthy", "alloc_stopped")
+        and e["alloc_id"] in (victim["ID"], replacement["ID"])
+    ]
     assert order[-2:] == ["alloc_healthy", "alloc_stopped"]
 
 
@@ -105,8 +115,9 @@ def test_drain_deadline_force_stops_when_nothing_fits(twin_factory):
     assert summary["Queued"] == 1
     phases = [e["phase"] for e in t.cluster.events if e["type"] == "drain"]
     assert phases == ["start", "deadline", "complete"]
-    new_id = t.cluster.add_node(name="gpu-new", datacenter="zone-a", node_pool="gpu",
-                                meta={"zone": "zone-a", "gpu": "l4"})
+    new_id = t.cluster.add_node(
+        name="gpu-new", datacenter="zone-a", node_pool="gpu", meta={"zone": "zone-a", "gpu": "l4"}
+    )
     assert any(a["NodeID"] == new_id for a in live_allocs(n, "web"))
 
 
@@ -126,8 +137,9 @@ def test_cancel_drain_and_eligibility_rules(twin):
     node = n.node.get_node(node_id)
     assert node["SchedulingEligibility"] == "eligible"
     assert node["Drain"] is False and node["LastDrain"]["Status"] == "canceled"
-    r = requests.post(f"{twin.address}/v1/node/{node_id}/eligibility",
-                      json={"Eligibility": "maybe"}, timeout=5)
+    r = requests.post(
+        f"{twin.address}/v1/node/{node_id}/eligibility", json={"Eligibility": "maybe"}, timeout=5
+    )
     assert (r.status_code, r.text) == (500, 'invalid scheduling eligibility "maybe"')
     r = requests.post(f"{twin.address}/v1/node/nope/drain", json={"DrainSpec": None}, timeout=5)
     assert (r.status_code, r.text) == (500, "node not found")
@@ -166,8 +178,9 @@ def test_queued_allocs_placed_when_a_node_boots(twin):
     first = next(e for e in n.job.get_evaluations("web") if e["TriggeredBy"] == "job-register")
     assert first["FailedTGAllocs"]["web"]["CoalescedFailures"] == 1
     for i in range(2):
-        twin.cluster.add_node(name=f"late-{i}", datacenter="zone-b", node_pool="gpu",
-                              status="initializing")
+        twin.cluster.add_node(
+            name=f"late-{i}", datacenter="zone-b", node_pool="gpu", status="initializing"
+        )
     twin.advance(twin.cluster.boot_s + 1)
     assert len(live_allocs(n, "web")) == 8
 
@@ -177,10 +190,12 @@ def test_client_metadata_roundtrip(twin):
     node_id = twin.nomad().nodes.get_nodes()[0]["ID"]
     r = requests.get(f"{base}/v1/client/metadata", timeout=5)
     assert (r.status_code, r.text) == (400, "No local Node and node_id not provided")
-    r = requests.post(f"{base}/v1/client/metadata",
-                      json={"NodeID": node_id, "Meta": {"gpu.health": "degraded", "zone": None}},
-                      timeout=5)
-    assert r.status_code == 200
+    r = requests.post(
+        f"{base}/v1/client/metadata",
+        json={"NodeID": node_id, "Meta": {"gpu.health": "degraded", "zone": None}},
+        timeout=5,
+    )
+    assert r.status_code == 200 and "X-Nomad-Index" not in r.headers
     body = r.json()
     assert body["Meta"]["gpu.health"] == "degraded" and "zone" not in body["Meta"]
     assert body["Dynamic"] == {"gpu.health": "degraded", "zone": None}

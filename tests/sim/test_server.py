@@ -85,8 +85,9 @@ def test_acl(twin_factory):
     assert (r.status_code, r.text) == (403, "Permission denied")
     r = requests.get(f"{t.address}/v1/nodes", headers={"X-Nomad-Token": "wrong"}, timeout=5)
     assert (r.status_code, r.text) == (403, "ACL token not found")
-    ok = requests.get(f"{t.address}/v1/nodes", headers={"Authorization": "Bearer s3cret"},
-                      timeout=5)
+    ok = requests.get(
+        f"{t.address}/v1/nodes", headers={"Authorization": "Bearer s3cret"}, timeout=5
+    )
     assert ok.status_code == 200
     assert len(t.nomad(token="s3cret").nodes.get_nodes()) == 6
     with pytest.raises(nomad.api.exceptions.URLNotAuthorizedNomadException):
@@ -128,9 +129,26 @@ def test_tls(tmp_path):
 
     key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
     )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(cert), str(key))

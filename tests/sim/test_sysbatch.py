@@ -19,8 +19,9 @@ def test_dispatch_pulls_image_on_each_eligible_node(twin):
     _register_prefetch(n)
     nodes = n.nodes.get_nodes()
     n.node.eligible_node(nodes[0]["ID"], ineligible=True)
-    reply = n.job.dispatch_job("image-prefetch", meta={"image": WORKER_IMAGE},
-                               id_prefix_template="v2")
+    reply = n.job.dispatch_job(
+        "image-prefetch", meta={"image": WORKER_IMAGE}, id_prefix_template="v2"
+    )
     child = reply["DispatchedJobID"]
     assert re.fullmatch(r"image-prefetch/dispatch-v2-\d+-[0-9a-f]{8}", child)
     assert reply["EvalID"] and reply["JobCreateIndex"] > 0
@@ -80,8 +81,18 @@ def test_dispatch_of_non_parameterized_job_fails(twin):
 def test_idempotency_token_is_a_query_param(twin):
     n = twin.nomad()
     _register_prefetch(n)
-    first = n.job.request("image-prefetch", "dispatch", method="post",
-                          params={"idempotency_token": "t1"}, json={"Meta": {"image": "x"}})
-    again = n.job.request("image-prefetch", "dispatch", method="post",
-                          params={"idempotency_token": "t1"}, json={"Meta": {"image": "x"}})
+    first = n.job.request(
+        "image-prefetch",
+        "dispatch",
+        method="post",
+        params={"idempotency_token": "t1"},
+        json={"Meta": {"image": "x"}},
+    )
+    again = n.job.request(
+        "image-prefetch",
+        "dispatch",
+        method="post",
+        params={"idempotency_token": "t1"},
+        json={"Meta": {"image": "x"}},
+    )
     assert first.json()["DispatchedJobID"] == again.json()["DispatchedJobID"]

@@ -1,0 +1,94 @@
+"""Smaller endpoints: namespaces, evaluations, allocations, paging, write headers, and the
+scheduler's bookkeeping staying consistent through churn."""
+
+from __future__ import annotations
+
+import nomad
+import pytest
+import requests
+
+from tests.sim.helpers import live_allocs, scale, service_job
+
+
+def test_namespaces(twin):
+    n = twin.nomad()
+    assert [x["Name"] for x in n.namespaces.get_namespaces()] == ["default"]
+    r = requests.get(f"{twin.address}/v1/namespace/nope", timeout=5)
+    assert (r.status_code, r.text) == (404, "namespace not found")
+
+
+def test_evaluations_and_allocations(twin):
+    n = twin.nomad()
+    reply = n.jobs.register_job({"Job": service_job("web", count=2)})
+    ev = n.evaluation.get_evaluation(reply["EvalID"])
+    assert ev["TriggeredBy"] == "job-register" and ev["Status"] == "complete"
+    assert ev["JobID"] == "web" and ev["DeploymentID"] == ""
+    r = requests.get(f"{twin.address}/v1/evaluations", params={"job": "web"}, timeout=5)
+    assert [e["ID"] for e in r.json()] == [reply["EvalID"]]
+    for path, text in (("evaluation", "eval not found"), ("allocation", "alloc not found")):
+        r = requests.get(f"{twin.address}/v1/{path}/nope", timeout=5)
+        assert (r.status_code, r.text) == (404, text)
+    allocs = n.allocations.get_allocations()
+    assert len(allocs) == 2 and allocs[0]["TaskStates"]["server"]["State"] == "pending"
+    full = n.allocation.get_allocation(allocs[0]["ID"])
+    assert full["Job"]["ID"] == "web" and full["EvalID"] == reply["EvalID"]
+    filtered = n.allocations.get_allocations(filter_=f'NodeID == "{allocs[0]["NodeID"]}"')
+    assert [a["ID"] for a in filtered] == [allocs[0]["ID"]]
+
+
+def test_stop_allocation_is_replaced(twin):
+    n = twin.nomad()
+    n.jobs.register_job({"Job": service_job("web", count=2)})
+    twin.advance(200)
+    victim = live_allocs(n, "web")[0]
+    assert n.allocation.stop_allocation(victim["ID"])["EvalID"]
+    assert n.allocation.get_allocation(victim["ID"])["DesiredStatus"] == "stop"
+    allocs = live_allocs(n, "web")
+    assert len(allocs) == 2 and victim["ID"] not in {a["ID"] for a in allocs}
+
+
+def test_node_paging_and_write_headers(twin):
+    r = requests.get(f"{twin.address}/v1/nodes", params={"per_page": 4}, timeout=5)
+    first = r.json()
+    assert len(first) == 4 and r.headers["X-Nomad-NextToken"]
+    r2 = requests.get(
+        f"{twin.address}/v1/nodes",
+        params={"per_page": 4, "next_token": r.headers["X-Nomad-NextToken"]},
+        timeout=5,
+    )
+    assert len(r2.json()) == 2 and "X-Nomad-NextToken" not in r2.headers
+    assert {x["ID"] for x in first}.isdisjoint({x["ID"] for x in r2.json()})
+    w = requests.put(f"{twin.address}/v1/jobs", json={"Job": service_job("web")}, timeout=5)
+    assert int(w.headers["X-Nomad-Index"]) > 0 and "X-Nomad-KnownLeader" not in w.headers
+
+
+def test_manual_allocation_health(twin):
+    n = twin.nomad()
+    job = service_job("web", count=1, update={"MaxParallel": 1, "HealthCheck": "manual"})
+    n.jobs.register_job({"Job": job})
+    dep = n.job.get_deployment("web")
+    alloc = live_allocs(n, "web")[0]
+    n.deployment.deployment_allocation_health(dep["ID"], healthy_allocations=[alloc["ID"]])
+    assert n.deployment.get_deployment(dep["ID"])["Status"] == "successful"
+    with pytest.raises(nomad.api.exceptions.BaseNomadException):
+        n.deployment.deployment_allocation_health(dep["ID"], healthy_allocations=["x"])
+
+
+def test_node_bookkeeping_survives_churn(twin):
+    n = twin.nomad()
+    c = twin.cluster
+    n.jobs.register_job({"Job": service_job("web", count=4)})
+    n.jobs.register_job({"Job": service_job("cpu", count=5, gpu=False)})
+    twin.advance(200)
+    scale(twin.address, "web", "web", 6)
+    node_id = live_allocs(n, "web")[0]["NodeID"]
+    n.node.drain_node_with_spec(node_id, {"Deadline": 60 * 10**9})
+    c.lose_node(next(i for i in c.nodes if i != node_id))
+    twin.advance(400)
+    scale(twin.address, "web", "web", 2)
+    twin.advance(100)
+    for node in c.nodes.values():
+        live = [a for a in c.allocs_by_node[node.id] if a.live]
+        assert node.n_live == len(live)
+        assert node.gpu_used == sum(a.gpus for a in live) <= node.gpus
+    assert len(live_allocs(n, "web")) == 2 and len(live_allocs(n, "cpu")) == 5
