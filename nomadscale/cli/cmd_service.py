@@ -251,8 +251,11 @@ def forecast_cmd(policy: str, plot_file: str | None) -> None:
         fig, ax = plt.subplots(figsize=(11, 4))
         ax.plot(times[-n:], series.values[-n:], lw=1, label="demand (rpm)")
         end = now + timedelta(seconds=fc.horizon_s)
-        ax.hlines(fc.peak, now, end, colors="tab:orange", label=f"peak {fc.peak:.0f}")
-        ax.hlines(fc.upper, now, end, colors="tab:red", label=f"upper {fc.upper:.0f}")
+        from matplotlib.dates import date2num
+
+        span = date2num([now, end])
+        ax.plot(span, [fc.peak, fc.peak], color="tab:orange", label=f"peak {fc.peak:.0f}")
+        ax.plot(span, [fc.upper, fc.upper], color="tab:red", label=f"upper {fc.upper:.0f}")
         ax.set_title(f"{pol.name} forecast at {now:%Y-%m-%d %H:%M} UTC")
         ax.legend(loc="upper left")
         fig.autofmt_xdate()

@@ -20,6 +20,8 @@ from nomadscale.config.yamlpos import YamlDoc, YamlSyntaxError, load_yaml
 from nomadscale.core.errors import ConfigError
 
 POLICY_SUFFIXES = (".yaml", ".yml")
+MAX_FILE_BYTES = 256 * 1024  # policies are a few kB; a larger file is a mistake
+MAX_LIST_ITEMS = 100  # zones, schedules, days: a longer list is a mistake, reported once
 _CLEAN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _DISCRIMINATORS = ("source",)
 
@@ -46,6 +48,10 @@ def check_file(path: str | Path) -> tuple[pm.Policy | None, list[PolicyError]]:
     file = str(path)
     p = Path(path)
     try:
+        size = p.stat().st_size if p.is_file() else 0
+        if size > MAX_FILE_BYTES:
+            message = f"file too large ({size} bytes, at most {MAX_FILE_BYTES})"
+            return None, [PolicyError(file, 0, "", message)]
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None, [PolicyError(file, 0, "", "no such file")]
@@ -64,6 +70,11 @@ def check_file(path: str | Path) -> tuple[pm.Policy | None, list[PolicyError]]:
     if not isinstance(doc.data, Mapping):
         kind = _kind(doc.data)
         return None, [PolicyError(file, 1, "policy", f"must be a mapping of keys, got {kind}")]
+    long = _long_list(doc.data, (), set())
+    if long is not None:
+        where, n = long
+        message = f"too many items ({n}, at most {MAX_LIST_ITEMS})"
+        return None, [PolicyError(file, doc.line_of(where), _field(where), message)]
     errors = [
         PolicyError(file, line, _field(path), f"duplicate key (first at line {first})")
         for path, line, first in doc.duplicates
@@ -168,6 +179,31 @@ def _name_line(path: Path) -> int:
         return load_yaml(path.read_text(encoding="utf-8")).line_of(("name",))
     except (OSError, ConfigError):
         return 1
+
+
+def _long_list(
+    data: Any, path: tuple[str | int, ...], active: set[int]
+) -> tuple[tuple[str | int, ...], int] | None:
+    """The first list longer than ``MAX_LIST_ITEMS`` (path, length), or None."""
+    if id(data) in active:  # a recursive alias
+        return None
+    if isinstance(data, list):
+        if len(data) > MAX_LIST_ITEMS:
+            return path, len(data)
+        items: Iterable[tuple[str | int, Any]] = enumerate(data)
+    elif isinstance(data, Mapping):
+        items = ((k if isinstance(k, str | int) else str(k), v) for k, v in data.items())
+    else:
+        return None
+    active.add(id(data))
+    try:
+        for key, value in items:
+            found = _long_list(value, (*path, key), active)
+            if found is not None:
+                return found
+    finally:
+        active.discard(id(data))
+    return None
 
 
 def _config_error(errors: list[PolicyError]) -> ConfigError:

@@ -17,6 +17,9 @@ from nomadscale.core.errors import ConfigError
 
 Path = tuple[str | int, ...]
 
+MAX_TEXT_CHARS = 1_000_000  # a policy or runbook is a few kB; refuse anything this large
+MAX_VALUES = 50_000  # values after alias expansion (a "billion laughs" file expands to 10^9)
+
 
 class YamlSyntaxError(ConfigError):
     """The text is not valid YAML. ``line`` is 1-based (0 when unknown)."""
@@ -45,7 +48,15 @@ class YamlDoc:
 
 
 def load_yaml(text: str) -> YamlDoc:
-    """Parse one YAML document; raise ``YamlSyntaxError`` (with a line) when it is invalid."""
+    """Parse one YAML document; raise ``YamlSyntaxError`` (with a line) when it is invalid.
+
+    Documents longer than ``MAX_TEXT_CHARS`` or expanding (through aliases) to more than
+    ``MAX_VALUES`` values are refused before anything walks them.
+    """
+    if len(text) > MAX_TEXT_CHARS:
+        raise YamlSyntaxError(
+            f"file too large ({len(text)} characters, at most {MAX_TEXT_CHARS})", line=0
+        )
     try:
         loader = yaml.SafeLoader(text)
     except yaml.reader.ReaderError as exc:
@@ -57,6 +68,12 @@ def load_yaml(text: str) -> YamlDoc:
         node = loader.get_single_node()
         if node is None:
             return YamlDoc(data=None)
+        size = _expanded_size(node, {}, set())
+        if size > MAX_VALUES:
+            raise YamlSyntaxError(
+                f"document too large: {size} values after expanding aliases (at most {MAX_VALUES})",
+                line=node.start_mark.line + 1,
+            )
         data = loader.construct_document(node)
         lines: dict[Path, int] = {(): node.start_mark.line + 1}
         dups: list[tuple[Path, int, int]] = []
@@ -71,8 +88,34 @@ def load_yaml(text: str) -> YamlDoc:
         raise YamlSyntaxError(" ".join(str(what).split()), line=line) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(" ".join(str(exc).split()), line=0) from None
+    except RecursionError:
+        raise YamlSyntaxError("nested too deeply", line=0) from None
     finally:
         loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """Values in ``node`` once aliases are expanded; linear in distinct nodes (memoized)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:  # recursive alias
+        return 1
+    active.add(key)
+    total = 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            total += _expanded_size(k, memo, active) + _expanded_size(v, memo, active)
+            if total > MAX_VALUES:
+                break
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            total += _expanded_size(item, memo, active)
+            if total > MAX_VALUES:
+                break
+    active.discard(key)
+    memo[key] = total
+    return total
 
 
 def _walk(

@@ -312,8 +312,11 @@ class Service:
             done = threading.Event()
 
             def _shutdown() -> None:
-                sched.shutdown(wait=True)
-                done.set()
+                try:
+                    if sched.running:
+                        sched.shutdown(wait=True)
+                finally:
+                    done.set()
 
             threading.Thread(target=_shutdown, daemon=True).start()
             if not done.wait(timeout_s):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -140,6 +141,8 @@ class Recorder:
         self.log_json = log_json
         self.failures: dict[str, int] = {}
         self.last: dict[str, CycleRecord] = {}
+        self.recent: deque[CycleRecord] = deque(maxlen=500)  # this process, newest last
+        self._capacity_alerted: set[str] = set()
 
     def key_prefix(self, policy: str) -> str:
         return f"{self.prefix}/decisions/{policy}/"
@@ -153,6 +156,7 @@ class Recorder:
         capacity_rpm: float | None = None,
     ) -> None:
         self.last[rec.policy] = rec
+        self.recent.append(rec)
         self.metrics.observe(rec)
         if self.log_json:
             log.info(rec.line(), extra={"fields": {"cycle": rec.to_dict()}})
@@ -220,6 +224,12 @@ class Recorder:
         f = (rec.decision or {}).get("forecast")
         if f and capacity_rpm is not None:
             over = float(f["upper"]) > capacity_rpm
+            if over == (p in self._capacity_alerted):
+                return
+            if over:
+                self._capacity_alerted.add(p)
+            else:
+                self._capacity_alerted.discard(p)
             self._alert(
                 f"nomadscale/{p}/capacity",
                 on=over,

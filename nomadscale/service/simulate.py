@@ -203,6 +203,7 @@ def simulate(
     out_dir: str | Path | None = None,
     consul_addr: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    lookback_days: float = 1.5,
 ) -> SimResult:
     from google.auth.credentials import AnonymousCredentials
 
@@ -216,8 +217,8 @@ def simulate(
     policy = policy or default_policy(trace_path)
     if policy.demand.source == "trace" and trace is None:
         trace_path = Path(policy.demand.trace)
-    # History capped at 2 days: the forecast replays its whole input every cycle.
-    demand = TraceDemandSource(trace_path, max_lookback_s=2 * 86400.0)
+    # History capped (``lookback_days``): the forecast replays its whole input every cycle.
+    demand = TraceDemandSource(trace_path, max_lookback_s=lookback_days * 86400.0)
     tr = demand.trace
     if days <= 0:
         raise InputError("--days: must be positive")
@@ -228,7 +229,7 @@ def simulate(
     if end <= start:
         raise InputError(f"{trace_path}: trace too short to simulate")
     rpm = policy.capacity.rpm_per_worker
-    fake = FakeClock(start)
+    fake = FakeClock(start - timedelta(minutes=15))  # 15 min to place the initial fleet
     cluster = Cluster.build(nodes=0, zones=[z.name for z in policy.zones.items], clock=fake)
     clock = _SimClock(fake, cluster.advance)
     cluster.add_namespace(policy.target.namespace)
@@ -260,7 +261,7 @@ def simulate(
         nomad = NomadClient(address=twin.address, namespace=policy.target.namespace, clock=clock)
         image = policy.deploy.image if policy.deploy else "registry.example.com/ml-worker:sim"
         nomad.register_job(worker_job(policy, counts=counts, image=image))
-        cluster.advance(60)
+        cluster.advance((start - fake.now()).total_seconds())
         settings = Settings(consul_addr=consul_addr, lock_ttl_s=30.0, kv_prefix="nomadscale-sim")
         if consul_addr:
             from nomadscale.integrations.consul import ConsulKV, ConsulLock
@@ -313,7 +314,7 @@ def _drive(
             gap = (next_sample - clock.now()).total_seconds()
             if gap > 0:
                 cluster.advance(gap)
-            _sample(res, policy, demand, nomad, compute, at=next_sample, step_s=step, rpm=rpm)
+            _sample(res, policy, demand, cluster, compute, at=next_sample, step_s=step, rpm=rpm)
             next_sample += timedelta(seconds=step)
         gap = (fire - clock.now()).total_seconds()
         if gap > 0:
@@ -330,7 +331,7 @@ def _drive(
         gap = (next_sample - clock.now()).total_seconds()
         if gap > 0:
             cluster.advance(gap)
-        _sample(res, policy, demand, nomad, compute, at=next_sample, step_s=step, rpm=rpm)
+        _sample(res, policy, demand, cluster, compute, at=next_sample, step_s=step, rpm=rpm)
         next_sample += timedelta(seconds=step)
     served = [c >= d for c, d in zip(res.capacity, res.demand, strict=True) if not math.isnan(d)]
     res.availability = sum(served) / len(served) if served else 0.0
@@ -346,21 +347,26 @@ def _sample(
     res: SimResult,
     policy: Policy,
     demand: TraceDemandSource,
-    nomad: Any,
+    cluster: Any,
     compute: Any,
     *,
     at: datetime,
     step_s: float,
     rpm: float,
 ) -> None:
-    status = nomad.job_status(policy.target.job, namespace=policy.target.namespace)
+    """Measure (in-process, not through the service's API) what was running at ``at``."""
+    with cluster.lock:
+        allocs = cluster.job_allocs((policy.target.namespace, policy.target.job))
+        per_group: dict[str, int] = {}
+        for a in allocs:
+            if a.client_status == "running" and a.desired_status == "run":
+                per_group[a.task_group] = per_group.get(a.task_group, 0) + 1
+        nodes = sum(len(m.instances) for m in compute.migs.values())
     running = 0
     for z in policy.zones.items:
-        g = status.groups.get(z.group)
-        n = g.running if g is not None else 0
+        n = per_group.get(z.group, 0)
         res.zones[z.name].append(n)
         running += n
-    nodes = sum(len(m.instances) for m in compute.migs.values())
     hours = step_s / 3600
     res.times.append(at)
     res.demand.append(demand.rpm_at(at))

@@ -41,6 +41,7 @@ class Cluster:
         start_s: float = 2.0,
         batch_run_s: float = 5.0,
         reschedule_delay_s: float = 30.0,
+        default_image_gb: float = 7.0,
         seed: int = 0,
     ) -> None:
         self.clock: Clock = clock or SystemClock()
@@ -50,6 +51,7 @@ class Cluster:
         self.start_s = start_s
         self.batch_run_s = batch_run_s
         self.reschedule_delay_s = reschedule_delay_s
+        self.default_image_gb = default_image_gb
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.index = 1
@@ -94,13 +96,22 @@ class Cluster:
         gpu: str = "l4",
         name_prefix: str = "gpu",
         images: Iterable[str] = (),
+        default_image_gb: float = 7.0,
     ) -> Cluster:
         """A fleet of ready GPU nodes spread round-robin over ``zones`` (Datacenter = zone,
-        Meta ``{"zone": zone, "gpu": gpu}``, one GPU each)."""
+        Meta ``{"zone": zone, "gpu": gpu}``, one GPU each). ``images`` are already in every
+        node's docker cache; ``default_image_gb`` sizes images without an ``image_size_gb``
+        meta key (pull time = size * 8000 / image_pull_mbps seconds)."""
         zones = tuple(zones)
         if not zones:
             raise ValueError("zones must not be empty")
-        c = cls(clock=clock, image_pull_mbps=image_pull_mbps, boot_s=boot_s, acl_token=acl_token)
+        c = cls(
+            clock=clock,
+            image_pull_mbps=image_pull_mbps,
+            boot_s=boot_s,
+            acl_token=acl_token,
+            default_image_gb=default_image_gb,
+        )
         for i in range(nodes):
             zone = zones[i % len(zones)]
             c.add_node(

@@ -48,7 +48,10 @@ def register(
     preserve_counts: bool = False,
     triggered_by: str = "job-register",
     eval_: bool = True,
+    new_version: bool = False,
 ) -> dict[str, Any]:
+    """Register ``spec``. An unchanged spec keeps its version (like Job.Register) unless
+    ``new_version`` (the Scale API always writes a new version)."""
     spec = jobspec.canonicalize(spec)
     jobspec.validate(spec)
     key = (spec["Namespace"], spec["ID"])
@@ -75,7 +78,7 @@ def register(
                 tg["Count"] = old["Count"]
     idx = c.bump("jobs")
     now = c.now_s()
-    if existing is not None and _same_spec(existing.spec, spec):
+    if existing is not None and not new_version and _same_spec(existing.spec, spec):
         job = existing  # no change: no new version
     else:
         version = existing.version + 1 if existing is not None else 0
@@ -213,7 +216,9 @@ def scale(c: Cluster, job_id: str, namespace: str, body: Mapping[str, Any]) -> d
             if g["Name"] == group:
                 g["Count"] = count
         eval_wanted = not (job.parameterized or job.periodic)
-        reply = register(c, spec, triggered_by="job-scaling", eval_=eval_wanted)
+        reply = register(
+            c, spec, triggered_by="job-scaling", eval_=eval_wanted, new_version=True
+        )
     idx = c.bump("jobs")
     event = {
         "Time": unix_ns(c.now_s()),

@@ -259,6 +259,7 @@ def canonicalize(job: dict[str, Any]) -> dict[str, Any]:
     ):
         job.setdefault(k, None)
     job.setdefault("ParentID", "")
+    job.setdefault("Stop", False)
     job.setdefault("Dispatched", False)
     job.setdefault("AllAtOnce", False)
     pj = job.get("ParameterizedJob")
@@ -266,6 +267,8 @@ def canonicalize(job: dict[str, Any]) -> dict[str, Any]:
         pj.setdefault("Payload", "optional")
         pj.setdefault("MetaRequired", None)
         pj.setdefault("MetaOptional", None)
+    if job["Type"] == "service" and job.get("Update") is None:
+        job["Update"] = dict(_UPDATE_DEFAULTS)  # like api.Job.Canonicalize for services
     job_update = job.get("Update")
     for tg in job.get("TaskGroups") or []:
         if tg.get("Count") is None:

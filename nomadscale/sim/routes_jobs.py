@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from nomadscale.sim import filters, jobs, jobspec, sched
@@ -105,7 +106,7 @@ def job_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
     out = [
         a.stub()
         for a in c.job_allocs((job.namespace, job.id))
-        if all_ or a.job_version <= job.version
+        if all_ or a.job.get("CreateIndex") == job.create_index
     ]
     return out, c.table_index["allocs"]
 
@@ -230,6 +231,48 @@ def evaluate(c: Cluster, req: Request) -> Any:
     }
 
 
+def _policies(c: Cluster) -> list[dict[str, Any]]:
+    out = []
+    for job in c.jobs.values():
+        for tg in job.spec.get("TaskGroups") or []:
+            sc = tg.get("Scaling")
+            if sc is None:
+                continue
+            pid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{job.namespace}/{job.id}/{tg['Name']}"))
+            out.append(
+                {
+                    "ID": pid,
+                    "Type": sc.get("Type", "horizontal"),
+                    "Enabled": sc.get("Enabled"),
+                    "Min": sc.get("Min"),
+                    "Max": sc.get("Max"),
+                    "Policy": sc.get("Policy"),
+                    "Target": {"Namespace": job.namespace, "Job": job.id, "Group": tg["Name"]},
+                    "CreateIndex": job.create_index,
+                    "ModifyIndex": job.modify_index,
+                }
+            )
+    return out
+
+
+def scaling_policies(c: Cluster, req: Request) -> tuple[Any, int]:
+    job = req.query.get("job")
+    stubs = [
+        {k: p[k] for k in ("ID", "Type", "Enabled", "Target", "CreateIndex", "ModifyIndex")}
+        for p in _policies(c)
+        if (not job or p["Target"]["Job"] == job)
+        and (req.namespace == "*" or p["Target"]["Namespace"] == req.namespace)
+    ]
+    return stubs, c.table_index["jobs"]
+
+
+def scaling_policy(c: Cluster, req: Request) -> tuple[Any, int]:
+    for p in _policies(c):
+        if p["ID"] == req.params[0]:
+            return p, c.table_index["jobs"]
+    raise ApiError(404, "policy not found")
+
+
 def parse(c: Cluster, req: Request) -> Any:
     body = req.json()
     text = body.get("JobHCL") or ""
@@ -241,6 +284,8 @@ def parse(c: Cluster, req: Request) -> Any:
 
 ROUTES: list[Route] = [
     route("GET", "/v1/jobs", list_jobs),
+    route("GET", "/v1/scaling/policies", scaling_policies),
+    route("GET", "/v1/scaling/policy/([^/]+)", scaling_policy),
     route("PUT POST", "/v1/jobs", register),
     route("PUT POST", "/v1/jobs/parse", parse),
     route("GET", f"/v1/job/{_ID}/versions", versions),

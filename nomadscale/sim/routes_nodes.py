@@ -191,6 +191,14 @@ def get_eval(c: Cluster, req: Request) -> tuple[Any, int]:
     return ev, ev["ModifyIndex"]
 
 
+def eval_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
+    ev = c.evals.get(req.params[0])
+    if ev is None:
+        raise ApiError(404, "eval not found")
+    allocs = c.job_allocs((ev["Namespace"], ev["JobID"]))
+    return [a.stub() for a in allocs if a.eval_id == ev["ID"]], c.table_index["allocs"]
+
+
 def list_deployments(c: Cluster, req: Request) -> tuple[Any, int]:
     ns, prefix = req.namespace, req.query.get("prefix", "")
     out = [
@@ -301,6 +309,7 @@ ROUTES: list[Route] = [
     route("GET", "/v1/allocation/([^/]+)", get_alloc),
     route("GET POST", "/v1/client/metadata", client_meta, read=False, index_header=False),
     route("GET", "/v1/evaluations", list_evals),
+    route("GET", "/v1/evaluation/([^/]+)/allocations", eval_allocs),
     route("GET", "/v1/evaluation/([^/]+)", get_eval),
     route("GET", "/v1/deployments", list_deployments),
     route("GET", "/v1/deployment/allocations/([^/]+)", deployment_allocs),

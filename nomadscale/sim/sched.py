@@ -30,13 +30,18 @@ def spec_hash(job: dict[str, Any], tg: dict[str, Any]) -> str:
     return hashlib.sha1(raw).hexdigest()[:16]
 
 
-def image_of(tg: dict[str, Any]) -> tuple[str, float]:
-    image, size = "", DEFAULT_IMAGE_GB
+def image_of(
+    tg: dict[str, Any], job: dict[str, Any] | None = None, default_gb: float = DEFAULT_IMAGE_GB
+) -> tuple[str, float]:
+    """(image, size in GB) of a group's first docker task. The size comes from an
+    ``image_size_gb`` key in the task meta, task config, group meta or job meta."""
+    image, size = "", default_gb
+    job_meta = (job or {}).get("Meta") or {}
     for task in tg.get("Tasks") or []:
         cfg = task.get("Config") or {}
         if not image and cfg.get("image"):
             image = str(cfg["image"])
-        for src in (task.get("Meta") or {}, cfg, tg.get("Meta") or {}):
+        for src in (task.get("Meta") or {}, cfg, tg.get("Meta") or {}, job_meta):
             if src.get("image_size_gb") is not None:
                 with contextlib.suppress(TypeError, ValueError):
                     size = float(src["image_size_gb"])
@@ -101,7 +106,7 @@ def create_alloc(
     if used is None:
         used = used_indexes(c, job, tg["Name"])
     node = c.nodes[node_id]
-    image, size = image_of(tg)
+    image, size = image_of(tg, job.spec, c.default_image_gb)
     image = _interp_image(image, job.spec)
     now = c.now_s()
     idx = c.bump("allocs")

@@ -26,7 +26,13 @@ from nomadscale.core.errors import InputError
 from nomadscale.core.ports import DemandSeries
 from nomadscale.core.values import Forecast
 from nomadscale.stages.calibration import RatioCalibrator
-from nomadscale.stages.forecast_models import BASE_MODELS, MODELS, Buckets, predict_all
+from nomadscale.stages.forecast_models import (
+    BASE_MODELS,
+    MODELS,
+    Buckets,
+    LogRegression,
+    predict_all,
+)
 from nomadscale.stages.history import clean
 
 MODEL_CHOICES = ("auto", *MODELS)
@@ -111,6 +117,7 @@ class Forecaster:
         window = c.calibration_window_s / c.cycle_s
         self.cal = RatioCalibrator(n_models=nm, window=window)
         self.cal_bh = RatioCalibrator(n_models=nm, window=window)
+        self.reg = LogRegression(window=window)
         self.min_cycles = max(3.0, c.min_calibration_s / c.cycle_s)
         self._buf = np.empty(0)
         self._pred = np.full(nm, np.nan)  # point forecasts for the next bucket
@@ -165,6 +172,7 @@ class Forecaster:
         b = self.b
         k = len(b)
         b.append(peak=peak, mean=mean, lead_peak=lead_peak, tail=tail, n=n)
+        self.reg.update(b)
         if n:
             self._calibrate(k, x)
         self._pred_prev = self._pred
@@ -226,6 +234,8 @@ class Forecaster:
             cal = self.cal_bh
         data_ok = k > 0 and b.n[-1] > 0
         pts = predict_all(b, k, self.lead / self.S) if k else {}
+        if k:
+            pts["regress"] = self.reg.predict(b, k)
         q = target
         mult = cal.multipliers(q) * math.exp(self._offset)
         eligible = cal.count >= self.min_cycles

@@ -9,7 +9,10 @@ A model returns ``None`` when it lacks the history it needs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 MODELS = (
     "recent",
@@ -23,6 +26,7 @@ MODELS = (
     "seasonal",
     "profile",
     "weighted",
+    "regress",
     "blend",
 )
 BASE_MODELS = MODELS[:-1]
@@ -156,3 +160,79 @@ def predict_all(b: Buckets, k: int, lead_frac: float) -> dict[str, float | None]
     got = [(w, v) for w, v in parts if v is not None]
     out["weighted"] = sum(w * v for w, v in got) / sum(w for w, _ in got) if got else None
     return out
+
+
+class LogRegression:
+    """Online ridge regression of the log horizon peak on log levels (exponentially weighted).
+
+    Features at bucket k: the last bucket's tail, mean and peak, the last hour's level and
+    yesterday's rise from the level before the same time to that window's horizon peak, all
+    in log space (scale-free; demand ratios are what matter). The ridge prior pulls the
+    coefficients towards persistence (the last tail), so that a short history gives the
+    reactive forecast. The target of bucket j is known once bucket j + 1 has closed.
+    """
+
+    N_FEATURES = 6
+
+    def __init__(self, *, window: float, ridge: float = 0.3) -> None:
+        d = self.N_FEATURES
+        self.decay = 1.0 - 1.0 / max(window, 2.0)
+        self.ridge = ridge
+        self.prior = np.zeros(d)
+        self.prior[1] = 1.0  # persistence on the last tail
+        self.A = ridge * np.eye(d)
+        self.v = ridge * self.prior
+        self.coef = self.prior.copy()
+        self._feats: dict[int, np.ndarray] = {}
+
+    def _eps(self, b: Buckets) -> float:
+        c = b.cnt[-1]
+        return 0.01 * b.csum[-1] / c if c else 0.0
+
+    def features(self, b: Buckets, k: int) -> np.ndarray | None:
+        last = k - 1
+        if last < 0 or not b.n[last] or b.tail[last] < 0:
+            return None
+        hour = b.level(k - b.per_hour, k)
+        eps = self._eps(b)
+        if eps <= 0 or hour is None:
+            return None
+        lg = math.log
+        seas = 0.0
+        h = b.horizon_peak(k - b.per_day)
+        j = k - b.per_day - 1
+        if h is not None and j >= 0 and b.n[j]:
+            seas = lg(h + eps) - lg(b.mean[j] + eps)
+        return np.array(
+            [
+                1.0,
+                lg(b.tail[last] + eps),
+                lg(b.mean[last] + eps),
+                lg(hour + eps),
+                seas,
+                lg(b.peak[last] + eps),
+            ]
+        )
+
+    def update(self, b: Buckets) -> None:
+        """Learn from the bucket before the one just closed (its horizon is now complete)."""
+        j = len(b) - 2
+        x = self._feats.pop(j, None)
+        for old in [i for i in self._feats if i < j]:
+            del self._feats[old]
+        h = b.horizon_peak(j)
+        if x is None or h is None:
+            return
+        y = math.log(h + self._eps(b))
+        a, r = self.decay, (1.0 - self.decay) * self.ridge
+        self.A = a * self.A + np.outer(x, x)
+        self.A[np.diag_indices_from(self.A)] += r
+        self.v = a * self.v + x * y + r * self.prior
+        self.coef = np.linalg.solve(self.A, self.v)
+
+    def predict(self, b: Buckets, k: int) -> float | None:
+        x = self.features(b, k)
+        if x is None:
+            return None
+        self._feats[k] = x
+        return max(math.exp(min(float(x @ self.coef), 700.0)) - self._eps(b), 0.0)

@@ -20,7 +20,7 @@ from tests.fuzz.counts import tried
 from tests.fuzz.strategies import mutated, yaml_texts
 
 FUZZ = settings(
-    max_examples=250,
+    max_examples=120,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -224,3 +224,13 @@ def test_plan_is_a_dry_run(twin):
     plan = n.job.plan_job("web", {"Job": service_job("web", count=5, gpu=False)})
     assert plan["Annotations"]["DesiredTGUpdates"]["web"]["Place"] == 3
     assert n.job.get_job("web")["TaskGroups"][0]["Count"] == 2
+
+
+def test_same_spec_keeps_version_but_scale_always_writes_one(twin):
+    n = twin.nomad()
+    n.jobs.register_job({"Job": service_job("web", count=2)})
+    n.jobs.register_job({"Job": service_job("web", count=2)})
+    assert n.job.get_job("web")["Version"] == 0
+    twin.advance(200)
+    assert scale(twin.address, "web", "web", 2).status_code == 200
+    assert n.job.get_job("web")["Version"] == 1

@@ -22,7 +22,8 @@ def test_evaluations_and_allocations(twin):
     reply = n.jobs.register_job({"Job": service_job("web", count=2)})
     ev = n.evaluation.get_evaluation(reply["EvalID"])
     assert ev["TriggeredBy"] == "job-register" and ev["Status"] == "complete"
-    assert ev["JobID"] == "web" and ev["DeploymentID"] == ""
+    assert ev["JobID"] == "web"
+    assert ev["DeploymentID"] == n.job.get_deployment("web")["ID"]  # default update block
     r = requests.get(f"{twin.address}/v1/evaluations", params={"job": "web"}, timeout=5)
     assert [e["ID"] for e in r.json()] == [reply["EvalID"]]
     for path, text in (("evaluation", "eval not found"), ("allocation", "alloc not found")):
@@ -85,10 +86,40 @@ def test_node_bookkeeping_survives_churn(twin):
     n.node.drain_node_with_spec(node_id, {"Deadline": 60 * 10**9})
     c.lose_node(next(i for i in c.nodes if i != node_id))
     twin.advance(400)
-    scale(twin.address, "web", "web", 2)
+    # 6 wanted, 4 GPUs left: the scale-up deployment cannot finish and blocks scaling...
+    assert scale(twin.address, "web", "web", 2).status_code == 400
+    twin.advance(300)  # ...until its progress deadline (10m) fails it
+    dep = n.job.get_deployment("web")
+    assert (dep["Status"], dep["StatusDescription"]) == (
+        "failed",
+        "Failed due to progress deadline",
+    )
+    assert scale(twin.address, "web", "web", 2).status_code == 200
     twin.advance(100)
     for node in c.nodes.values():
         live = [a for a in c.allocs_by_node[node.id] if a.live]
         assert node.n_live == len(live)
         assert node.gpu_used == sum(a.gpus for a in live) <= node.gpus
     assert len(live_allocs(n, "web")) == 2 and len(live_allocs(n, "cpu")) == 5
+
+
+def test_eval_allocations_and_scaling_policies(twin):
+    n = twin.nomad()
+    job = service_job("web", count=2, scaling={"Min": 1, "Max": 8})
+    reply = n.jobs.register_job({"Job": job})
+    allocs = n.evaluation.get_allocations(reply["EvalID"])
+    assert len(allocs) == 2 and {a["EvalID"] for a in allocs} == {reply["EvalID"]}
+    policies = n.scaling.get_scaling_policies()
+    assert [p["Target"] for p in policies] == [
+        {"Namespace": "default", "Job": "web", "Group": "web"}
+    ]
+    policy = n.scaling.get_scaling_policy(policies[0]["ID"])
+    assert (policy["Min"], policy["Max"], policy["Enabled"]) == (1, 8, True)
+
+
+def test_default_image_size_sets_pull_time(twin_factory):
+    t = twin_factory(nodes=2, default_image_gb=0.1)  # 0.1 GB at 800 Mbit/s = 1 s
+    n = t.nomad()
+    n.jobs.register_job({"Job": service_job("web", count=1)})
+    t.advance(t.cluster.start_s + 1.5)
+    assert live_allocs(n, "web")[0]["ClientStatus"] == "running"

@@ -1,0 +1,74 @@
+"""Building blocks for the service tests: a small policy, a level demand source, a fleet."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+from nomadscale.config.policy import Policy
+from nomadscale.core.ports import DemandSeries
+
+
+def make_policy(
+    *, name: str = "ekyc", node_pool: bool = False, rpm_per_worker: float = 100.0, **over: Any
+) -> Policy:
+    doc: dict[str, Any] = {
+        "name": name,
+        "cycle": "20m",
+        "lead_time": "10m",
+        "demand": {"source": "prometheus", "query": "demand", "step": "1m", "lookback": "6h"},
+        "forecast": {"model": "auto", "target_availability": 0.99},
+        "capacity": {"rpm_per_worker": rpm_per_worker},
+        "bounds": {"min": 1, "max": 40, "max_step_up": 20, "max_step_down": 20},
+        "zones": {
+            "split": "odd-even",
+            "list": [
+                {
+                    "name": "zone-a",
+                    "group": "ml-worker-a",
+                    "node_pool": "gpu",
+                    "instance_group": "mig-a",
+                },
+                {
+                    "name": "zone-b",
+                    "group": "ml-worker-b",
+                    "node_pool": "gpu",
+                    "instance_group": "mig-b",
+                },
+            ],
+        },
+        "target": {"job": "ml-worker", "namespace": "ekyc"},
+    }
+    if node_pool:
+        doc["target"]["node_pool"] = {
+            "provider": "gce-mig", "project": "proj", "workers_per_node": 1,
+            "drain_deadline": "10m", "scale_in_order": "empty-then-oldest",
+        }  # fmt: skip
+    doc.update(over)
+    return Policy.model_validate(doc)
+
+
+class LevelDemand:
+    """A DemandSource whose whole history sits at ``level(end)`` requests per minute (the
+    world changes in jumps; tests set the level)."""
+
+    def __init__(self, level: Callable[[datetime], float]) -> None:
+        self.level = level
+
+    def history(self, *, end: datetime, lookback_s: float, step_s: float) -> DemandSeries:
+        n = int(lookback_s // step_s)
+        last = math.floor(end.timestamp() / step_s) * step_s
+        start = datetime.fromtimestamp(last - n * step_s, tz=end.tzinfo)
+        return DemandSeries(start=start, step_s=step_s, values=np.full(n, self.level(end)))
+
+
+def constant(rpm: float) -> LevelDemand:
+    return LevelDemand(lambda _t: rpm)
+
+
+def after(clock: Any, seconds: float) -> datetime:
+    return clock.now() + timedelta(seconds=seconds)

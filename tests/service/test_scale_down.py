@@ -1,0 +1,161 @@
+"""Scale-down through the real service pieces: Nomad twin over HTTP + GCE endpoint over HTTP.
+
+Drains happen before deletes, victims are the oldest nodes (first started, first stopped),
+and a zone left half-applied by a crashed leader is finished by the next cycle."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from google.auth.credentials import AnonymousCredentials
+
+from nomadscale.config.settings import Settings
+from nomadscale.integrations.gce import GceMigPool
+from nomadscale.integrations.memkv import MemoryKV, MemoryLock
+from nomadscale.integrations.nomad import NomadClient
+from nomadscale.service.actuator import plan_actions
+from nomadscale.service.cycle import Ports
+from nomadscale.service.loop import Service
+from nomadscale.service.simulate import _SimClock, worker_job
+from nomadscale.sim.compute import ComputeServer, ComputeSim
+from tests.harness.twin import Twin, TwinFactory
+from tests.service.helpers import LevelDemand, make_policy
+
+
+@dataclass
+class Fleet:
+    twin: Twin
+    sim: ComputeSim
+    svc: Service
+    demand: dict[str, float]
+    clock: _SimClock
+    nomad: NomadClient
+
+
+@pytest.fixture
+def fleet(twin_factory: TwinFactory) -> Iterator[Fleet]:
+    twin = twin_factory(nodes=6, node_pool="gpu")  # 3 per zone, created oldest first
+    cluster = twin.cluster
+    cluster.add_namespace("ekyc")
+    sim = ComputeSim(cluster, project="proj")
+    sim.add_mig(name="mig-a", zone="zone-a", node_pool="gpu")
+    sim.add_mig(name="mig-b", zone="zone-b", node_pool="gpu")
+    clock = _SimClock(twin.clock, cluster.advance)
+    policy = make_policy(node_pool=True)
+    level = {"rpm": 560.0}
+    with ComputeServer(sim) as gce:
+        nomad = NomadClient(address=twin.address, clock=clock)
+        nomad.register_job(worker_job(policy, counts={"zone-a": 3, "zone-b": 3}, image="img:1"))
+        cluster.advance(600)
+        kv = MemoryKV(clock=clock)
+        lock = MemoryLock(kv=kv, key="ns/leader", ttl_s=30, lock_delay_s=0)
+        clock.on_tick = lock.acquire
+        pool = GceMigPool(project="proj", credentials=AnonymousCredentials(),
+                          base_url=gce.base_url, clock=clock, poll_s=1)  # fmt: skip
+        ports = Ports(nomad=nomad, kv=kv, lock=lock, pool_for=lambda _p: pool,
+                      demand_for=lambda _p: LevelDemand(lambda _t: level["rpm"]))  # fmt: skip
+        svc = Service(settings=Settings(kv_prefix="ns"), policies=[policy], ports=ports,
+                      clock=clock, poll_s=10)  # fmt: skip
+        yield Fleet(twin, sim, svc, level, clock, nomad)
+
+
+def _events(twin: Twin, *types: str) -> list[dict[str, Any]]:
+    return [e for e in twin.cluster.events if e["type"] in types]
+
+
+def test_scale_down_drains_oldest_then_deletes_exactly_them(fleet: Fleet) -> None:
+    twin, cluster = fleet.twin, fleet.twin.cluster
+    by_age = {
+        zone: [n.name for n in sorted(cluster.nodes.values(), key=lambda n: n.create_index)
+               if n.datacenter == zone]
+        for zone in ("zone-a", "zone-b")
+    }  # fmt: skip
+    mark = len(cluster.events)
+    fleet.demand["rpm"] = 120.0  # -> 2 workers: 1 per zone
+    out = fleet.svc.run_policy("ekyc")
+    assert out is not None and out.record.outcome == "applied", out.record.line()
+    assert out.decision is not None and out.decision.desired == 2, out.decision.explain()
+    oldest = {zone: names[:2] for zone, names in by_age.items()}
+    events = [e for e in cluster.events[mark:] if e["type"] in ("drain", "node_removed", "scale")]
+    by_id = {n.id: n.name for n in cluster.nodes.values()}
+    started = [
+        by_id[e["node_id"]] for e in events if e["type"] == "drain" and e["phase"] == "start"
+    ]
+    removed = [e["name"] for e in events if e["type"] == "node_removed"]
+    assert sorted(started) == sorted(oldest["zone-a"] + oldest["zone-b"])
+    assert sorted(removed) == sorted(started)
+    for name in removed:  # each node: drain start -> drain complete -> removed
+        nid = next(i for i, n in by_id.items() if n == name)
+        idx = [i for i, e in enumerate(events) if e.get("node_id") == nid or e.get("name") == name]
+        kinds = [(events[i]["type"], events[i].get("phase")) for i in idx]
+        assert kinds == [("drain", "start"), ("drain", "complete"), ("node_removed", None)], kinds
+    first_drain = next(i for i, e in enumerate(events) if e["type"] == "drain")
+    assert all(i < first_drain for i, e in enumerate(events) if e["type"] == "scale")
+    drain_meta = next(e for e in events if e["type"] == "drain")["meta"]
+    assert drain_meta == {"drained_by": "nomadscale", "decision_id": out.decision.id}
+    st = fleet.nomad.job_status("ml-worker", namespace="ekyc")
+    assert {g: st.groups[g].desired for g in st.groups} == {"ml-worker-a": 1, "ml-worker-b": 1}
+    assert fleet.sim.size("zone-a", "mig-a") == 1 and fleet.sim.size("zone-b", "mig-b") == 1
+    ev = st.groups["ml-worker-a"].events[0]
+    assert ev.meta["nomadscale.decision_id"] == out.decision.id
+    assert "nomadscale.forecast" in ev.meta and "nomadscale.headroom" in ev.meta
+    # the next cycle has nothing left to do
+    cluster.advance(1200)
+    again = fleet.svc.run_policy("ekyc")
+    assert again is not None and again.record.actions == [], again.record.line()
+    assert _events(twin, "node_removed") and len(_events(twin, "node_removed")) == 4
+
+
+def test_scale_up_resizes_the_instance_group_first(fleet: Fleet) -> None:
+    cluster = fleet.twin.cluster
+    fleet.demand["rpm"] = 900.0
+    mark = len(fleet.sim.events)
+    nmark = len(cluster.events)
+    out = fleet.svc.run_policy("ekyc")
+    assert out is not None and out.record.outcome == "applied", out.record.line()
+    want = {z.zone: z.count for z in out.decision.zones} if out.decision else {}
+    assert sum(want.values()) > 6
+    resized = [e for e in fleet.sim.events[mark:] if e["type"] == "mig_resize"]
+    assert {e["zone"]: e["size"] for e in resized} == want
+    scales = [e for e in cluster.events[nmark:] if e["type"] == "scale"]
+    added = [e for e in cluster.events[nmark:] if e["type"] == "node_added"]
+    assert added and scales
+    assert cluster.events.index(added[0]) < cluster.events.index(scales[0])
+
+
+def test_next_cycle_finishes_a_half_applied_scale_down(fleet: Fleet) -> None:
+    """A leader crashed after draining (recorded as pending) but before deleting."""
+    cluster = fleet.twin.cluster
+    svc = fleet.svc
+    runner = svc.runners["ekyc"]
+    fleet.demand["rpm"] = 120.0
+    svc.elect()
+    status = fleet.nomad.job_status("ml-worker", namespace="ekyc")
+    from nomadscale.stages.decide import decide
+
+    decision = decide(policy=runner.policy, series=LevelDemand(lambda _t: 120.0).history(
+        end=fleet.clock.now(), lookback_s=21600, step_s=60), now=fleet.clock.now(),
+        current=6, current_zones={"zone-a": 3, "zone-b": 3}, last_scale_at=None)  # fmt: skip
+    actions = runner._plan(decision, status)
+    draining = [n for a in actions if a.kind == "drain" for n in a.nodes]
+    assert len(draining) == 4
+    # crash simulation: only the scale + drain + pending record happened
+    from nomadscale.service.actuator import Actuator
+
+    act = Actuator(nomad=fleet.nomad, pool=None, lock=svc.ports.lock, clock=fleet.clock,
+                   on_removing=runner._on_removing)  # fmt: skip
+    partial = tuple(a for a in actions if a.kind in ("scale", "drain"))
+    act.apply(partial, decision=decision, job="ml-worker", namespace="ekyc")
+    assert all(cluster.find_node(n.name).status != "down" for n in draining)  # type: ignore[union-attr]
+    cluster.advance(1200)
+    out = svc.run_policy("ekyc")
+    assert out is not None and out.record.outcome == "applied", out.record.line()
+    gone = {e["name"] for e in cluster.events if e["type"] == "node_removed"}
+    assert gone == {n.name for n in draining}
+    # and the plan from actual state is now empty
+    views = runner._views(with_allocs=False, pending=runner._pending())
+    assert plan_actions(decision, fleet.nomad.job_status("ml-worker", namespace="ekyc"),
+                        views, drain_deadline_s=600) == ()  # fmt: skip
