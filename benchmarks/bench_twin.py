@@ -103,16 +103,18 @@ def main() -> None:
                 "",
             )
         )
-        counts = iter(range(per_job + 1, per_job + 1 + args.repeat))
+        # each scale starts a deployment (Nomad's default update block), which blocks further
+        # scaling of that job until it finishes: scale a different job each time
+        jobs_to_scale = iter(range(JOBS))
         rows.append(
             (
                 "scale +1 (one job)",
                 *timed(
                     lambda: s.post(
-                        f"{base}/v1/job/svc-00/scale",
-                        json={"Count": next(counts), "Target": {"Group": "app"}},
+                        f"{base}/v1/job/svc-{next(jobs_to_scale):02d}/scale",
+                        json={"Count": per_job + 1, "Target": {"Group": "app"}},
                     ).raise_for_status(),
-                    args.repeat,
+                    min(args.repeat, JOBS),
                 ),
                 "",
             )

@@ -198,7 +198,10 @@ def plan(policy: str, as_json: bool) -> None:
     control = _Control(ports.kv, prefix=settings.kv_prefix)
     runner = CycleRunner(policy=pol, ports=ports, control=control,
                          recorder=Recorder(kv=None), clock=clock)  # fmt: skip
-    res = runner.run(leader=False, dry_run=True)
+    now = clock.now()
+    if pol.demand.source == "trace":  # a trace: decide right after its last step
+        now = min(now, ports.demand(pol).trace.end)  # type: ignore[attr-defined]
+    res = runner.run(leader=False, dry_run=True, now=now)
     rec = res.record
     if as_json:
         click.echo(json.dumps(rec.to_dict(), indent=2, default=str))

@@ -11,5 +11,16 @@ def all_commands() -> list[click.Command]:
     from nomadscale.cli.cmd_deploy import deploy, prefetch
     from nomadscale.cli.cmd_policy import policy
     from nomadscale.cli.cmd_runbook import COMMANDS as RUNBOOK_COMMANDS
+    from nomadscale.cli.cmd_service import COMMANDS as SERVICE_COMMANDS
+    from nomadscale.cli.cmd_sim import sim
 
-    return [policy, backtest, capacity, deploy, prefetch, *RUNBOOK_COMMANDS]
+    return [
+        *SERVICE_COMMANDS,
+        policy,
+        backtest,
+        capacity,
+        deploy,
+        prefetch,
+        *RUNBOOK_COMMANDS,
+        sim,
+    ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +49,7 @@ def check_file(path: str | Path) -> tuple[pm.Policy | None, list[PolicyError]]:
     file = str(path)
     p = Path(path)
     try:
-        size = p.stat().st_size if p.is_file() else 0
-        if size > MAX_FILE_BYTES:
-            message = f"file too large ({size} bytes, at most {MAX_FILE_BYTES})"
-            return None, [PolicyError(file, 0, "", message)]
-        text = p.read_text(encoding="utf-8")
+        text = _read_policy_text(p)
     except FileNotFoundError:
         return None, [PolicyError(file, 0, "", "no such file")]
     except IsADirectoryError:
@@ -61,6 +58,8 @@ def check_file(path: str | Path) -> tuple[pm.Policy | None, list[PolicyError]]:
         return None, [PolicyError(file, 0, "", "not a UTF-8 text file")]
     except OSError as exc:
         return None, [PolicyError(file, 0, "", f"cannot read: {exc.strerror or exc}")]
+    except ValueError as exc:  # a NUL in the name; a file too large or not a regular file
+        return None, [PolicyError(file, 0, "", str(exc))]
     try:
         doc = load_yaml(text)
     except YamlSyntaxError as exc:
@@ -126,7 +125,11 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[PolicyEr
     errors: list[PolicyError] = []
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
+        try:
+            is_dir = p.is_dir()
+        except (OSError, ValueError):  # a name too long or with a NUL: check_file reports it
+            is_dir = False
+        if is_dir:
             found = sorted(f for f in p.iterdir() if f.suffix in POLICY_SUFFIXES and f.is_file())
             if not found:
                 errors.append(PolicyError(str(raw), 0, "", "no policy files (*.yaml, *.yml) here"))
@@ -179,6 +182,27 @@ def _name_line(path: Path) -> int:
         return load_yaml(path.read_text(encoding="utf-8")).line_of(("name",))
     except (OSError, ConfigError):
         return 1
+
+
+def _read_policy_text(p: Path) -> str:
+    """The text of a regular file of at most ``MAX_FILE_BYTES``; read no more than that.
+
+    Devices, FIFOs and sockets are refused (``/dev/zero`` would never end, a FIFO blocks).
+    """
+    try:
+        st = p.stat()
+    except ValueError:
+        raise ValueError("cannot read: invalid file name") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(p)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("not a regular file")
+    with p.open("rb") as fh:
+        raw = fh.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        size = max(st.st_size, len(raw))
+        raise ValueError(f"file too large ({size} bytes, at most {MAX_FILE_BYTES})")
+    return raw.decode("utf-8")
 
 
 def _long_list(

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nomadscale.core.clock import Clock
-from nomadscale.core.errors import LockLostError, NomadscaleError, PermanentError
+from nomadscale.core.errors import ConflictError, LockLostError, NomadscaleError, PermanentError
 from nomadscale.core.ports import (
     AlertPort,
     JobStatus,
@@ -193,6 +193,7 @@ class Actuator:
         alerts: AlertPort | None = None,
         poll_s: float = 5.0,
         drain_grace_s: float = 60.0,
+        deployment_wait_s: float = 900.0,
         on_removing: Callable[[str, Sequence[NodeRef], bool], None] | None = None,
     ) -> None:
         self.nomad = nomad
@@ -203,6 +204,7 @@ class Actuator:
         self.alerts = alerts
         self.poll_s = poll_s
         self.drain_grace_s = drain_grace_s
+        self.deployment_wait_s = deployment_wait_s
         self.on_removing = on_removing  # (zone, nodes, started) -> persist pending removals
 
     def guard(self) -> None:
@@ -223,8 +225,13 @@ class Actuator:
     ) -> ApplyResult:
         res = ApplyResult()
         drained_ok: dict[tuple[str, str], set[str]] = {}
+        scaled = False
         for act in actions:
             try:
+                if act.kind == "scale" and scaled:
+                    # Nomad refuses to scale while the deployment of the previous scale runs
+                    self._wait_deployment(job, namespace)
+                scaled = scaled or act.kind == "scale"
                 self._one(act, res, drained_ok, decision=decision, job=job,
                           namespace=namespace, meta=meta or {})  # fmt: skip
             except (Abandoned, LockLostError) as e:
@@ -234,8 +241,8 @@ class Actuator:
             except NomadscaleError as e:
                 res.errors.append(f"{act.describe()}: {e}")
                 log.error("%s: %s failed: %s", decision.policy, act.describe(), e)
-                if act.kind in ("resize_up", "drain", "wait_drain"):
-                    break  # later actions depend on this one
+                if act.kind != "delete":
+                    break  # later actions depend on this one; the next cycle reconciles
         return res
 
     def _one(
@@ -292,6 +299,22 @@ class Actuator:
                 self.on_removing(act.zone, [n for n in act.nodes if n.id in done], False)
         res.applied.append(act.describe())
         log.info("%s: %s (decision %s)", decision.policy, act.describe(), decision.id)
+
+    def _wait_deployment(self, job: str, namespace: str | None) -> None:
+        started = self.clock.monotonic()
+        while True:
+            active = self.nomad.job_status(job, namespace=namespace).active_deployment
+            if active is None:
+                return
+            if self.clock.monotonic() - started >= self.deployment_wait_s:
+                raise ConflictError(
+                    f"deployment {active} of {job} still active after "
+                    f"{self.deployment_wait_s:.0f}s: remaining actions left to the next cycle",
+                    system="nomad",
+                )
+            if self.stop.is_set():
+                raise Abandoned("shutting down while waiting for a deployment")
+            self.clock.sleep(self.poll_s)
 
     def _drained(self, node_id: str) -> bool:
         getter = getattr(self.nomad, "node", None)

@@ -105,7 +105,8 @@ class Service:
         self.ports = ports
         self.clock = clock
         self.dry_run = dry_run
-        self.renew_s = renew_s if renew_s is not None else max(1.0, settings.lock_ttl_s / 3)
+        ttl = settings.lock_ttl_s
+        self.renew_s = renew_s if renew_s is not None else max(1.0, min(ttl / 3, ttl - 10.0))
         if check:
             check_timing(policies, ttl_s=settings.lock_ttl_s, renew_s=self.renew_s)
         self.misfire_grace_s = misfire_grace_s

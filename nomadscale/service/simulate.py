@@ -88,8 +88,15 @@ def default_policy(trace: str | Path) -> Policy:
     return Policy.model_validate(doc)
 
 
-def worker_job(policy: Policy, *, counts: dict[str, int], image: str) -> dict[str, Any]:
-    """Nomad Job JSON for the policy's target: one group per zone, one GPU per worker."""
+def worker_job(
+    policy: Policy,
+    *,
+    counts: dict[str, int],
+    image: str,
+    update: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Nomad Job JSON for the policy's target: one group per zone, one GPU per worker.
+    ``update`` is the job's update block (``{"MaxParallel": 0}``: no deployments)."""
     np_ = policy.target.node_pool
     groups = []
     for z in policy.zones.items:
@@ -114,7 +121,7 @@ def worker_job(policy: Policy, *, counts: dict[str, int], image: str) -> dict[st
                 ],
             }
         )
-    return {
+    job: dict[str, Any] = {
         "ID": policy.target.job,
         "Name": policy.target.job,
         "Namespace": policy.target.namespace,
@@ -123,6 +130,9 @@ def worker_job(policy: Policy, *, counts: dict[str, int], image: str) -> dict[st
         "Datacenters": [z.name for z in policy.zones.items],
         "TaskGroups": groups,
     }
+    if update is not None:
+        job["Update"] = dict(update)
+    return job
 
 
 class _SimClock:
@@ -167,6 +177,7 @@ class SimResult:
     static_peak_node_hours: float
     peak_workers: int
     plot: str | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
     times: list[datetime] = field(default_factory=list, repr=False)
     demand: list[float] = field(default_factory=list, repr=False)
     capacity: list[float] = field(default_factory=list, repr=False)
@@ -185,6 +196,7 @@ class SimResult:
             "cycles": self.cycles,
             "applied": self.applied,
             "failed": self.failed,
+            "skipped": dict(self.skipped),
             "availability": round(self.availability, 4),
             "worker_hours": round(self.worker_hours, 1),
             "node_hours": round(self.node_hours, 1),
@@ -324,6 +336,8 @@ def _drive(
         if out is not None:
             res.applied += out.record.outcome == "applied"
             res.failed += out.record.outcome == "failed"
+            if out.record.skipped:
+                res.skipped[out.record.skipped] = res.skipped.get(out.record.skipped, 0) + 1
         if progress is not None:
             progress(res.cycles, total_cycles)
         fire = svc.next_fire(name, max(fire + timedelta(microseconds=1), clock.now()))

@@ -81,6 +81,7 @@ def create(c: Cluster, job: JobRecord, plans: list[dict[str, Any]]) -> Deploymen
         modify_index=idx,
         eval_priority=int(job.spec.get("Priority", 50)),
     )
+    dep.destructive = any(p["old"] for p in plans)
     canary_groups = [g for g in groups.values() if g.desired_canaries]
     if canary_groups:
         auto = all(g.auto_promote for g in canary_groups)
@@ -136,6 +137,8 @@ def _group_done(c: Cluster, dep: Deployment, job: JobRecord, group: str) -> bool
         return True
     if gs.desired_canaries and not gs.promoted:
         return False
+    if gs.healthy_allocs < gs.desired_total:
+        return False  # cheap test first: the deployment has not seen enough healthy allocs
     h = spec_hash(job.spec, tg)
     allocs = [a for a in _group_allocs(c, dep, group) if a.live]
     healthy = sum(1 for a in allocs if a.spec_hash == h and a.healthy)
@@ -195,8 +198,11 @@ def on_health(c: Cluster, a: Alloc, healthy: bool) -> None:
         from nomadscale.sim import sched
 
         job = c.jobs.get((dep.namespace, dep.job_id))
-        if job is not None:
+        if job is not None and (dep.destructive or a.canary):
+            # the rollout can move on: evaluate the job (next batch, promotion)
             sched.reconcile(c, job, triggered_by="deployment-watcher", deployment_id=dep.id)
+        else:
+            check(c, dep)
 
 
 def deadline(c: Cluster, key: str) -> None:
@@ -280,6 +286,10 @@ def promote(c: Cluster, dep: Deployment, *, groups: list[str] | None) -> dict[st
     for g in targets:
         gs = dep.groups[g]
         gs.promoted = True
+        for a in _group_allocs(c, dep, g):
+            if a.canary and a.deployment_id == dep.id:
+                a.canary = False  # promoted canaries count as ordinary allocations
+                a.modify_index = c.bump("allocs")
         if gs.progress_deadline_s > 0:
             gs.require_progress_by = now + gs.progress_deadline_s
             c.schedule(gs.require_progress_by, "deploy_deadline", f"{dep.id}|{g}")

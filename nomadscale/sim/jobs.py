@@ -55,6 +55,8 @@ def register(
     spec = jobspec.canonicalize(spec)
     jobspec.validate(spec)
     key = (spec["Namespace"], spec["ID"])
+    if spec["Namespace"] not in c.namespaces:
+        raise ApiError(500, f'job "{spec["ID"]}" is in nonexistent namespace "{spec["Namespace"]}"')
     existing = c.jobs.get(key)
     if enforce_index:
         if job_modify_index == 0 and existing is not None:
@@ -216,9 +218,7 @@ def scale(c: Cluster, job_id: str, namespace: str, body: Mapping[str, Any]) -> d
             if g["Name"] == group:
                 g["Count"] = count
         eval_wanted = not (job.parameterized or job.periodic)
-        reply = register(
-            c, spec, triggered_by="job-scaling", eval_=eval_wanted, new_version=True
-        )
+        reply = register(c, spec, triggered_by="job-scaling", eval_=eval_wanted, new_version=True)
     idx = c.bump("jobs")
     event = {
         "Time": unix_ns(c.now_s()),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from nomadscale.core.durations import parse_duration
 from nomadscale.sim import deploy, drain
 from nomadscale.sim.model import Alloc, Node
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FAIL_AFTER_START_S = 3.0
+DEFAULT_PULL_TIMEOUT_S = 300.0  # docker driver image_pull_timeout default
 
 
 def _task_event(c: Cluster, a: Alloc, type_: str, msg: str = "") -> None:
@@ -29,11 +31,26 @@ def alloc_placed(c: Cluster, a: Alloc, node: Node) -> None:
     if a.image and a.image not in node.images:
         pull_s = a.image_size_gb * 8000.0 / max(c.image_pull_mbps, 1e-6)
         _task_event(c, a, "Driver", f"Downloading image {a.image}")
-    c.schedule(now + pull_s + c.start_s, "alloc_start", a.id, a.gen)
+    timeout = _pull_timeout(a)
+    if pull_s > timeout:  # the docker driver gives up (image_pull_timeout, default 5m)
+        c.schedule(now + timeout, "alloc_pull_timeout", a.id, a.gen)
+    else:
+        c.schedule(now + pull_s + c.start_s, "alloc_start", a.id, a.gen)
     if a.job.get("Type", "service") == "service":
         tg = _tg(a)
         _, healthy_deadline = deploy.health_times(tg)
         c.schedule(now + healthy_deadline, "alloc_deadline", a.id, a.gen)
+
+
+def _pull_timeout(a: Alloc) -> float:
+    for task in _tg(a).get("Tasks") or []:
+        raw = (task.get("Config") or {}).get("image_pull_timeout")
+        if raw:
+            try:
+                return parse_duration(str(raw)).total_seconds()
+            except ValueError:
+                break
+    return DEFAULT_PULL_TIMEOUT_S
 
 
 def _tg(a: Alloc) -> dict:  # type: ignore[type-arg]
@@ -115,6 +132,12 @@ def handle(c: Cluster, kind: str, key: str, gen: int) -> None:
             deploy.on_health(c, a, False)
     elif kind == "alloc_fail":
         if a.client_status == "running":
+            _fail(c, a)
+    elif kind == "alloc_pull_timeout":
+        if a.client_status == "pending" and a.live:
+            _task_event(
+                c, a, "Driver Failure", f"Failed to pull `{a.image}`: context deadline exceeded"
+            )
             _fail(c, a)
     elif kind == "alloc_complete" and a.client_status == "running":
         terminate(c, a, desired=None, client_status="complete", description="Exit Code: 0")

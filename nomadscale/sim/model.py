@@ -251,7 +251,7 @@ class Alloc:
         }
 
     def _deployment_status(self) -> dict[str, Any] | None:
-        if not self.deployment_id and self.healthy is None and not self.canary:
+        if not self.deployment_id and self.healthy is None:
             return None
         return {
             "Healthy": self.healthy,
@@ -370,6 +370,7 @@ class Deployment:
     description: str = "Deployment is running"
     modify_index: int = 0
     eval_priority: int = 50
+    destructive: bool = False  # replaces allocations (new spec), not just placements
 
     @property
     def active(self) -> bool:

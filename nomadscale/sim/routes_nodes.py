@@ -286,6 +286,27 @@ def get_namespace(c: Cluster, req: Request) -> tuple[Any, int]:
     return ns, ns["ModifyIndex"]
 
 
+def put_namespace(c: Cluster, req: Request) -> Any:
+    body = req.json()
+    name = body.get("Name") or req.params[0]
+    if name != req.params[0]:
+        raise ApiError(400, "Namespace name does not match request path")
+    c.add_namespace(name, str(body.get("Description") or ""))
+    c.namespaces[name]["Meta"] = body.get("Meta")
+    return None
+
+
+def delete_namespace(c: Cluster, req: Request) -> Any:
+    name = req.params[0]
+    if name == "default":
+        raise ApiError(500, "default namespace can not be deleted")
+    if any(ns == name for ns, _ in c.jobs):
+        raise ApiError(500, f'namespace "{name}" has non-terminal jobs in regions: [global]')
+    c.namespaces.pop(name, None)
+    c.bump("namespaces")
+    return None
+
+
 def leader(c: Cluster, req: Request) -> tuple[Any, int]:
     return "127.0.0.1:4647", c.index
 
@@ -320,6 +341,8 @@ ROUTES: list[Route] = [
     route("GET", "/v1/deployment/([^/]+)", get_deployment),
     route("GET", "/v1/namespaces", list_namespaces),
     route("GET", "/v1/namespace/([^/]+)", get_namespace),
+    route("PUT POST", "/v1/namespace/([^/]+)", put_namespace),
+    route("DELETE", "/v1/namespace/([^/]+)", delete_namespace),
     route("GET", "/v1/status/leader", leader),
     route("GET", "/v1/status/peers", peers),
     route("GET", "/v1/regions", regions),

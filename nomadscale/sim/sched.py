@@ -263,9 +263,14 @@ def _reconcile_counted(
         if old or inplace:
             updating = True
         plans.append({"tg": tg, "new": new, "old": old, "inplace": inplace, "mine": mine})
+    history = c.deployments_by_job.get(key, [])
+    failed_here = bool(
+        history and history[-1].job_version == job.version and history[-1].status == "failed"
+    )
     if (
         job.type == "service"
         and dep is None
+        and not failed_here  # a failed version gets no new deployment (register a fix)
         and (not had_running or updating)
         and any(deploy.strategy(p["tg"]) for p in plans)
         and sum(int(p["tg"].get("Count", 0)) for p in plans) > 0
@@ -273,6 +278,8 @@ def _reconcile_counted(
         dep = deploy.create(c, job, plans)
         ev["DeploymentID"] = dep.id
     for p in plans:
+        if failed_here and dep is None:
+            p["old_frozen"] = True  # no further destructive updates of a failed version
         _apply_group(c, job, p, ev, dep, failed, queued)
 
 
@@ -342,6 +349,7 @@ def _apply_group(
 
     canaries_pending = (
         bool(old)
+        and not p.get("old_frozen")
         and strat is not None
         and strat["Canary"] > 0
         and not (gs is not None and gs.promoted)
@@ -364,7 +372,7 @@ def _apply_group(
                 if a in old:
                     old.remove(a)
             old = [a for a in old if a.live]
-        if old:
+        if old and not p.get("old_frozen"):
             if strat is None or strat["MaxParallel"] <= 0:
                 budget = len(old)
             else:

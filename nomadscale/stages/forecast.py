@@ -3,9 +3,11 @@
 The window a decision must cover is [now, now + cycle + lead]: until the next decision's
 capacity is ready. Work is done at cycle resolution: the history is cut into cycle buckets
 ending at ``now`` (peak, mean and lead-part peak of each), every point model predicts each
-bucket's horizon peak causally, and each model's headroom is calibrated online against the
-steps it would have had to serve (``calibration.RatioCalibrator``). ``auto`` picks the model
-whose calibrated upper bound was cheapest recently. An adaptive-conformal feedback on the
+bucket's horizon peak causally, and the chosen model's headroom is calibrated online against
+the steps it would have had to serve (``calibration.RatioCalibrator``). ``auto`` uses the
+online log-space regression (``forecast_models.LogRegression``), which weighs persistence,
+levels and yesterday's rise by their recent accuracy; switching between models whose errors
+differ was measured to cost more than it saved. An adaptive-conformal feedback on the
 realised misses of the issued bound keeps long-run availability at the target.
 
 ``Forecaster`` is fed history incrementally (the backtest feeds it cycle by cycle);
@@ -37,7 +39,11 @@ from nomadscale.stages.history import clean
 
 MODEL_CHOICES = ("auto", *MODELS)
 _ALIASES = {"dyte": "weighted", "reactive": "recent"}
+_REGRESS = MODELS.index("regress")
 FALLBACK_HEADROOM = 0.5  # used only before any model has been calibrated (short history)
+# the miss-rate feedback aims at this share of the allowed misses: a margin for the noise of
+# a finite run (a few hundred cycles decide a month's availability)
+MISS_AIM = 0.8
 
 
 @dataclass(frozen=True)
@@ -115,8 +121,16 @@ class Forecaster:
         )
         nm = len(MODELS)
         window = c.calibration_window_s / c.cycle_s
-        self.cal = RatioCalibrator(n_models=nm, window=window)
-        self.cal_bh = RatioCalibrator(n_models=nm, window=window)
+        # only the models that can be chosen are calibrated (the blend needs all of them)
+        if model == "auto":
+            self.active = np.array([_REGRESS])
+        elif model == "blend":
+            self.active = np.arange(nm)
+        else:
+            self.active = np.array([MODELS.index(model)])
+        na = len(self.active)
+        self.cal = RatioCalibrator(n_models=na, window=window)
+        self.cal_bh = RatioCalibrator(n_models=na, window=window)
         self.reg = LogRegression(window=window)
         self.min_cycles = max(3.0, c.min_calibration_s / c.cycle_s)
         self._buf = np.empty(0)
@@ -187,18 +201,19 @@ class Forecaster:
             need = np.ceil(x / cap - 1e-9)
             x = np.where(need <= self.config.min_workers, 0.0, (need - 1.0) * cap * (1 + 1e-9))
             x[need != need] = np.nan
-        p = np.maximum(self._pred, 1e-9)
+        pred = self._pred[self.active]
+        p = np.maximum(pred, 1e-9)
         with np.errstate(invalid="ignore"):
             ratios = x[None, :] / p[:, None]
             if self.lead:
-                den = np.fmin(self._pred_prev, self._pred)
+                den = np.fmin(self._pred_prev[self.active], pred)
                 ratios[:, : self.lead] = x[None, : self.lead] / np.maximum(den, 1e-9)[:, None]
-        ratios[np.isnan(self._pred)] = np.nan
+        ratios[np.isnan(pred)] = np.nan
         bh = self.config.business_hours
         in_hours = bh is not None and bh.in_hours(self._bucket_start(k))
-        self.cal.update(ratios, self._pred)
+        self.cal.update(ratios, pred)
         if in_hours:
-            self.cal_bh.update(ratios, self._pred)
+            self.cal_bh.update(ratios, pred)
         # adaptive conformal inference on the bound actually issued for this bucket
         if self.config.tracking_rate > 0 and not math.isnan(self._upper):
             thr = np.full(self.S, self._upper)
@@ -207,8 +222,7 @@ class Forecaster:
             ok = ~np.isnan(x)
             err = float(np.mean(x[ok] > thr[ok] + 1e-9))
             target = self._target(in_hours)
-            # aim at 90% of the allowed miss rate: a margin for the noise of a finite run
-            self._offset += self.config.tracking_rate * (err - 0.9 * (1.0 - target))
+            self._offset += self.config.tracking_rate * (err - MISS_AIM * (1.0 - target))
             self._offset = min(max(self._offset, -0.7), 0.7)
 
     def _bucket_start(self, k: int) -> datetime:
@@ -233,13 +247,19 @@ class Forecaster:
         if in_hours and self.cal_bh.count.max(initial=0.0) >= self.min_cycles:
             cal = self.cal_bh
         data_ok = k > 0 and b.n[-1] > 0
-        pts = predict_all(b, k, self.lead / self.S) if k else {}
+        pts: dict[str, float | None] = {}
         if k:
+            if self.model != "auto":
+                pts = predict_all(b, k, self.lead / self.S)
             pts["regress"] = self.reg.predict(b, k)
         q = target
-        mult = cal.multipliers(q) * math.exp(self._offset)
-        eligible = cal.count >= self.min_cycles
-        cost = mult * cal.mean_pred()
+        nm = len(MODELS)
+        mult = np.full(nm, np.nan)
+        mult[self.active] = cal.multipliers(q) * math.exp(self._offset)
+        eligible = np.zeros(nm, dtype=bool)
+        eligible[self.active] = cal.count >= self.min_cycles
+        cost = np.full(nm, np.nan)
+        cost[self.active] = mult[self.active] * cal.mean_pred()
         preds = np.full(len(MODELS), np.nan)
         for i, name in enumerate(BASE_MODELS):
             v = pts.get(name)
@@ -256,8 +276,9 @@ class Forecaster:
             meta["min_workers"] = bh.min_workers
         usable = eligible & ~np.isnan(preds) & ~np.isnan(mult)
         if self.model == "auto":
-            idx = [i for i in range(len(MODELS)) if usable[i]]
-            choice = min(idx, key=lambda i: cost[i]) if idx else None
+            # the regression nests the persistence and seasonal models and weighs them
+            # online: switching between models whose errors differ costs availability
+            choice = _REGRESS if usable[_REGRESS] else None
         else:
             j = MODELS.index(self.model)
             choice = j if usable[j] else None

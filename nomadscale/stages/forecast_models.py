@@ -4,7 +4,8 @@ Every model reads per-cycle bucket statistics (peak, mean, lead-part peak, valid
 of buckets ``0 .. k-1`` and predicts the peak demand over the horizon starting at bucket
 ``k`` (bucket ``k`` plus the lead time into ``k+1``). They are plain Python on lists: the
 backtest calls them once per cycle, so numpy's per-call overhead would dominate.
-A model returns ``None`` when it lacks the history it needs.
+A model returns ``None`` when it lacks the history it needs. ``LogRegression`` keeps state
+(its coefficients), so the forecaster owns one and updates it as buckets close.
 """
 
 from __future__ import annotations
@@ -165,14 +166,16 @@ def predict_all(b: Buckets, k: int, lead_frac: float) -> dict[str, float | None]
 class LogRegression:
     """Online ridge regression of the log horizon peak on log levels (exponentially weighted).
 
-    Features at bucket k: the last bucket's tail, mean and peak, the last hour's level and
+    Features at bucket k: the last bucket's tail, mean and peak, the levels of the last hour
+    and the last day, the median level at this time of day over the past week, and
     yesterday's rise from the level before the same time to that window's horizon peak, all
-    in log space (scale-free; demand ratios are what matter). The ridge prior pulls the
+    in log space (scale-free; demand ratios are what matter; +1% of the mean level keeps
+    zeros finite). The ridge prior pulls the
     coefficients towards persistence (the last tail), so that a short history gives the
     reactive forecast. The target of bucket j is known once bucket j + 1 has closed.
     """
 
-    N_FEATURES = 6
+    N_FEATURES = 8
 
     def __init__(self, *, window: float, ridge: float = 0.3) -> None:
         d = self.N_FEATURES
@@ -182,7 +185,7 @@ class LogRegression:
         self.prior[1] = 1.0  # persistence on the last tail
         self.A = ridge * np.eye(d)
         self.v = ridge * self.prior
-        self.coef = self.prior.copy()
+        self.coef: np.ndarray = self.prior.copy()
         self._feats: dict[int, np.ndarray] = {}
 
     def _eps(self, b: Buckets) -> float:
@@ -203,6 +206,14 @@ class LogRegression:
         j = k - b.per_day - 1
         if h is not None and j >= 0 and b.n[j]:
             seas = lg(h + eps) - lg(b.mean[j] + eps)
+        day = b.level(k - b.per_day, k)
+        day = hour if day is None else day
+        prof = [
+            v
+            for d in range(1, 8)
+            if (v := b.level(k - d * b.per_day - 1, k - d * b.per_day + 2)) is not None
+        ]
+        same = sorted(prof)[len(prof) // 2] if prof else day
         return np.array(
             [
                 1.0,
@@ -211,6 +222,8 @@ class LogRegression:
                 lg(hour + eps),
                 seas,
                 lg(b.peak[last] + eps),
+                lg(day + eps),
+                lg(same + eps),
             ]
         )
 

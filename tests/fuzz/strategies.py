@@ -16,13 +16,19 @@ scalars = st.one_of(
     st.text(max_size=20),
     st.sampled_from(["", "0", "-1", "1e999", "nan", "20m", "1h30m", "08:00", "*/5 * * * *"]),
 )
-json_values = st.recursive(
-    scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+
+
+def json_like(keys: st.SearchStrategy[str] = st.text(max_size=8)) -> st.SearchStrategy[Any]:
+    return st.recursive(
+        scalars,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=4)
+        ),
+        max_leaves=12,
+    )
+
+
+json_values = json_like()
 
 
 def paths_of(data: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -40,7 +46,14 @@ def paths_of(data: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 
 @st.composite
-def mutated(draw: st.DrawFn, base: Any, *, max_edits: int = 3) -> Any:
+def mutated(
+    draw: st.DrawFn,
+    base: Any,
+    *,
+    max_edits: int = 3,
+    keys: st.SearchStrategy[str] = st.text(max_size=10),
+    values: st.SearchStrategy[Any] = json_values,
+) -> Any:
     """``base`` with 1..max_edits random edits: replace a value, delete a key, add a key."""
     data = copy.deepcopy(base)
     for _ in range(draw(st.integers(1, max_edits))):
@@ -53,13 +66,13 @@ def mutated(draw: st.DrawFn, base: Any, *, max_edits: int = 3) -> Any:
             node = node[part]
         op = draw(st.sampled_from(["replace", "delete", "add"]))
         if op == "replace":
-            node[path[-1]] = draw(json_values)
+            node[path[-1]] = draw(values)
         elif op == "delete":
             del node[path[-1]]
         elif isinstance(node, dict):
-            node[draw(st.text(max_size=10))] = draw(json_values)
+            node[draw(keys)] = draw(values)
         else:
-            node.append(draw(json_values))
+            node.append(draw(values))
     return data
 
 

@@ -76,7 +76,10 @@ def test_policy_file_over_size_limit_is_refused_before_parsing(tmp_path: Path) -
         tracemalloc.stop()
     assert policy is None
     assert len(errors) == 1
-    assert str(errors[0]) == f"{path}: file too large ({path.stat().st_size} bytes, at most {MAX_FILE_BYTES})"
+    assert (
+        str(errors[0])
+        == f"{path}: file too large ({path.stat().st_size} bytes, at most {MAX_FILE_BYTES})"
+    )
     assert peak < 1_000_000, peak  # the file was never read
 
 
@@ -94,6 +97,17 @@ def test_deeply_nested_yaml_is_a_clear_error(tmp_path: Path) -> None:
     policy, errors = check_file(path)
     assert policy is None
     assert len(errors) == 1 and str(errors[0]).startswith(f"{path}:"), errors
+
+
+def test_device_and_fifo_are_refused_without_reading(tmp_path: Path) -> None:
+    """/dev/zero never ends and a FIFO blocks on open: neither is read."""
+    tried("oversized")
+    fifo = tmp_path / "p.yaml"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo)):
+        policy, errors = check_file(path)
+        assert policy is None
+        assert [str(e) for e in errors] == [f"{path}: not a regular file"]
 
 
 TRACE_CHILD = textwrap.dedent(

@@ -57,7 +57,9 @@ def test_random_yaml_text_gives_clear_errors(tmp_path: Path, text: str) -> None:
     assert _check(path) is None  # no random text is a whole valid policy
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(raw=st.binary(max_size=300))
 def test_random_bytes_give_clear_errors(tmp_path: Path, raw: bytes) -> None:
     tried("policy-bytes")

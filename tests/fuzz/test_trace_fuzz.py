@@ -5,6 +5,7 @@ when a row is at fault), or a correct grid. Both readers are covered: ``stages.h
 
 from __future__ import annotations
 
+import itertools
 import math
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -57,7 +58,10 @@ def valid_traces(draw: st.DrawFn) -> tuple[str, int, list[int], list[float]]:
         )
     )
     style = draw(st.integers(0, 2))
-    rows = [f"{_fmt(T0 + timedelta(seconds=i * step), style)},{v!r}" for i, v in zip(idx, vals)]
+    rows = [
+        f"{_fmt(T0 + timedelta(seconds=i * step), style)},{v!r}"
+        for i, v in zip(idx, vals, strict=False)
+    ]
     return "timestamp,requests\n" + "\n".join(rows) + "\n", step, idx, vals
 
 
@@ -69,11 +73,11 @@ def test_valid_traces_load_onto_the_right_grid(tmp_path: Path, case: tuple) -> N
     path = tmp_path / "t.csv"
     path.write_text(text, encoding="utf-8")
     data = load_trace(path)
-    want_step = step * min(b - a for a, b in zip(idx, idx[1:]))
+    want_step = step * min(b - a for a, b in itertools.pairwise(idx))
     assert data.start == T0
     assert data.step_s == want_step
     grid = np.full(idx[-1] * step // want_step + 1, np.nan)
-    for i, v in zip(idx, vals):
+    for i, v in zip(idx, vals, strict=False):
         grid[i * step // want_step] = v
     np.testing.assert_array_equal(data.requests, grid)
     other = read_trace(path)
@@ -85,9 +89,7 @@ def test_valid_traces_load_onto_the_right_grid(tmp_path: Path, case: tuple) -> N
 def broken_traces(draw: st.DrawFn) -> tuple[str, int | None]:
     """A valid trace with one row replaced by junk; returns (text, 1-based line of the junk)."""
     n = draw(st.integers(2, 12))
-    lines = ["timestamp,requests"] + [
-        f"{_fmt(T0 + timedelta(minutes=i), 0)},{i}" for i in range(n)
-    ]
+    lines = ["timestamp,requests"] + [f"{_fmt(T0 + timedelta(minutes=i), 0)},{i}" for i in range(n)]
     junk = draw(
         st.one_of(
             st.text(max_size=30),

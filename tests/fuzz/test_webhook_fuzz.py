@@ -134,9 +134,7 @@ def report_requests(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
                         json_values,
                     ),
                     "event": st.one_of(
-                        st.sampled_from(
-                            ["TERMINATE_ON_HOST_MAINTENANCE", "NONE", "{__class__}"]
-                        ),
+                        st.sampled_from(["TERMINATE_ON_HOST_MAINTENANCE", "NONE", "{__class__}"]),
                         json_values,
                     ),
                 },

@@ -55,7 +55,11 @@ def test_one_leader_acts_and_the_other_takes_over(
     twin = twin_factory(nodes=12, clock=SystemClock())
     twin.cluster.add_namespace("ekyc")
     nomad = NomadClient(address=twin.address)
-    nomad.register_job(worker_job(make_policy(), counts={"zone-a": 2, "zone-b": 2}, image="i"))
+    nomad.register_job(
+        worker_job(
+            make_policy(), counts={"zone-a": 2, "zone-b": 2}, image="i", update={"MaxParallel": 0}
+        )
+    )
     a = _service(consul_agent.addr, consul_prefix, twin.address, "a")
     b = _service(consul_agent.addr, consul_prefix, twin.address, "b")
     a.start()
@@ -79,6 +83,7 @@ def test_one_leader_acts_and_the_other_takes_over(
         while time.monotonic() < deadline and not _acted(other):
             time.sleep(0.1)
         took_over = time.monotonic() - killed
+        print(f"takeover after {took_over:.1f}s (ttl {TTL:g}s)")
         assert _acted(other), "the standby never acted"
         assert took_over <= 2 * TTL + EVERY + 1.0, took_over
         time.sleep(2 * EVERY)

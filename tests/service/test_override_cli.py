@@ -43,7 +43,9 @@ def test_override_from_cli_is_applied_expires_and_shows_in_status(
     twin = twin_factory(nodes=12, clock=clock)
     twin.cluster.add_namespace("ekyc")
     nomad = NomadClient(address=twin.address, clock=clock)
-    nomad.register_job(worker_job(policy, counts={"zone-a": 1, "zone-b": 1}, image="i"))
+    nomad.register_job(
+        worker_job(policy, counts={"zone-a": 1, "zone-b": 1}, image="i", update={"MaxParallel": 0})
+    )
     for var, value in {
         "CONSUL_HTTP_ADDR": consul_agent.addr,
         "NOMAD_ADDR": twin.address,
@@ -112,3 +114,45 @@ def test_override_from_cli_is_applied_expires_and_shows_in_status(
     finally:
         svc.stop()
     assert clock.now() > datetime.now(UTC) + timedelta(hours=1)
+
+
+def test_a_kick_makes_the_running_leader_apply_at_once(
+    consul_agent: ConsulAgent, consul_prefix: str, twin_factory: TwinFactory
+) -> None:
+    from nomadscale.core.clock import SystemClock
+
+    prefix = consul_prefix.rstrip("/")
+    policy = make_policy()
+    twin = twin_factory(nodes=12, clock=SystemClock())
+    twin.cluster.add_namespace("ekyc")
+    nomad = NomadClient(address=twin.address)
+    nomad.register_job(
+        worker_job(policy, counts={"zone-a": 1, "zone-b": 1}, image="i", update={"MaxParallel": 0})
+    )
+    kv = ConsulKV(addr=consul_agent.addr)
+    lock = ConsulLock(addr=consul_agent.addr, key=f"{prefix}/leader", ttl_s=10, lock_delay_s=0)
+    ports = Ports(nomad=nomad, kv=kv, lock=lock, demand_for=lambda _p: constant(120.0))
+    svc = Service(settings=Settings(kv_prefix=prefix, lock_ttl_s=10), policies=[policy],
+                  ports=ports, clock=SystemClock(), renew_s=0.3, every_s=30, check=False)  # fmt: skip
+    svc.start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 5
+        while not svc.leader and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert svc.leader
+        before = len(svc.recorder.recent)
+        svc.control.set_override("ekyc", kind="fixed", value=6, reason="now", who="t",
+                                 now=SystemClock().now(), duration=timedelta(hours=1))  # fmt: skip
+        svc.control.request_kick("ekyc", reason="test", now=SystemClock().now(), who="t")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            st = nomad.job_status("ml-worker", namespace="ekyc")
+            if sum(g.desired for g in st.groups.values()) == 6:
+                break
+            time.sleep(0.1)
+        assert {g: s.desired for g, s in st.groups.items()} == {"ml-worker-a": 3, "ml-worker-b": 3}
+        assert len(svc.recorder.recent) > before
+    finally:
+        svc.stop(timeout_s=5)

@@ -159,3 +159,27 @@ def test_next_cycle_finishes_a_half_applied_scale_down(fleet: Fleet) -> None:
     views = runner._views(with_allocs=False, pending=runner._pending())
     assert plan_actions(decision, fleet.nomad.job_status("ml-worker", namespace="ekyc"),
                         views, drain_deadline_s=600) == ()  # fmt: skip
+
+
+def test_a_lost_lock_stops_every_write(fleet: Fleet) -> None:
+    cluster = fleet.twin.cluster
+    fleet.demand["rpm"] = 120.0
+    mark, gmark = len(cluster.events), len(fleet.sim.events)
+    fleet.svc.ports.lock.release()  # another process now may lead: this one must not write
+    out = fleet.svc.runners["ekyc"].run(leader=True)
+    assert out.record.outcome == "aborted", out.record.line()
+    assert "leader lock lost" in out.record.reason
+    assert out.record.actions and out.record.applied == []
+    writes = [e for e in cluster.events[mark:] if e["type"] in ("scale", "drain", "node_removed")]
+    assert writes == [] and fleet.sim.events[gmark:] == []
+
+
+def test_dry_run_plans_without_writing(fleet: Fleet) -> None:
+    cluster = fleet.twin.cluster
+    fleet.demand["rpm"] = 120.0
+    fleet.svc.dry_run = True
+    mark = len(cluster.events)
+    out = fleet.svc.run_policy("ekyc")
+    assert out is not None and out.record.outcome == "planned"
+    assert any(a.startswith("drain") for a in out.record.actions)
+    assert [e for e in cluster.events[mark:] if e["type"] in ("scale", "drain")] == []

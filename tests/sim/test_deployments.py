@@ -119,3 +119,28 @@ def test_newer_version_cancels_running_deployment(twin):
     assert first["Status"] == "cancelled"
     assert first["StatusDescription"] == "Cancelled due to newer version of job"
     assert n.job.get_deployment("web")["JobVersion"] == 2
+
+
+def test_failed_version_without_auto_revert_stays_put(twin):
+    n = twin.nomad()
+    update = {**UPDATE, "AutoRevert": False}
+    n.jobs.register_job({"Job": service_job("web", count=2, update=update)})
+    twin.advance(200)
+    twin.cluster.faults.unhealthy_image("web:bad")
+    n.jobs.register_job(
+        {"Job": service_job("web", count=2, image="registry/web:bad", update=update)}
+    )
+    twin.advance(400)
+    dep = n.job.get_deployment("web")
+    assert dep["StatusDescription"] == "Failed due to progress deadline"
+    n.job.evaluate_job("web")  # later evaluations neither retry nor roll further
+    twin.advance(400)
+    assert n.job.get_deployment("web")["ID"] == dep["ID"]
+    images = {
+        a["ID"]: n.allocation.get_allocation(a["ID"])["Job"]["TaskGroups"][0]["Tasks"][0]["Config"][
+            "image"
+        ]
+        for a in live_allocs(n, "web")
+    }
+    assert sorted(images.values()) == ["registry/web:1"] * 2  # the old ones keep serving
+    assert n.job.get_job("web")["Version"] == 1

@@ -15,6 +15,16 @@ def test_namespaces(twin):
     assert [x["Name"] for x in n.namespaces.get_namespaces()] == ["default"]
     r = requests.get(f"{twin.address}/v1/namespace/nope", timeout=5)
     assert (r.status_code, r.text) == (404, "namespace not found")
+    job = service_job("web", count=1)
+    r = requests.post(f"{twin.address}/v1/jobs?namespace=ekyc", json={"Job": job}, timeout=5)
+    assert (r.status_code, r.text) == (500, 'job "web" is in nonexistent namespace "ekyc"')
+    r = requests.post(f"{twin.address}/v1/namespace/ekyc", json={"Name": "ekyc"}, timeout=5)
+    assert r.status_code == 200
+    r = requests.post(f"{twin.address}/v1/jobs?namespace=ekyc", json={"Job": job}, timeout=5)
+    assert r.status_code == 200
+    assert n.jobs.get_jobs(namespace="ekyc")[0]["Namespace"] == "ekyc"
+    assert n.jobs.get_jobs() == []  # default namespace only
+    assert len(n.jobs.get_jobs(namespace="*")) == 1
 
 
 def test_evaluations_and_allocations(twin):

@@ -96,3 +96,21 @@ def test_idempotency_token_is_a_query_param(twin):
         json={"Meta": {"image": "x"}},
     )
     assert first.json()["DispatchedJobID"] == again.json()["DispatchedJobID"]
+
+
+def test_slow_pull_hits_docker_image_pull_timeout(twin_factory):
+    t = twin_factory(nodes=2, image_pull_mbps=100)  # 7 GB at 100 Mbit/s = 560 s > 5m
+    n = t.nomad()
+    from tests.sim.helpers import service_job
+
+    n.jobs.register_job({"Job": service_job("web", count=1)})
+    _register_prefetch(n)  # its task sets image_pull_timeout = "30m"
+    child = n.job.dispatch_job("image-prefetch", meta={"image": "big:1"})["DispatchedJobID"]
+    t.advance(301)
+    web = n.job.get_allocations("web")
+    assert [a["ClientStatus"] for a in web] == ["failed"]
+    events = [e["Type"] for e in web[0]["TaskStates"]["server"]["Events"]]
+    assert "Driver Failure" in events
+    assert {a["ClientStatus"] for a in n.job.get_allocations(child)} == {"pending"}
+    t.advance(300)
+    assert {a["ClientStatus"] for a in n.job.get_allocations(child)} == {"complete"}

@@ -66,6 +66,35 @@ def test_calibrated_bound_serves_the_target_share_of_new_demand() -> None:
     assert 0.05 < fc.headroom < 1.0
 
 
+def _replay(v: np.ndarray, model: str, start: int) -> tuple[float, float]:
+    """Mean issued upper bound and share of steps served, replaying v from ``start``."""
+    f = Forecaster(origin=T0, step_s=60, config=ForecastConfig(model=model))
+    f.feed(v[:start])
+    uppers = []
+    served = total = 0
+    for d in range(start, len(v) - 20, 20):
+        up = f.predict().upper
+        window = v[d : d + 20]
+        uppers.append(up)
+        served += int(np.sum(window <= up))
+        total += len(window)
+        f.feed(window)
+    return float(np.mean(uppers)), served / total
+
+
+def test_auto_anticipates_a_daily_cycle_more_cheaply_than_reacting() -> None:
+    rng = np.random.default_rng(5)
+    minutes = np.arange(6 * 1440)
+    v = 1000 * (1.6 + np.sin(2 * np.pi * minutes / 1440)) * rng.lognormal(0, 0.08, len(minutes))
+    auto_cost, auto_served = _replay(v, "auto", 3 * 1440)
+    reactive_cost, reactive_served = _replay(v, "recent", 3 * 1440)
+    assert auto_served >= 0.985 and reactive_served >= 0.985
+    assert auto_cost < 0.98 * reactive_cost
+    assert forecast(series(v), now=T0 + timedelta(days=6), config=ForecastConfig()).model == (
+        "regress"
+    )
+
+
 def test_missing_recent_history_marks_data_not_ok() -> None:
     v = np.full(2 * 1440, 300.0)
     v[-25:] = np.nan
@@ -110,7 +139,7 @@ def test_bad_input_is_rejected() -> None:
         Forecaster(origin=T0, step_s=60, config=ForecastConfig(model="prophet"))
 
 
-@pytest.mark.parametrize("model", ["slope", "seasonal", "weighted", "blend", "auto"])
+@pytest.mark.parametrize("model", ["slope", "seasonal", "weighted", "regress", "blend", "auto"])
 def test_policy_models_run(model: str) -> None:
     rng = np.random.default_rng(4)
     v = (
