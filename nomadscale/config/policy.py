@@ -223,7 +223,7 @@ class BusinessHours(_Model):
 
 
 class ForecastSpec(_Model):
-    model: Literal["auto", "slope", "seasonal", "weighted", "blend"] = "auto"
+    model: Literal["auto", "regress", "slope", "seasonal", "weighted", "blend"] = "auto"
     target_availability: Float = Field(default=0.99, gt=0.5, lt=1.0)
     business_hours: BusinessHours | None = None
 
