@@ -6,24 +6,23 @@ exist). Never a traceback for a user mistake.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 import yaml
 
 from nomadscale.config.validate import check_file, check_paths
+from nomadscale.core.paths import is_dir, path_problem
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2
 
 
 def _missing(paths: tuple[str, ...]) -> list[str]:
-    return [p for p in paths if not Path(p).exists()]
+    return [problem for p in paths if (problem := path_problem(p)) is not None]
 
 
-def _usage_fail(missing: list[str]) -> None:
-    for p in missing:
-        click.echo(f"error: no such file or directory: {p}", err=True)
+def _usage_fail(problems: list[str]) -> None:
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
     raise SystemExit(EXIT_USAGE)
 
 
@@ -57,9 +56,10 @@ def validate_cmd(paths: tuple[str, ...]) -> None:
 @click.argument("path", type=click.Path())
 def show_cmd(path: str) -> None:
     """Print the effective policy (defaults filled in) as YAML."""
-    if not Path(path).exists():
-        _usage_fail([path])
-    if Path(path).is_dir():
+    problem = path_problem(path)
+    if problem is not None:
+        _usage_fail([problem])
+    if is_dir(path):
         click.echo(f"error: {path} is a directory; show takes one policy file", err=True)
         raise SystemExit(EXIT_USAGE)
     pol, errs = check_file(path)

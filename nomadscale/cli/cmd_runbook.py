@@ -15,6 +15,7 @@ import click
 
 from nomadscale.config.settings import Secret, Settings, load_settings
 from nomadscale.core.errors import ConfigError, UsageError
+from nomadscale.core.paths import path_problem
 
 log = logging.getLogger(__name__)
 EXIT_INVALID = 1
@@ -26,8 +27,9 @@ def _settings() -> Settings:
 
 def _runbook_paths(path: str | None, settings: Settings) -> list[Path]:
     p = Path(path or settings.runbooks)
-    if not p.exists():
-        raise UsageError(f"runbooks: no such file or directory: {p}")
+    problem = path_problem(p)
+    if problem is not None:
+        raise UsageError(f"runbooks: {problem}")
     return [p]
 
 

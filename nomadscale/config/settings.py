@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from nomadscale.config.files import read_small_text
+from nomadscale.config.yamlpos import YamlSyntaxError, load_yaml
 from nomadscale.core.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/nomadscale/nomadscale.yaml"
+MAX_SETTINGS_BYTES = 256 * 1024
+MAX_TOKEN_BYTES = 64 * 1024
 
 
 class Secret:
@@ -173,9 +174,13 @@ def _convert(name: str, kind: str, raw: Any) -> Any:
 
 def _read_secret_file(name: str, path: str) -> str:
     try:
-        return Path(path).read_text().strip()
+        return read_small_text(path, limit=MAX_TOKEN_BYTES).strip()
     except OSError as e:
-        raise ConfigError(f"{name}: cannot read token file {path}: {e.strerror}") from None
+        raise ConfigError(f"{name}: cannot read token file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: token file {path} is not UTF-8 text") from None
+    except ValueError as e:
+        raise ConfigError(f"{name}: token file {path}: {e}") from None
 
 
 def load_settings(
@@ -189,16 +194,22 @@ def load_settings(
     path = path or DEFAULT_CONFIG
     if os.path.exists(path):
         try:
-            doc = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            doc = load_yaml(read_small_text(path, limit=MAX_SETTINGS_BYTES)).data or {}
+        except YamlSyntaxError as e:
+            where = f"{path}:{e.line}" if e.line else path
+            raise ConfigError(f"{where}: not valid YAML: {e.message}") from None
         except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+            raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file") from None
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"{path}: top level must be a mapping of setting: value")
         for key, raw in doc.items():
             if key not in _FILE_KEYS:
-                raise ConfigError(f"{path}: {key}: unknown setting")
+                name = key if isinstance(key, str) and key.isidentifier() else repr(key)[:60]
+                raise ConfigError(f"{path}: {name}: unknown setting")
             values[key] = _convert(f"{path}: {key}", _FILE_KEYS[key], raw)
         values["config_file"] = path
     elif explicit:

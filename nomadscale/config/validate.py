@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from nomadscale.config import policy as pm
+from nomadscale.config.files import read_small_text
 from nomadscale.config.yamlpos import YamlDoc, YamlSyntaxError, load_yaml
 from nomadscale.core.errors import ConfigError
 
@@ -49,7 +49,7 @@ def check_file(path: str | Path) -> tuple[pm.Policy | None, list[PolicyError]]:
     file = str(path)
     p = Path(path)
     try:
-        text = _read_policy_text(p)
+        text = read_small_text(p, limit=MAX_FILE_BYTES)
     except FileNotFoundError:
         return None, [PolicyError(file, 0, "", "no such file")]
     except IsADirectoryError:
@@ -184,27 +184,6 @@ def _name_line(path: Path) -> int:
         return 1
 
 
-def _read_policy_text(p: Path) -> str:
-    """The text of a regular file of at most ``MAX_FILE_BYTES``; read no more than that.
-
-    Devices, FIFOs and sockets are refused (``/dev/zero`` would never end, a FIFO blocks).
-    """
-    try:
-        st = p.stat()
-    except ValueError:
-        raise ValueError("cannot read: invalid file name") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(p)
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError("not a regular file")
-    with p.open("rb") as fh:
-        raw = fh.read(MAX_FILE_BYTES + 1)
-    if len(raw) > MAX_FILE_BYTES:
-        size = max(st.st_size, len(raw))
-        raise ValueError(f"file too large ({size} bytes, at most {MAX_FILE_BYTES})")
-    return raw.decode("utf-8")
-
-
 def _long_list(
     data: Any, path: tuple[str | int, ...], active: set[int]
 ) -> tuple[tuple[str | int, ...], int] | None:
@@ -252,7 +231,9 @@ def _field(path: Iterable[str | int]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            # keys that are not plain names (spaces, control characters) are shown quoted
+            name = part if _CLEAN_KEY.fullmatch(str(part)) else _show(str(part))
+            out += f".{name}" if out else name
     return out or "policy"
 
 

@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+
 from nomadscale.config.policy import Policy
 from nomadscale.core.clock import Clock
 from nomadscale.core.errors import ExternalError, NomadscaleError, NotFoundError
 from nomadscale.core.ports import (
     AlertPort,
+    DemandSeries,
     DemandSource,
     JobStatus,
     KVPort,
@@ -34,10 +37,13 @@ from nomadscale.core.values import Decision, new_id
 from nomadscale.integrations.consul import update_json
 from nomadscale.service.actuator import Action, Actuator, NodeRef, ZoneView, plan_actions
 from nomadscale.service.control import Control
+from nomadscale.service.forecasts import LiveForecaster
 from nomadscale.service.records import CycleRecord, Recorder
 from nomadscale.stages.decide import decide
 
 log = logging.getLogger(__name__)
+
+_NO_STEPS = np.empty(0)  # decide() gets the forecast precomputed; the series is not re-read
 
 
 @dataclass
@@ -112,6 +118,7 @@ class CycleRunner:
         self.poll_s = poll_s
         self.drain_grace_s = drain_grace_s
         self.removals_key = f"{control.prefix}/scaling/{policy.name}/removals"
+        self.forecaster = LiveForecaster(policy)
 
     @property
     def manages_nodes(self) -> bool:
@@ -266,9 +273,8 @@ class CycleRunner:
         if status.active_deployment:
             self._skip(rec, "deployment", f"deployment {status.active_deployment} is active")
             return
-        step = p.demand.step_s
-        lookback = getattr(p.demand, "lookback_s", 28 * 86400.0)
-        series = self.ports.demand(p).history(end=now, lookback_s=lookback, step_s=step)
+        fc, how = self.forecaster.forecast(self.ports.demand(p), now=now)
+        series = DemandSeries(start=how.history_end, step_s=p.demand.step_s, values=_NO_STEPS)
         groups = {z.name: status.groups.get(z.group) for z in p.zones.items}
         missing = [z.group for z in p.zones.items if groups[z.name] is None]
         if missing:
@@ -285,12 +291,14 @@ class CycleRunner:
             current_zones=current_zones,
             last_scale_at=last,
             overrides=overrides,
+            precomputed=fc,
         )
         res.decision = decision
         rec.decision = decision.to_dict()
         rec.inputs = {
-            "history_steps": len(series.values),
-            "history_end": series.end.isoformat(),
+            "history_steps": how.history_steps,
+            "history_end": how.history_end.isoformat(),
+            "forecast": f"{how.mode} ({how.steps} steps read, {how.seconds * 1000:.0f} ms)",
             "last_scale_at": last.isoformat() if last else None,
             "overrides": [o.label() for o in overrides],
             "current": current,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,6 +31,7 @@ from nomadscale.core.errors import ConfigError, NomadscaleError
 from nomadscale.integrations.consul import update_json, validate_timing
 from nomadscale.service.control import Control
 from nomadscale.service.cycle import CycleResult, CycleRunner, Ports
+from nomadscale.service.leaderwatch import LockWatch
 from nomadscale.service.records import CycleRecord, Metrics, Recorder
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ class Service:
         misfire_grace_s: float = 120.0,
         check: bool = True,
         every_s: float | None = None,
+        on_leader: Sequence[Callable[[], object]] = (),
+        after_cycle: Callable[[Policy], object] | None = None,
+        lock_watch: LockWatch | None = None,
     ) -> None:
         if not policies:
             raise ConfigError("no policies to run")
@@ -134,6 +138,15 @@ class Service:
         self._kicks: dict[str, str | None] = {}
         self._scheduler: BackgroundScheduler | None = None
         self._elect_mu = threading.Lock()
+        # run in the background when this process becomes the leader (resume interrupted
+        # runbook runs and rollouts); wired by the CLI layer
+        self.on_leader = tuple(on_leader)
+        # run in the background after each cycle the leader ran (the warm-up gate for new
+        # nodes); never two at once for one policy
+        self.after_cycle = after_cycle
+        self._after_busy = {name: threading.Lock() for name in self.policies}
+        self.lock_watch = lock_watch  # a standby waits on the lock key with it
+        self._watcher: threading.Thread | None = None
 
     # --- leadership ---------------------------------------------------------------------
 
@@ -147,6 +160,10 @@ class Service:
                 now_leader = False
             if now_leader != self.leader:
                 log.info("leadership %s", "acquired" if now_leader else "lost")
+                for runner in self.runners.values():  # history may have moved on meanwhile
+                    runner.forecaster.reset()
+                if now_leader and not self.stop_event.is_set():
+                    self._background("on-leader", self._run_on_leader)
                 if now_leader and self._scheduler is not None and not self.stop_event.is_set():
                     for name in self.policies:  # run the current slot if nobody did
                         self._scheduler.add_job(
@@ -212,9 +229,37 @@ class Service:
                 self.metrics.observe(rec)
                 return CycleResult(record=rec)
             slot = self.slot_of(name, now)
-            return runner.run(
+            result = runner.run(
                 leader=self.ports.lock.held(), now=now, meta={"nomadscale.slot": slot.isoformat()}
             )
+        if self.after_cycle is not None and self.leader and not self.stop_event.is_set():
+            self._background(f"after-cycle-{name}", lambda: self._run_after_cycle(name))
+        return result
+
+    # --- hooks --------------------------------------------------------------------------
+
+    def _background(self, what: str, fn: Callable[[], object]) -> None:
+        threading.Thread(target=fn, name=what, daemon=True).start()
+
+    def _run_on_leader(self) -> None:
+        for fn in self.on_leader:
+            if self.stop_event.is_set() or not self.leader:
+                return
+            try:
+                fn()
+            except Exception:  # one failing hook must not stop the others or the loop
+                log.exception("on-leader task %s failed", getattr(fn, "__name__", fn))
+
+    def _run_after_cycle(self, name: str) -> None:
+        busy = self._after_busy[name]
+        if self.after_cycle is None or not busy.acquire(blocking=False):
+            return  # the previous one is still running
+        try:
+            self.after_cycle(self.policies[name])
+        except Exception:
+            log.exception("%s: after-cycle task failed", name)
+        finally:
+            busy.release()
 
     def run_once(self) -> list[CycleResult]:
         out = []
@@ -256,6 +301,25 @@ class Service:
                         self._kicked, args=[name, kid], id=f"kick-{name}", replace_existing=True
                     )
 
+    def _watch_lock(self) -> None:
+        """Standby: block on the lock key and try to take the lock the moment it frees
+        (instead of waiting for the next renewal tick)."""
+        assert self.lock_watch is not None
+        index = 0
+        while not self.stop_event.is_set():
+            if self.leader or self.dry_run:
+                self.stop_event.wait(self.renew_s)
+                continue
+            try:
+                index, free = self.lock_watch.wait(index, timeout_s=max(1.0, 4 * self.renew_s))
+            except NomadscaleError as e:
+                log.debug("lock watch: %s", e)
+                index = 0
+                self.stop_event.wait(min(1.0, self.renew_s))
+                continue
+            if free and not self.stop_event.is_set():
+                self._tick()
+
     def _kicked(self, name: str, kid: str) -> None:
         try:
             self.run_policy(name, kick=kid)
@@ -294,6 +358,10 @@ class Service:
         )
         sched.start()
         self._scheduler = sched
+        if self.lock_watch is not None and not self.dry_run:
+            self._watcher = threading.Thread(target=self._watch_lock, name="lock-watch",
+                                             daemon=True)  # fmt: skip
+            self._watcher.start()
         log.info(
             "scheduler started: %s",
             ", ".join(f"{n} every {self.cycle_s(n):g}s" for n in self.policies),

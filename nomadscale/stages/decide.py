@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from nomadscale.core.clock import utc
 from nomadscale.core.ports import DemandSeries
-from nomadscale.core.values import Decision, Direction, ZoneCount
+from nomadscale.core.values import Decision, Direction, Forecast, ZoneCount
 from nomadscale.stages.forecast import BusinessHours, ForecastConfig, forecast
 from nomadscale.stages.overrides import Override, active_schedules, apply_overrides, paused
 from nomadscale.stages.sizing import Bounds, size
@@ -111,13 +111,16 @@ def decide(
     overrides: Sequence[Override] = (),
     zone_capacity: Mapping[str, int | None] | None = None,
     degraded: frozenset[str] = frozenset(),
+    precomputed: Forecast | None = None,
 ) -> Decision:
-    """One cycle's decision for ``policy`` at ``now``; explains itself in one line."""
+    """One cycle's decision for ``policy`` at ``now``; explains itself in one line.
+    ``precomputed``: the forecast of ``series`` at ``now`` when the caller already has it
+    (the live service keeps an incremental forecaster per policy)."""
     now = utc(now)
     cfg = forecast_config_from(policy)
     bounds = bounds_from(policy)
     rpm = policy.capacity.rpm_per_worker
-    fc = forecast(series, now=now, config=cfg)
+    fc = precomputed if precomputed is not None else forecast(series, now=now, config=cfg)
     sized = size(
         forecast=fc,
         capacity_rpm=rpm,

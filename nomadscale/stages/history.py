@@ -16,6 +16,11 @@ import numpy as np
 from nomadscale.core.errors import InputError
 from nomadscale.core.ports import DemandSeries
 
+#: Largest trace file read (about two million 1-minute rows: nearly four years).
+MAX_TRACE_BYTES = 64 * 1024 * 1024
+#: Largest time grid a trace may span (gaps included): 7.6 years of 1-minute steps.
+MAX_GRID_STEPS = 4_000_000
+
 
 @dataclass(frozen=True)
 class TraceData:
@@ -52,6 +57,13 @@ def load_trace(path: str | Path) -> TraceData:
     """Read a ``timestamp,requests`` CSV; raise InputError("file:line: what is wrong")."""
     name = str(path)
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_TRACE_BYTES:
+            raise InputError(
+                f"{name}: trace is {size / 2**20:.0f} MiB, more than the "
+                f"{MAX_TRACE_BYTES // 2**20} MiB nomadscale reads (about 2 million rows); "
+                "cut it to the period you need"
+            )
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{name}: no such file") from None
@@ -97,7 +109,9 @@ def load_trace(path: str | Path) -> TraceData:
     tsec = np.asarray(secs)
     diffs = np.diff(tsec)
     step = float(np.median(diffs))  # as the reference scorer; the smallest if that is off-grid
-    if np.any(np.abs(diffs / step - np.rint(diffs / step)) > 1e-6):
+    if diffs.min() < step * (1 - 1e-9) or np.any(
+        np.abs(diffs / step - np.rint(diffs / step)) > 1e-6
+    ):
         step = float(diffs.min())
     offs = (tsec - tsec[0]) / step
     idx = np.rint(offs).astype(np.int64)
@@ -106,6 +120,11 @@ def load_trace(path: str | Path) -> TraceData:
         i = int(bad[0])
         raise InputError(
             f"{name}:{i + 2}: timestamp is off the {step:g}s grid started by the first row"
+        )
+    if int(idx[-1]) + 1 > MAX_GRID_STEPS:
+        raise InputError(
+            f"{name}: the rows span {int(idx[-1]) + 1:,} steps of {step:g}s, more than "
+            f"{MAX_GRID_STEPS:,}; check the timestamps or cut the trace"
         )
     grid = np.full(int(idx[-1]) + 1, np.nan)
     grid[idx] = np.asarray(vals)

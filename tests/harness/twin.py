@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from nomadscale.core.clock import FakeClock
+from nomadscale.core.clock import Clock, FakeClock
 from nomadscale.sim import Cluster, TwinServer
 
 
@@ -22,13 +22,14 @@ from nomadscale.sim import Cluster, TwinServer
 class Twin:
     cluster: Cluster
     server: TwinServer
-    clock: FakeClock
+    clock: Clock  # a FakeClock unless the test passed another clock
 
     @property
     def address(self) -> str:
         return self.server.address
 
     def advance(self, seconds: float) -> None:
+        """Move virtual time (FakeClock only) and apply everything due."""
         self.cluster.advance(seconds)
 
     def nomad(self, **kwargs: Any) -> Any:

@@ -82,3 +82,23 @@ def test_cumulative_counter_reset_counts_the_new_value() -> None:
     v = clean(s, cumulative=True).values
     assert np.isnan(v[0])
     np.testing.assert_array_equal(v[1:], [60.0, 60.0, 30.0, 60.0])
+
+
+def test_oversized_trace_file_is_refused_before_reading(tmp_path, monkeypatch) -> None:
+    import nomadscale.stages.history as history
+
+    p = tmp_path / "big.csv"
+    p.write_text("timestamp,requests\n" + "2000-01-01T00:00:00Z,1\n" * 50)
+    monkeypatch.setattr(history, "MAX_TRACE_BYTES", 100)
+    with pytest.raises(InputError, match=r"big\.csv: trace is 0 MiB, more than"):
+        history.load_trace(p)
+
+
+def test_trace_spanning_decades_is_refused_not_allocated(tmp_path) -> None:
+    p = tmp_path / "span.csv"
+    p.write_text(
+        "timestamp,requests\n2000-01-01T00:00:00Z,1\n"
+        "2090-01-01T00:00:00Z,2\n2090-01-01T00:01:00Z,2\n"
+    )
+    with pytest.raises(InputError, match=r"span\.csv: the rows span 47,337,122 steps of 60s"):
+        load_trace(p)
