@@ -56,6 +56,7 @@ class Ports:
     demand_for: Callable[[Policy], DemandSource]
     pool_for: Callable[[Policy], NodePoolPort | None] = lambda _p: None
     alerts: AlertPort | None = None
+    lock_watch: Any = None  # service.leaderwatch.LockWatch: a standby blocks on the lock key
     _demand: dict[str, DemandSource] = field(default_factory=dict)
     _pools: dict[str, NodePoolPort | None] = field(default_factory=dict)
 

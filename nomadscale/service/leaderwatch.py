@@ -42,7 +42,7 @@ class ConsulKeyWatch:
             port=u.port or 8500,
             scheme=u.scheme or "http",
             verify=cacert if cacert else True,
-            connections_timeout=5.0,
+            connections_timeout=15.0,
         )
         self._client.token = token
 
@@ -50,7 +50,7 @@ class ConsulKeyWatch:
         return f"ConsulKeyWatch(addr={self.addr!r}, key={self.key!r})"
 
     def wait(self, index: int, *, timeout_s: float) -> tuple[int, bool]:
-        wait = f"{max(1, round(timeout_s))}s"
+        wait = f"{min(10, max(1, round(timeout_s)))}s"  # under the 15 s HTTP timeout
         try:
             new, data = self._client.kv.get(self.key, index=index or None, wait=wait)
         except (requests.exceptions.RequestException, consul.ConsulException) as e:

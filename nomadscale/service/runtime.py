@@ -12,8 +12,8 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from nomadscale.config.policy import Policy
 from nomadscale.config.settings import Secret, Settings
@@ -24,6 +24,9 @@ from nomadscale.service import systemd
 from nomadscale.service.cycle import Ports
 from nomadscale.service.http import HttpServer, create_app
 from nomadscale.service.loop import Service
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +66,59 @@ def pool_for(settings: Settings, *, clock: Clock) -> Any:
     return build
 
 
-def alerts_for(policies: Sequence[Policy]) -> AlertPort | None:
+class PolicyAlerts:
+    """``AlertPort`` that sends each policy's alerts with that policy's own routing key.
+
+    The policy is ``details["policy"]``, else the ``nomadscale/<policy>/...`` dedup key.
+    Alerts of a policy without a routing key are logged and dropped."""
+
+    def __init__(self, routes: Mapping[str, AlertPort]) -> None:
+        self.routes = dict(routes)
+
+    def __repr__(self) -> str:
+        return f"PolicyAlerts(policies={sorted(self.routes)})"
+
+    def _route(self, dedup_key: str, details: Mapping[str, Any] | None) -> AlertPort | None:
+        policy = str((details or {}).get("policy") or "")
+        if not policy:
+            parts = dedup_key.replace("nomadscale-deploy-", "nomadscale/", 1).split("/")
+            policy = parts[1] if len(parts) > 2 and parts[0] == "nomadscale" else ""
+        port = self.routes.get(policy)
+        if port is None:
+            log.warning("alert %s: no PagerDuty routing key for policy %r", dedup_key, policy)
+        return port
+
+    def trigger(
+        self, *, dedup_key: str, summary: str, severity: str, details: Mapping[str, Any]
+    ) -> None:
+        port = self._route(dedup_key, details)
+        if port is not None:
+            port.trigger(dedup_key=dedup_key, summary=summary, severity=severity, details=details)
+
+    def resolve(self, *, dedup_key: str) -> None:
+        port = self._route(dedup_key, None)
+        if port is not None:
+            port.resolve(dedup_key=dedup_key)
+
+
+def alerts_for(
+    policies: Sequence[Policy], *, env: Mapping[str, str] | None = None
+) -> AlertPort | None:
+    """PagerDuty alerts routed per policy (``alerting.pagerduty_routing_key_env``)."""
+    env = os.environ if env is None else env
+    routes: dict[str, AlertPort] = {}
+    by_key: dict[str, AlertPort] = {}
     for p in policies:
-        env = p.alerting.pagerduty_routing_key_env
-        if env and os.environ.get(env):
+        var = p.alerting.pagerduty_routing_key_env
+        key = env.get(var) if var else None
+        if not key:
+            continue
+        if key not in by_key:
             from nomadscale.integrations.pagerduty import PagerDutyAlerts
 
-            return PagerDutyAlerts(Secret(os.environ[env]))
-    return None
+            by_key[key] = PagerDutyAlerts(Secret(key))
+        routes[p.name] = by_key[key]
+    return PolicyAlerts(routes) if routes else None
 
 
 def build_ports(
@@ -81,9 +129,14 @@ def build_ports(
     nomad = NomadClient.from_settings(settings, clock=clock)
     if settings.consul_addr:
         from nomadscale.integrations.consul import ConsulKV, ConsulLock
+        from nomadscale.service.leaderwatch import ConsulKeyWatch
 
         token = settings.consul_token.reveal() if settings.consul_token else None
         kv: Any = ConsulKV(addr=settings.consul_addr, token=token, cacert=settings.consul_cacert)
+        watch: Any = ConsulKeyWatch(
+            addr=settings.consul_addr, key=lock_key(settings), token=token,
+            cacert=settings.consul_cacert,
+        )  # fmt: skip
         lock: Any = ConsulLock(
             addr=settings.consul_addr,
             key=lock_key(settings),
@@ -96,6 +149,7 @@ def build_ports(
 
         kv = MemoryKV(clock=clock)
         lock = MemoryLock(kv=kv, key=lock_key(settings), ttl_s=settings.lock_ttl_s)
+        watch = None
     else:
         raise ConfigError("CONSUL_HTTP_ADDR: not set (the service needs Consul for its lock)")
     return Ports(
@@ -105,6 +159,7 @@ def build_ports(
         demand_for=demand_for(settings),
         pool_for=pool_for(settings, clock=clock),
         alerts=alerts_for(policies),
+        lock_watch=watch,
     )
 
 
@@ -117,12 +172,25 @@ def run_service(
     serve_http: bool = True,
     ports: Ports | None = None,
     clock: Clock | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
+    on_leader: Sequence[Callable[[], object]] = (),
+    after_cycle: Callable[[Policy], object] | None = None,
+    on_stop: Sequence[Callable[[], object]] = (),
 ) -> Service:
-    """Run until SIGTERM/SIGINT (or one cycle of every policy with ``once``)."""
+    """Run until SIGTERM/SIGINT (or one cycle of every policy with ``once``).
+
+    ``extra_routes`` are mounted on the HTTP server (the healing webhooks), ``on_leader``
+    run in the background whenever this process becomes the leader (resume interrupted
+    runbook runs and rollouts), ``after_cycle`` after each cycle the leader ran (the
+    warm-up gate), ``on_stop`` at shutdown. The CLI layer builds them: the service must not
+    import deploy or healing."""
     clock = clock or SystemClock()
     log.info("effective settings: %s", settings.describe())
     ports = ports or build_ports(settings, policies, clock=clock, dry_run=dry_run)
-    svc = Service(settings=settings, policies=policies, ports=ports, clock=clock, dry_run=dry_run)
+    svc = Service(
+        settings=settings, policies=policies, ports=ports, clock=clock, dry_run=dry_run,
+        on_leader=on_leader, after_cycle=after_cycle, lock_watch=ports.lock_watch,
+    )  # fmt: skip
     if once:
         for r in svc.run_once():
             log.info("once: %s", r.record.line())
@@ -140,17 +208,28 @@ def run_service(
         signal.signal(signal.SIGINT, on_signal)
     http = None
     if serve_http:
-        app = create_app(registry=svc.metrics.registry, status=svc.status)
+        app = create_app(registry=svc.metrics.registry, status=svc.status,
+                         healthy=svc.healthy, extra_routes=extra_routes)  # fmt: skip
         http = HttpServer(app, host=settings.http_host, port=settings.http_port).start()
     svc.start()
     systemd.notify("READY=1")
-    ping = systemd.watchdog_interval_s() or 10.0
+    ping = min(systemd.watchdog_interval_s() or 10.0, 10.0)
     try:
         while not stopping.wait(ping):
-            systemd.notify("WATCHDOG=1")
+            # only while the scheduler runs and its lock tick is not stuck: a hung loop
+            # stops the pings and systemd restarts the service
+            if svc.healthy():
+                systemd.notify("WATCHDOG=1")
+            else:
+                log.error("service loop unhealthy: withholding the systemd watchdog ping")
     finally:
         systemd.notify("STOPPING=1")
         svc.stop()
+        for fn in on_stop:
+            try:
+                fn()
+            except Exception:
+                log.exception("shutdown task failed")
         if http is not None:
             http.stop()
     return svc

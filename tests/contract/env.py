@@ -51,7 +51,10 @@ def twin_target(
     zones: Sequence[str] = ("zone-a", "zone-b"),
     acl_token: str | None = None,
     clock: Clock | None = None,
+    default_image_gb: float = 0.5,
 ) -> Iterator[Target]:
+    """A started twin. Images default to 0.5 GB (a 5 s pull) so a fresh pull fits the
+    60 s healthy deadline of ``service_job``; pass a bigger size to test slow pulls."""
     try:
         from nomadscale.sim.cluster import Cluster
         from nomadscale.sim.server import TwinServer
@@ -66,6 +69,7 @@ def twin_target(
         node_pool="gpu",
         clock=clock or FakeClock(),
         acl_token=acl_token,
+        default_image_gb=default_image_gb,
     )
     try:
         server = TwinServer(cluster, host="127.0.0.1", port=0).start()
