@@ -6,8 +6,9 @@ and its GIL, and the generator's own CPU time showed up as server latency):
 * server: ``python -m uvicorn --factory benchmarks.load_webhooks:server_app`` serving
   ``healing.webhooks.make_app`` (in-memory KV) plus ``GET /bench/stats`` (dispatcher counts);
 * generator: this process, RATE signed ``incident.annotated`` webhooks per second for SECONDS
-  with httpx (async), each request sent at its scheduled time (open loop: a slow server does
-  not slow the senders down, so queueing shows up as latency).
+  over 64 persistent HTTP/1.1 connections (plain asyncio streams, see ``Conn`` for why not
+  httpx), each request due at its scheduled time and timed from then (open loop: a slow
+  server does not slow the senders down, so queueing shows up as latency).
 
 The events match no runbook (recorded and ignored), so the figures measure verification,
 de-duplication and hand-off. Prints p50/p99 latency and how many were accepted.
@@ -100,38 +101,86 @@ def signed(secret: str) -> tuple[bytes, dict[str, str]]:
     return b, headers
 
 
-async def drive(url: str, seconds: float, rate: int) -> tuple[list[float], dict[int, int], float]:
-    """Open-loop load: request i starts at ``start + i / rate``. Bodies are signed up front so
-    the generator's own CPU time stays out of the measured latency. Returns the latencies (ms),
-    the status codes and the worst lag of the sender behind its schedule (ms)."""
+class Conn:
+    """One persistent HTTP/1.1 connection, one request at a time (asyncio streams).
+
+    httpx's async pool was the real bottleneck of this benchmark: with hundreds of requests
+    in flight, httpcore re-scans every queued request against every connection on each
+    event (``ConnectionPool._assign_requests_to_connections``, O(requests x connections)),
+    which pinned the generator's CPU and showed up as seconds of "server" latency."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        head += f"Content-Length: {len(body)}\r\n\r\n"
+        self.writer.write(head.encode() + body)
+        await self.writer.drain()
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        for line in lines[1:]:
+            if line.lower().startswith("content-length:"):
+                length = int(line.split(":", 1)[1])
+        if length:
+            await self.reader.readexactly(length)
+        return status
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def drive(
+    port: int, path: str, seconds: float, rate: int, *, conns: int = 64
+) -> tuple[list[float], dict[int, int], float]:
+    """Open-loop load: request i is due at ``start + i / rate`` and its latency is measured
+    from that moment (waiting for a free connection counts). Bodies are signed up front so
+    the generator's own CPU time stays out of the figures. Returns the latencies (ms), the
+    status codes and the worst lag of the sender behind its schedule (ms)."""
     n = int(seconds * rate)
     reqs = [signed(SECRET) for _ in range(n)]
     lat: list[float] = []
     codes: dict[int, int] = {}
     lag = 0.0
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(limits=limits, timeout=10) as client:
+    idle: asyncio.Queue[Conn] = asyncio.Queue()
+    pool = [Conn("127.0.0.1", port) for _ in range(conns)]
+    for c in pool:
+        idle.put_nowait(c)
 
-        async def one(b: bytes, headers: dict[str, str]) -> None:
-            t0 = time.perf_counter()
-            try:
-                r = await client.post(url, content=b, headers=headers)
-                code = r.status_code
-            except httpx.HTTPError:
-                code = 0
-            lat.append((time.perf_counter() - t0) * 1000)
-            codes[code] = codes.get(code, 0) + 1
+    async def one(due: float, b: bytes, headers: dict[str, str]) -> None:
+        conn = await idle.get()
+        try:
+            code = await conn.post(path, b, headers)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            conn.close()
+            code = 0
+        finally:
+            idle.put_nowait(conn)
+        lat.append((time.perf_counter() - due) * 1000)
+        codes[code] = codes.get(code, 0) + 1
 
-        tasks = []
-        start = time.perf_counter()
-        for i, (b, headers) in enumerate(reqs):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            else:
-                lag = max(lag, -delay * 1000)
-            tasks.append(asyncio.create_task(one(b, headers)))
-        await asyncio.gather(*tasks)
+    tasks = []
+    start = time.perf_counter()
+    for i, (b, headers) in enumerate(reqs):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        else:
+            lag = max(lag, -delay * 1000)
+        tasks.append(asyncio.create_task(one(due, b, headers)))
+    await asyncio.gather(*tasks)
+    for c in pool:
+        c.close()
     return lat, codes, lag
 
 
@@ -170,8 +219,7 @@ def main() -> None:
     port = _port()
     server = start_server(port, args.profile)
     try:
-        url = f"http://127.0.0.1:{port}/webhooks/pagerduty"
-        lat, codes, lag = asyncio.run(drive(url, args.seconds, args.rate))
+        lat, codes, lag = asyncio.run(drive(port, "/webhooks/pagerduty", args.seconds, args.rate))
         stats: dict[str, Any] = {}
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # wait for the dispatcher to drain its queue

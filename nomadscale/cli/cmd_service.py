@@ -7,7 +7,10 @@ leader picks it up on its next cycle, or at once with ``--now`` (a "kick" key it
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,11 +19,13 @@ import click
 
 from nomadscale.config.policy import Policy, load_policies, load_policy
 from nomadscale.config.settings import Settings, load_settings
-from nomadscale.core.clock import SystemClock
+from nomadscale.core.clock import Clock, SystemClock
 from nomadscale.core.durations import format_duration, parse_duration
-from nomadscale.core.errors import NomadscaleError, UsageError
+from nomadscale.core.errors import ConfigError, NomadscaleError, UsageError
 from nomadscale.core.ports import KVPort
 from nomadscale.service.control import Control
+
+log = logging.getLogger(__name__)
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -81,7 +86,106 @@ def _kick(control: Control, policy: str, reason: str) -> None:
     click.echo(f"asked the leader to apply {policy} now (kick {kid})")
 
 
-# --- run ----------------------------------------------------------------------------------
+# --- run / serve --------------------------------------------------------------------------
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+RESUME_QUIET_S = 120.0  # a rollout record written more recently is being driven elsewhere
+
+
+def _logging(settings: Settings) -> None:
+    from nomadscale.core.logs import setup_logging
+
+    if settings.log_level.upper() not in _LOG_LEVELS:
+        raise ConfigError(
+            f"NOMADSCALE_LOG_LEVEL: unknown level {settings.log_level!r} "
+            f"(use {', '.join(lv.lower() for lv in _LOG_LEVELS)})"
+        )
+    setup_logging(level=settings.log_level, json_logs=settings.log_json)
+
+
+@dataclass
+class Healing:
+    """The healing engine and its HTTP routes, built here: service must not import healing."""
+
+    engine: Any
+    routes: list[Any]
+
+
+def build_healing(settings: Settings) -> Healing | None:
+    """PagerDuty webhooks + maintenance reports, when a webhook secret or report token is set."""
+    if not settings.webhook_secrets and not settings.report_token:
+        return None
+    from nomadscale.cli.cmd_runbook import build_engine
+    from nomadscale.healing.webhooks import routes
+
+    engine = build_engine(settings)
+    return Healing(
+        engine=engine,
+        routes=routes(engine=engine, secrets=settings.webhook_secrets,
+                      report_token=settings.report_token, kv=engine.kv),
+    )  # fmt: skip
+
+
+def resume_rollouts(
+    settings: Settings, policies: list[Policy], ports: Any, clock: Clock, *,
+    quiet_s: float = RESUME_QUIET_S,
+) -> list[Callable[[], object]]:  # fmt: skip
+    """One task per policy with a ``deploy:`` section: resume its interrupted rollout."""
+    from datetime import datetime
+
+    from nomadscale.deploy.rollout import Rollout
+
+    tasks: list[Callable[[], object]] = []
+    for pol in policies:
+        if pol.deploy is None:
+            continue
+
+        def resume(pol: Policy = pol) -> None:
+            r = Rollout(policy=pol, nomad=ports.nomad, kv=ports.kv, clock=clock,
+                        prefix=settings.kv_prefix, alerts=ports.alerts)  # fmt: skip
+            st = r.status()
+            if st is None or not st.active:
+                return
+            age = (clock.now() - datetime.fromisoformat(st.updated_at)).total_seconds()
+            if age < quiet_s:
+                log.info("deploy %s: rollout %s updated %.0fs ago: another process drives it",
+                         pol.name, st.id, age)  # fmt: skip
+                return
+            log.info("deploy %s: resuming interrupted rollout %s of %s", pol.name, st.id,
+                     st.image)  # fmt: skip
+            done = r.resume()
+            log.info("deploy %s: rollout %s ended %s", pol.name, st.id,
+                     done.status if done else "?")  # fmt: skip
+
+        resume.__name__ = f"resume-rollout-{pol.name}"
+        tasks.append(resume)
+    return tasks
+
+
+def warm_up_gate(settings: Settings, ports: Any, clock: Clock) -> Callable[[Policy], object]:
+    """After each cycle: prefetch the policy's golden image on nodes that joined its pools."""
+    from nomadscale.deploy.prefetch import warm_up_new_nodes
+    from nomadscale.deploy.state import StateStore
+
+    store = StateStore(ports.kv, prefix=settings.kv_prefix)
+
+    def gate(pol: Policy) -> None:
+        if pol.target.node_pool is None:
+            return
+        image = store.golden_image(pol.name)
+        if not image:
+            return
+        job = (pol.deploy.prefetch_job if pol.deploy else None) or "image-prefetch"
+        retries = pol.deploy.prefetch_retries if pol.deploy else 2
+        for pool in sorted({z.node_pool for z in pol.zones.items}):
+            res = warm_up_new_nodes(ports.nomad, image=image, node_pool=pool, job_id=job,
+                                    namespace=pol.target.namespace, clock=clock,
+                                    retries=retries)  # fmt: skip
+            if res.ok or res.failed:
+                log.info("%s: warm-up of %s in %s: %d ok, %d failed", pol.name, image, pool,
+                         len(res.ok), len(res.failed))  # fmt: skip
+
+    return gate
 
 
 @click.command("run")
@@ -89,22 +193,101 @@ def _kick(control: Control, policy: str, reason: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Decide and record, write nothing to Nomad/cloud.")
 @click.option("--policy", "policy_files", multiple=True, type=click.Path(exists=True),
               help="Policy file (repeatable); default: every policy in NOMADSCALE_POLICIES.")  # fmt: skip
-@click.option("--no-http", is_flag=True, help="Do not serve /metrics and /status.")
+@click.option("--no-http", is_flag=True,
+              help="Do not serve HTTP (/metrics, /status, /healthz and the healing webhooks).")  # fmt: skip
 def run(once: bool, dry_run: bool, policy_files: tuple[str, ...], no_http: bool) -> None:
-    """Run the autoscaler (leader-elected, one cycle per policy every `cycle`)."""
-    from nomadscale.core.logs import setup_logging
-    from nomadscale.service.runtime import run_service
+    """Run the autoscaler (leader-elected, one cycle per policy every `cycle`).
+
+    One process for systemd: it also serves the PagerDuty webhooks and maintenance reports
+    when NOMADSCALE_WEBHOOK_SECRETS / NOMADSCALE_REPORT_TOKEN are set, resumes interrupted
+    runbook runs and rollouts when it becomes the leader, and warms up new nodes with the
+    golden image after each cycle."""
+    from nomadscale.service.runtime import build_ports, run_service
 
     settings = _settings()
-    setup_logging(level=settings.log_level, json_logs=settings.log_json)
+    _logging(settings)
     policies = _policies(settings, policy_files)
-    run_service(settings, policies, once=once, dry_run=dry_run, serve_http=not no_http)
+    clock = SystemClock()
+    ports = build_ports(settings, policies, clock=clock, dry_run=dry_run)
+    if once or dry_run:
+        run_service(settings, policies, once=once, dry_run=dry_run, serve_http=not no_http,
+                    ports=ports, clock=clock)  # fmt: skip
+        return
+    healing = None if no_http else build_healing(settings)
+    on_leader: list[Callable[[], object]] = []
+    on_stop: list[Callable[[], object]] = []
+    if healing is not None:
+        healing.engine.start()
+        on_leader.append(healing.engine.resume_all)
+        on_stop.append(healing.engine.stop)
+    on_leader.extend(resume_rollouts(settings, policies, ports, clock))
+    run_service(
+        settings, policies, serve_http=not no_http, ports=ports, clock=clock,
+        extra_routes=healing.routes if healing else (), on_leader=on_leader,
+        after_cycle=warm_up_gate(settings, ports, clock), on_stop=on_stop,
+    )  # fmt: skip
+
+
+@click.command("serve")
+def serve() -> None:
+    """Serve HTTP only: PagerDuty webhooks, maintenance reports, /metrics, /status, /healthz.
+
+    For hosts that heal but do not autoscale; `run` serves the same routes itself, so do not
+    run both against one Consul prefix."""
+    import signal
+    import threading
+
+    from nomadscale.service import systemd
+    from nomadscale.service.http import HttpServer, create_app
+    from nomadscale.service.records import Metrics
+
+    settings = _settings()
+    _logging(settings)
+    healing = build_healing(settings)
+    if healing is None:
+        raise ConfigError(
+            "NOMADSCALE_WEBHOOK_SECRETS / NOMADSCALE_REPORT_TOKEN: neither is set, "
+            "so there is nothing to serve"
+        )
+    engine = healing.engine.start()
+    resumed = engine.resume_all()
+    metrics = Metrics()
+
+    def status() -> dict[str, Any]:
+        runs = engine.list_runs()
+        return {
+            "mode": "serve",
+            "time": SystemClock().now().isoformat(),
+            "resumed_at_start": resumed,
+            "runbook_runs": [
+                {k: r.get(k) for k in ("id", "runbook", "status", "trigger")} for r in runs[-20:]
+            ],
+        }
+
+    http = HttpServer(
+        create_app(registry=metrics.registry, status=status, extra_routes=healing.routes),
+        host=settings.http_host, port=settings.http_port,
+    ).start()  # fmt: skip
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_a: stopping.set())
+    systemd.notify("READY=1")
+    ping = min(systemd.watchdog_interval_s() or 10.0, 10.0)
+    try:
+        while not stopping.wait(ping):
+            systemd.notify("WATCHDOG=1")
+    finally:
+        systemd.notify("STOPPING=1")
+        engine.stop()
+        http.stop()
 
 
 # --- status / plan / forecast -------------------------------------------------------------
 
 
-def _status_doc(settings: Settings, policies: list[Policy]) -> dict[str, Any]:
+def _status_doc(
+    settings: Settings, policies: list[Policy], *, clock: Clock | None = None
+) -> dict[str, Any]:
     from nomadscale.integrations.consul import LockHolder
     from nomadscale.integrations.nomad import NomadClient
     from nomadscale.service.records import Recorder
@@ -113,7 +296,7 @@ def _status_doc(settings: Settings, policies: list[Policy]) -> dict[str, Any]:
     kv = _kv(settings)
     control = Control(kv, prefix=settings.kv_prefix)
     recorder = Recorder(kv=kv, prefix=settings.kv_prefix)
-    now = SystemClock().now()
+    now = (clock or SystemClock()).now()
     entry = kv.get(lock_key(settings))
     leader = LockHolder.from_json(entry.value).describe() if entry and entry.value else None
     nomad = NomadClient.from_settings(settings)
@@ -413,18 +596,19 @@ def simulate_cmd(
         click.echo(json.dumps(s, indent=2))
         return
     click.echo(
-        f"{s['policy']}: {s['days']} days, {s['cycles']} cycles ({s['applied']} applied, "
-        f"{s['failed']} failed)\n"
+        f"{s['policy_note']}\n"
+        f"{s['policy']}: {s['days']} days from {s['start'][:16]}, {s['cycles']} cycles "
+        f"({s['applied']} applied, {s['failed']} failed) in {s['wall_seconds']:.0f}s\n"
         f"  availability  {s['availability']:.2%} of steps served\n"
         f"  worker-hours  {s['worker_hours']:.0f} (peak {s['peak_workers']} workers)\n"
-        f"  node-hours    {s['node_hours']:.0f} vs {s['static_peak_node_hours']:.0f} static peak "
-        f"({s['cost_vs_static_peak']:.0%})\n"
+        f"  node-hours    {s['node_hours']:.0f} vs {s['static_peak_node_hours']:.0f} holding the "
+        f"peak ({s['static_peak_workers']} workers) all along: {s['cost_vs_static_peak']:.0%}\n"
         f"  plot          {s['plot']}"
     )
 
 
 COMMANDS: list[click.Command] = [
-    run, status, plan, forecast_cmd, override, pause, resume, scale, simulate_cmd,
+    run, serve, status, plan, forecast_cmd, override, pause, resume, scale, simulate_cmd,
 ]  # fmt: skip
 
 __all__ = ["COMMANDS"]

@@ -148,7 +148,7 @@ class NomadClient:
             what=f"GET job {job_id} versions",
             params=self._ns(namespace),
         )
-        versions = [parse.job_info(v) for v in (json_body(resp) or {}).get("Versions") or []]
+        versions = parse.job_versions(json_body(resp))
         return sorted(versions, key=lambda j: j.version, reverse=True)
 
     def job_status(self, job_id: str, *, namespace: str | None = None) -> JobStatus:
@@ -197,7 +197,7 @@ class NomadClient:
             body=body,
             params=self._ns(namespace),
         )
-        eval_id = str((json_body(resp) or {}).get("EvalID") or "")
+        eval_id = parse.str_field(json_body(resp), "EvalID")
         log.info("nomad scaled %s/%s to %s (eval %s): %s", job_id, group, count, eval_id, message)
         return eval_id
 
@@ -227,7 +227,7 @@ class NomadClient:
             body=body,
             params=self._ns(ns),
         )
-        return str((json_body(resp) or {}).get("EvalID") or "")
+        return parse.str_field(json_body(resp), "EvalID")
 
     def parse_hcl(self, text: str, *, canonicalize: bool = True) -> dict[str, Any]:
         """HCL job file -> Job JSON, parsed by the Nomad server."""
@@ -265,7 +265,7 @@ class NomadClient:
             body=body,
             params=params,
         )
-        return str((json_body(resp) or {}).get("DispatchedJobID") or "")
+        return parse.str_field(json_body(resp), "DispatchedJobID")
 
     def job_allocations(
         self, job_id: str, *, namespace: str | None = None, all_versions: bool = False
@@ -280,7 +280,7 @@ class NomadClient:
             what=f"GET job {job_id} allocations",
             params=params,
         )
-        return [parse.alloc_info(a) for a in json_body(resp) or []]
+        return [parse.alloc_info(a) for a in parse.items(json_body(resp), "allocations")]
 
     # --- deployments -----------------------------------------------------------------------
 
@@ -331,7 +331,7 @@ class NomadClient:
             what=f"promote deployment {deployment_id}",
             body=body,
         )
-        return str((json_body(resp) or {}).get("EvalID") or "")
+        return parse.str_field(json_body(resp), "EvalID")
 
     def fail_deployment(self, deployment_id: str) -> str:
         resp = self._http.write(
@@ -341,7 +341,7 @@ class NomadClient:
             what=f"fail deployment {deployment_id}",
             body={"DeploymentID": deployment_id},
         )
-        return str((json_body(resp) or {}).get("EvalID") or "")
+        return parse.str_field(json_body(resp), "EvalID")
 
     def pause_deployment(self, deployment_id: str, *, pause: bool = True) -> None:
         self._http.write(
@@ -404,7 +404,7 @@ class NomadClient:
         resp = self._http.get(
             self._api.node, seg(node_id), "allocations", what=f"GET node {node_id} allocations"
         )
-        return [parse.alloc_info(a) for a in json_body(resp) or []]
+        return [parse.alloc_info(a) for a in parse.items(json_body(resp), "allocations")]
 
     def drain(
         self,
@@ -473,4 +473,4 @@ class NomadClient:
         resp = self._http.write(
             self._api.allocation, seg(alloc_id), "stop", what=f"stop alloc {alloc_id}", body={}
         )
-        return str((json_body(resp) or {}).get("EvalID") or "")
+        return parse.str_field(json_body(resp), "EvalID")

@@ -1,5 +1,10 @@
-"""Nomad JSON -> nomadscale's frozen port values. Pure functions, tolerant of missing keys
-(Go encodes nil maps and slices as ``null``)."""
+"""Nomad JSON -> nomadscale's frozen port values. Pure functions.
+
+Like Nomad's own Go client, a missing key or ``null`` is the zero value (Go encodes nil maps
+and slices as ``null``); a value of the wrong shape (a list where a map belongs, ``inf`` or a
+string where an integer belongs, a time out of range) is a malformed answer and raises
+``ExternalPermanentError(system="nomad")`` with one line naming the field.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from nomadscale.core.errors import ExternalPermanentError
 from nomadscale.core.ports import (
     AllocInfo,
     DeploymentGroup,
@@ -22,20 +28,87 @@ from nomadscale.core.ports import (
 _ZERO_TIME = "0001-01-01T00:00:00Z"
 
 
-def _int(value: Any, default: int = 0) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
+_MAX_INT = 2**64  # Nomad's indexes and counts are (u)int64
+
+
+def _bad(field: str, value: Any, want: str) -> ExternalPermanentError:
+    shown = repr(value) if not isinstance(value, (str, list, dict)) else type(value).__name__
+    if isinstance(value, str):
+        shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+    return ExternalPermanentError(
+        f"malformed Nomad answer: {field}: expected {want}, got {shown}", system="nomad"
+    )
+
+
+def _int(value: Any, default: int = 0, *, field: str = "value") -> int:
+    """A JSON integer; ``null`` (or missing) is ``default``. Integral floats are accepted
+    (some proxies re-encode numbers); bools, strings, inf/nan and huge numbers are not."""
+    if value is None:
         return default
+    if isinstance(value, bool):
+        raise _bad(field, value, "an integer")
+    if isinstance(value, int):
+        out = value
+    elif isinstance(value, float) and value.is_integer():
+        out = int(value)
+    else:
+        raise _bad(field, value, "an integer")
+    if not -_MAX_INT < out < _MAX_INT:
+        raise _bad(field, value, "a 64-bit integer")
+    return out
 
 
-def _map(value: Any) -> dict[str, Any]:
-    return dict(value) if isinstance(value, Mapping) else {}
+def _map(value: Any, field: str = "value") -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _bad(field, value, "an object")
+    return dict(value)
 
 
-def ns_time(value: Any) -> datetime:
-    """Unix nanoseconds -> aware UTC datetime."""
-    return datetime.fromtimestamp(_int(value) / 1e9, tz=UTC)
+def _list(value: Any, field: str = "value") -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple):
+        raise _bad(field, value, "a list")
+    return list(value)
+
+
+def _doc(data: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise _bad(what, data, "an object")
+    return data
+
+
+def _s(value: Any, field: str, default: str = "") -> str:
+    """A JSON string; ``null`` is ``default``; numbers are printed; lists/objects are malformed."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        try:
+            return str(value)
+        except ValueError:  # an int over Python's 4300-digit str() limit
+            raise _bad(field, value, "a string") from None
+    raise _bad(field, value, "a string")
+
+
+def _str_map(value: Any, field: str, *, drop_null: bool = False) -> dict[str, str]:
+    return {
+        str(k): _s(v, f"{field}.{k}")
+        for k, v in _map(value, field).items()
+        if not (drop_null and v is None)
+    }
+
+
+def ns_time(value: Any, field: str = "Time") -> datetime:
+    """Unix nanoseconds -> aware UTC datetime (``null`` is the epoch, like Go's zero int)."""
+    ns = _int(value, field=field)
+    try:
+        return datetime.fromtimestamp(ns / 1e9, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        raise _bad(field, value, "unix nanoseconds within years 1-9999") from None
 
 
 def rfc3339(value: Any) -> datetime | None:
@@ -56,147 +129,180 @@ def rfc3339(value: Any) -> datetime | None:
 
 
 def job_info(data: Mapping[str, Any]) -> JobInfo:
-    groups = {
-        str(g.get("Name", "")): _int(g.get("Count"))
-        for g in (data.get("TaskGroups") or [])
-        if isinstance(g, Mapping)
-    }
+    data = _doc(data, "job")
+    groups: dict[str, int] = {}
+    for i, g in enumerate(_list(data.get("TaskGroups"), "TaskGroups")):
+        g = _map(g, f"TaskGroups[{i}]")
+        groups[_s(g.get("Name"), f"TaskGroups[{i}].Name")] = _int(
+            g.get("Count"), field=f"TaskGroups[{i}].Count"
+        )
     return JobInfo(
-        job_id=str(data.get("ID", "")),
-        namespace=str(data.get("Namespace") or "default"),
-        type=str(data.get("Type") or "service"),
-        status=str(data.get("Status") or ""),
+        job_id=_s(data.get("ID"), "ID"),
+        namespace=_s(data.get("Namespace"), "Namespace") or "default",
+        type=_s(data.get("Type"), "Type") or "service",
+        status=_s(data.get("Status"), "Status"),
         stopped=bool(data.get("Stop")),
-        version=_int(data.get("Version")),
+        version=_int(data.get("Version"), field="Version"),
         stable=bool(data.get("Stable")),
-        job_modify_index=_int(data.get("JobModifyIndex")),
+        job_modify_index=_int(data.get("JobModifyIndex"), field="JobModifyIndex"),
         groups=groups,
-        meta={str(k): str(v) for k, v in _map(data.get("Meta")).items()},
-        node_pool=str(data.get("NodePool") or ""),
+        meta=_str_map(data.get("Meta"), "Meta"),
+        node_pool=_s(data.get("NodePool"), "NodePool"),
         parameterized=bool(data.get("ParameterizedJob")),
         spec=dict(data),
     )
 
 
-def scale_event(data: Mapping[str, Any]) -> ScaleEvent:
+def scale_event(data: Mapping[str, Any], where: str = "") -> ScaleEvent:
+    data = _doc(data, where or "scale event")
+    pre = f"{where}." if where else ""
     count = data.get("Count")
     prev = data.get("PreviousCount")
     return ScaleEvent(
-        time=ns_time(data.get("Time")),
-        count=None if count is None else _int(count),
-        previous_count=None if prev is None else _int(prev),
-        message=str(data.get("Message") or ""),
+        time=ns_time(data.get("Time"), f"{pre}Time"),
+        count=None if count is None else _int(count, field=f"{pre}Count"),
+        previous_count=None if prev is None else _int(prev, field=f"{pre}PreviousCount"),
+        message=_s(data.get("Message"), f"{pre}Message"),
         error=bool(data.get("Error")),
-        meta=_map(data.get("Meta")),
+        meta=_map(data.get("Meta"), f"{pre}Meta"),
     )
 
 
 def job_status(
     data: Mapping[str, Any], *, active_deployment: str | None, namespace: str
 ) -> JobStatus:
+    data = _doc(data, "job scale status")
     groups: dict[str, GroupStatus] = {}
-    for name, g in _map(data.get("TaskGroups")).items():
-        g = _map(g)
-        events = tuple(scale_event(e) for e in (g.get("Events") or []) if isinstance(e, Mapping))
+    for name, g in _map(data.get("TaskGroups"), "TaskGroups").items():
+        at = f"TaskGroups.{name}"
+        g = _map(g, at)
+        events = tuple(
+            scale_event(e, f"{at}.Events[{i}]")
+            for i, e in enumerate(_list(g.get("Events"), f"{at}.Events"))
+        )
         events = tuple(sorted(events, key=lambda e: e.time, reverse=True))
         groups[str(name)] = GroupStatus(
             name=str(name),
-            desired=_int(g.get("Desired")),
-            placed=_int(g.get("Placed")),
-            running=_int(g.get("Running")),
-            healthy=_int(g.get("Healthy")),
-            unhealthy=_int(g.get("Unhealthy")),
+            desired=_int(g.get("Desired"), field=f"{at}.Desired"),
+            placed=_int(g.get("Placed"), field=f"{at}.Placed"),
+            running=_int(g.get("Running"), field=f"{at}.Running"),
+            healthy=_int(g.get("Healthy"), field=f"{at}.Healthy"),
+            unhealthy=_int(g.get("Unhealthy"), field=f"{at}.Unhealthy"),
             events=events,
         )
     return JobStatus(
-        job_id=str(data.get("JobID", "")),
-        namespace=str(data.get("Namespace") or namespace),
+        job_id=_s(data.get("JobID"), "JobID"),
+        namespace=_s(data.get("Namespace"), "Namespace") or namespace,
         stopped=bool(data.get("JobStopped")),
         groups=groups,
         active_deployment=active_deployment,
-        job_modify_index=_int(data.get("JobModifyIndex")),
+        job_modify_index=_int(data.get("JobModifyIndex"), field="JobModifyIndex"),
     )
 
 
 def node_info(data: Mapping[str, Any], *, allocs_running: int = 0) -> NodeInfo:
+    data = _doc(data, "node")
     drain = data.get("Drain")
     if drain is None:
         drain = data.get("DrainStrategy") is not None
     return NodeInfo(
-        id=str(data.get("ID", "")),
-        name=str(data.get("Name", "")),
-        datacenter=str(data.get("Datacenter", "")),
-        node_pool=str(data.get("NodePool") or "default"),
-        status=str(data.get("Status", "")),
-        eligibility=str(data.get("SchedulingEligibility", "")),
+        id=_s(data.get("ID"), "ID"),
+        name=_s(data.get("Name"), "Name"),
+        datacenter=_s(data.get("Datacenter"), "Datacenter"),
+        node_pool=_s(data.get("NodePool"), "NodePool") or "default",
+        status=_s(data.get("Status"), "Status"),
+        eligibility=_s(data.get("SchedulingEligibility"), "SchedulingEligibility"),
         draining=bool(drain),
-        create_index=_int(data.get("CreateIndex")),
-        meta={str(k): str(v) for k, v in _map(data.get("Meta")).items()},
+        create_index=_int(data.get("CreateIndex"), field="CreateIndex"),
+        meta=_str_map(data.get("Meta"), "Meta"),
         allocs_running=allocs_running,
     )
 
 
 def alloc_info(data: Mapping[str, Any]) -> AllocInfo:
-    ds = data.get("DeploymentStatus")
-    ds = _map(ds)
+    data = _doc(data, "allocation")
+    ds = _map(data.get("DeploymentStatus"), "DeploymentStatus")
     healthy = ds.get("Healthy")
-    states = _map(data.get("TaskStates"))
+    states = {
+        str(k): _map(v, f"TaskStates.{k}")
+        for k, v in _map(data.get("TaskStates"), "TaskStates").items()
+    }
     return AllocInfo(
-        id=str(data.get("ID", "")),
-        job_id=str(data.get("JobID", "")),
-        namespace=str(data.get("Namespace") or "default"),
-        task_group=str(data.get("TaskGroup", "")),
-        node_id=str(data.get("NodeID", "")),
-        node_name=str(data.get("NodeName", "")),
-        desired_status=str(data.get("DesiredStatus", "")),
-        client_status=str(data.get("ClientStatus", "")),
-        job_version=_int(data.get("JobVersion")),
-        deployment_id=data.get("DeploymentID") or None,
+        id=_s(data.get("ID"), "ID"),
+        job_id=_s(data.get("JobID"), "JobID"),
+        namespace=_s(data.get("Namespace"), "Namespace") or "default",
+        task_group=_s(data.get("TaskGroup"), "TaskGroup"),
+        node_id=_s(data.get("NodeID"), "NodeID"),
+        node_name=_s(data.get("NodeName"), "NodeName"),
+        desired_status=_s(data.get("DesiredStatus"), "DesiredStatus"),
+        client_status=_s(data.get("ClientStatus"), "ClientStatus"),
+        job_version=_int(data.get("JobVersion"), field="JobVersion"),
+        deployment_id=_s(data.get("DeploymentID"), "DeploymentID") or None,
         healthy=None if healthy is None else bool(healthy),
         canary=bool(ds.get("Canary")),
-        task_states={str(k): str(_map(v).get("State", "")) for k, v in states.items()},
-        failed_tasks=tuple(sorted(str(k) for k, v in states.items() if _map(v).get("Failed"))),
-        create_index=_int(data.get("CreateIndex")),
-        modify_index=_int(data.get("ModifyIndex")),
+        task_states={k: _s(v.get("State"), f"TaskStates.{k}.State") for k, v in states.items()},
+        failed_tasks=tuple(sorted(k for k, v in states.items() if v.get("Failed"))),
+        create_index=_int(data.get("CreateIndex"), field="CreateIndex"),
+        modify_index=_int(data.get("ModifyIndex"), field="ModifyIndex"),
     )
 
 
 def deployment_info(data: Mapping[str, Any]) -> DeploymentInfo:
+    data = _doc(data, "deployment")
     groups: dict[str, DeploymentGroup] = {}
-    for name, g in _map(data.get("TaskGroups")).items():
-        g = _map(g)
+    for name, g in _map(data.get("TaskGroups"), "TaskGroups").items():
+        at = f"TaskGroups.{name}"
+        g = _map(g, at)
+        canaries = _list(g.get("PlacedCanaries"), f"{at}.PlacedCanaries")
         groups[str(name)] = DeploymentGroup(
             name=str(name),
-            desired_total=_int(g.get("DesiredTotal")),
-            placed_allocs=_int(g.get("PlacedAllocs")),
-            healthy_allocs=_int(g.get("HealthyAllocs")),
-            unhealthy_allocs=_int(g.get("UnhealthyAllocs")),
-            desired_canaries=_int(g.get("DesiredCanaries")),
-            placed_canaries=tuple(str(a) for a in (g.get("PlacedCanaries") or [])),
+            desired_total=_int(g.get("DesiredTotal"), field=f"{at}.DesiredTotal"),
+            placed_allocs=_int(g.get("PlacedAllocs"), field=f"{at}.PlacedAllocs"),
+            healthy_allocs=_int(g.get("HealthyAllocs"), field=f"{at}.HealthyAllocs"),
+            unhealthy_allocs=_int(g.get("UnhealthyAllocs"), field=f"{at}.UnhealthyAllocs"),
+            desired_canaries=_int(g.get("DesiredCanaries"), field=f"{at}.DesiredCanaries"),
+            placed_canaries=tuple(_s(a, f"{at}.PlacedCanaries") for a in canaries),
             promoted=bool(g.get("Promoted")),
             auto_revert=bool(g.get("AutoRevert")),
             auto_promote=bool(g.get("AutoPromote")),
             require_progress_by=rfc3339(g.get("RequireProgressBy")),
         )
     return DeploymentInfo(
-        id=str(data.get("ID", "")),
-        job_id=str(data.get("JobID", "")),
-        namespace=str(data.get("Namespace") or "default"),
-        job_version=_int(data.get("JobVersion")),
-        status=str(data.get("Status", "")),
-        status_description=str(data.get("StatusDescription") or ""),
+        id=_s(data.get("ID"), "ID"),
+        job_id=_s(data.get("JobID"), "JobID"),
+        namespace=_s(data.get("Namespace"), "Namespace") or "default",
+        job_version=_int(data.get("JobVersion"), field="JobVersion"),
+        status=_s(data.get("Status"), "Status"),
+        status_description=_s(data.get("StatusDescription"), "StatusDescription"),
         groups=groups,
-        create_index=_int(data.get("CreateIndex")),
-        modify_index=_int(data.get("ModifyIndex")),
+        create_index=_int(data.get("CreateIndex"), field="CreateIndex"),
+        modify_index=_int(data.get("ModifyIndex"), field="ModifyIndex"),
     )
 
 
 def node_metadata(node_id: str, data: Mapping[str, Any]) -> NodeMetadata:
+    data = _doc(data, "node metadata")
     return NodeMetadata(
         node_id=node_id,
-        meta={str(k): str(v) for k, v in _map(data.get("Meta")).items() if v is not None},
+        meta=_str_map(data.get("Meta"), "Meta", drop_null=True),
         dynamic={
-            str(k): (None if v is None else str(v)) for k, v in _map(data.get("Dynamic")).items()
+            str(k): (None if v is None else _s(v, f"Dynamic.{k}"))
+            for k, v in _map(data.get("Dynamic"), "Dynamic").items()
         },
-        static={str(k): str(v) for k, v in _map(data.get("Static")).items() if v is not None},
+        static=_str_map(data.get("Static"), "Static", drop_null=True),
     )
+
+
+def items(data: Any, what: str) -> list[Any]:
+    """A list answer (``null`` is empty); anything else is a malformed answer."""
+    return _list(data, what)
+
+
+def job_versions(data: Any) -> list[JobInfo]:
+    doc = _doc({} if data is None else data, "job versions")
+    return [job_info(v) for v in _list(doc.get("Versions"), "Versions")]
+
+
+def str_field(data: Any, key: str) -> str:
+    """One string field of an object answer such as ``{"EvalID": ...}`` ("" when absent)."""
+    return _s(_doc({} if data is None else data, "answer").get(key), key)

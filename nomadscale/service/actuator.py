@@ -357,8 +357,12 @@ class Actuator:
                         dedup_key=f"nomadscale/{decision.policy}/drain/{n.name}",
                         summary=f"nomadscale {decision.policy}: {msg}",
                         severity="warning",
-                        details={"policy": decision.policy, "decision_id": decision.id,
-                                 "node": n.name, "zone": act.zone},  # fmt: skip
+                        details={
+                            "policy": decision.policy,
+                            "decision_id": decision.id,
+                            "node": n.name,
+                            "zone": act.zone,
+                        },
                     )
                 except NomadscaleError as e:
                     log.error("%s: alert failed: %s", decision.policy, e)

@@ -109,6 +109,7 @@ class CycleRunner:
         stop: threading.Event | None = None,
         poll_s: float = 5.0,
         drain_grace_s: float = 60.0,
+        incremental: bool = True,
     ) -> None:
         self.policy = policy
         self.ports = ports
@@ -120,6 +121,9 @@ class CycleRunner:
         self.drain_grace_s = drain_grace_s
         self.removals_key = f"{control.prefix}/scaling/{policy.name}/removals"
         self.forecaster = LiveForecaster(policy)
+        # False: forecast from the whole lookback every cycle (for demand sources that rewrite
+        # their history between calls, e.g. test doubles)
+        self.incremental = incremental
 
     @property
     def manages_nodes(self) -> bool:
@@ -274,6 +278,8 @@ class CycleRunner:
         if status.active_deployment:
             self._skip(rec, "deployment", f"deployment {status.active_deployment} is active")
             return
+        if not self.incremental:
+            self.forecaster.reset()
         fc, how = self.forecaster.forecast(self.ports.demand(p), now=now)
         series = DemandSeries(start=how.history_end, step_s=p.demand.step_s, values=_NO_STEPS)
         groups = {z.name: status.groups.get(z.group) for z in p.zones.items}

@@ -8,9 +8,9 @@ change, or when it has absorbed twice the lookback), then fed the steps that end
 previous cycle. Its forecast equals ``forecast()`` over the same steps (the history from the
 warm start to now), which ``tests/service/test_forecasts.py`` proves.
 
-The bucket grid is anchored where the warm start ended: a cycle whose step-aligned time is
-not on that grid (an "apply now" kick between slots) gets a one-off from-scratch forecast and
-leaves the kept forecaster untouched. Steps are frozen once fed: a value revised later by
+The bucket grid is anchored where the warm start ended (on the source's step grid): a cycle
+that is not a whole number of buckets later (an "apply now" kick between slots) gets a
+one-off from-scratch forecast and leaves the kept forecaster untouched. Steps are frozen once fed: a value revised later by
 the source (a late scrape) is not re-read until the next warm start.
 """
 
@@ -34,7 +34,8 @@ from nomadscale.stages.history import clean
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOOKBACK_S = 28 * 86400.0
+# history read when the demand source has no ``lookback`` (a trace): 5 weeks
+DEFAULT_LOOKBACK_S = 35 * 86400.0
 
 
 def live_config(policy: Policy) -> ForecastConfig:
@@ -49,12 +50,6 @@ def live_config(policy: Policy) -> ForecastConfig:
 
 def lookback_s(policy: Policy) -> float:
     return float(getattr(policy.demand, "lookback_s", DEFAULT_LOOKBACK_S))
-
-
-def step_end(now: datetime, step_s: float) -> datetime:
-    """``now`` rounded down to a whole step (epoch-aligned): the end of the last step."""
-    ts = utc(now).timestamp()
-    return datetime.fromtimestamp(math.floor(ts / step_s + 1e-9) * step_s, tz=utc(now).tzinfo)
 
 
 def warm_forecaster(series: DemandSeries, *, now: datetime, config: ForecastConfig) -> Forecaster:
@@ -121,34 +116,37 @@ class LiveForecaster:
 
     def forecast(self, source: DemandSource, *, now: datetime) -> tuple[Forecast, ForecastInfo]:
         t0 = time.perf_counter()
-        end = step_end(now, self.step_s)
-        f, cycle = self._f, self.config.cycle_s
+        f, step = self._f, self.step_s
         if f is not None:
-            new_s = (end - f.end).total_seconds()
-            span_s = (end - f.origin).total_seconds()
-            on_grid = new_s >= 0 and abs(new_s / cycle - round(new_s / cycle)) < 1e-6
+            # whole steps since the last fed one (a scheduler firing a little early still
+            # counts the step that is about to end: up to 5% of a step or 3 s)
+            tol = min(0.05, 3.0 / step)
+            n = math.floor((utc(now) - f.end).total_seconds() / step + tol)
+            new_s = n * step
+            span_s = (f.end - f.origin).total_seconds() + new_s
+            on_grid = n >= 0 and n % f.S == 0
             if on_grid and new_s <= self.lookback_s and span_s <= 2 * self.lookback_s:
-                n = round(new_s / self.step_s)
                 if n:
-                    series = source.history(end=end, lookback_s=new_s, step_s=self.step_s)
+                    end = f.end + timedelta(seconds=new_s)
+                    series = source.history(end=end, lookback_s=new_s, step_s=step)
                     f.feed(_steps_from(series, start=f.end, n=n))
                     self._steps += n
-                return f.predict(), self._info("incremental", n, end, t0)
-            if not on_grid and 0 <= new_s <= self.lookback_s:
-                series = source.history(end=end, lookback_s=self.lookback_s, step_s=self.step_s)
-                fc = forecast(series, now=end, config=self.config)
+                return f.predict(), self._info("incremental", n, f.end, t0)
+            if not on_grid and 0 <= new_s <= self.lookback_s:  # a kick between slots
+                series = source.history(end=now, lookback_s=self.lookback_s, step_s=step)
+                fc = forecast(series, now=now, config=self.config)
                 return fc, ForecastInfo(
-                    "one-off", len(series.values), len(series.values), end,
+                    "one-off", len(series.values), len(series.values), series.end,
                     time.perf_counter() - t0,
                 )  # fmt: skip
-        series = source.history(end=end, lookback_s=self.lookback_s, step_s=self.step_s)
-        self._f = warm_forecaster(series, now=end, config=self.config)
+        series = source.history(end=now, lookback_s=self.lookback_s, step_s=step)
+        self._f = warm_forecaster(series, now=now, config=self.config)
         self._steps = len(series.values)
         log.info(
             "%s: forecaster warm-started from %d steps (%.1fs)",
             self.policy.name, len(series.values), time.perf_counter() - t0,
         )  # fmt: skip
-        return self._f.predict(), self._info("warm", len(series.values), end, t0)
+        return self._f.predict(), self._info("warm", len(series.values), self._f.end, t0)
 
     def _info(self, mode: str, n: int, end: datetime, t0: float) -> ForecastInfo:
         return ForecastInfo(mode, n, self._steps, end, time.perf_counter() - t0)

@@ -18,6 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from nomadscale.core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -60,11 +62,16 @@ class HttpServer:
         self._thread.start()
         waited = threading.Event()
         for _ in range(int(timeout_s / 0.05)):
-            if self._server.started:
+            if self._server.started or not self._thread.is_alive():
                 break
             waited.wait(0.05)
-        if self._server.started:
-            log.info("http: serving /metrics and /status on %s:%s", self.host, self.port)
+        if not self._server.started:
+            self.stop()
+            raise ConfigError(
+                f"NOMADSCALE_HTTP_HOST/PORT: cannot serve HTTP on {self.host}:{self.port} "
+                "(address in use or not permitted)"
+            )
+        log.info("http: serving on %s:%s", self.host, self.port)
         return self
 
     def stop(self) -> None:

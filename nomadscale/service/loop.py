@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -98,6 +99,7 @@ class Service:
         on_leader: Sequence[Callable[[], object]] = (),
         after_cycle: Callable[[Policy], object] | None = None,
         lock_watch: LockWatch | None = None,
+        incremental_forecasts: bool = True,
     ) -> None:
         if not policies:
             raise ConfigError("no policies to run")
@@ -130,6 +132,7 @@ class Service:
             p.name: CycleRunner(
                 policy=p, ports=ports, control=self.control, recorder=self.recorder,
                 clock=clock, stop=self.stop_event, poll_s=poll_s,
+                incremental=incremental_forecasts,
             )
             for p in policies
         }  # fmt: skip
@@ -147,6 +150,7 @@ class Service:
         self._after_busy = {name: threading.Lock() for name in self.policies}
         self.lock_watch = lock_watch  # a standby waits on the lock key with it
         self._watcher: threading.Thread | None = None
+        self._alive_at = time.monotonic()
 
     # --- leadership ---------------------------------------------------------------------
 
@@ -242,13 +246,19 @@ class Service:
         threading.Thread(target=fn, name=what, daemon=True).start()
 
     def _run_on_leader(self) -> None:
+        """Each on-leader task in its own thread (a resumed rollout runs for a long time)."""
         for fn in self.on_leader:
-            if self.stop_event.is_set() or not self.leader:
-                return
-            try:
-                fn()
-            except Exception:  # one failing hook must not stop the others or the loop
-                log.exception("on-leader task %s failed", getattr(fn, "__name__", fn))
+            name = getattr(fn, "__name__", "task")
+
+            def run(fn: Callable[[], object] = fn, name: str = name) -> None:
+                if self.stop_event.is_set() or not self.leader:
+                    return
+                try:
+                    fn()
+                except Exception:  # one failing task must not stop the others or the loop
+                    log.exception("on-leader task %s failed", name)
+
+            self._background(f"on-leader-{name}", run)
 
     def _run_after_cycle(self, name: str) -> None:
         busy = self._after_busy[name]
@@ -276,8 +286,17 @@ class Service:
             log.exception("%s: cycle crashed", name)
             self.metrics.errors.labels(name, "crash").inc()
 
+    def healthy(self) -> bool:
+        """The scheduler runs and its lock tick ran lately (the systemd watchdog and
+        ``/healthz`` ask this)."""
+        sched = self._scheduler
+        if sched is None or not sched.running or self.stop_event.is_set():
+            return False
+        return time.monotonic() - self._alive_at < 3 * self.renew_s + 15.0
+
     def _tick(self) -> None:
         """Renew the lock; as leader, run cycles for new kicks."""
+        self._alive_at = time.monotonic()
         if self.stop_event.is_set() or self.dry_run:
             return
         if not self.elect():

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from nomadscale.config.policy import Policy
 from nomadscale.config.settings import Settings
@@ -24,6 +27,7 @@ from nomadscale.core.clock import FakeClock
 from nomadscale.core.errors import InputError
 from nomadscale.integrations.tracefile import TraceDemandSource
 from nomadscale.service.cycle import Ports
+from nomadscale.service.forecasts import lookback_s
 from nomadscale.service.loop import Service
 
 log = logging.getLogger(__name__)
@@ -44,48 +48,59 @@ def default_trace() -> Path:
     return Path(SHARED_TRACE)
 
 
+def capacity_per_worker(trace: str | Path) -> float:
+    """req/min one worker serves, as SCORING.md derives it: p99 of the demand rate / 24."""
+    rpm = TraceDemandSource(trace).trace.rpm
+    return float(np.percentile(rpm[~np.isnan(rpm)], 99) / 24.0)
+
+
 def default_policy(trace: str | Path) -> Policy:
-    """The eKYC policy (policies/ekyc-ml.yaml) with trace demand and capacity scaled so the
-    trace's peak needs about 80% of ``bounds.max`` workers."""
+    """The built-in simulate policy: the eKYC policy's shape (2 zones of GCE MIG GPU nodes,
+    20-minute cycles, 10-minute lead time, 99% target; a trace's history is read 35 days
+    back) with trace demand,
+    capacity per worker = p99 demand / 24 (SCORING.md) and NO maintenance-freeze schedule
+    (a fixed count for 2 h a week would measure the freeze, not the autoscaler)."""
     src = TraceDemandSource(trace)
-    peak = float(max(v for v in src.trace.rpm if not math.isnan(v)))
-    rpm_per_worker = float(math.ceil(peak / (0.8 * 40)))
+    rpm = capacity_per_worker(trace)
+    peak = float(np.nanmax(src.trace.rpm))
+    top = max(4, math.ceil(1.5 * peak / rpm))
     zones = [
         {"name": "zone-a", "group": "ml-worker-a", "node_pool": "gpu-l4",
          "instance_group": "ekyc-gpu-a"},
         {"name": "zone-b", "group": "ml-worker-b", "node_pool": "gpu-l4",
          "instance_group": "ekyc-gpu-b"},
     ]  # fmt: skip
+    step = f"{round(src.trace.step_s)}s"
     doc = {
-        "name": "ekyc-ml",
+        "name": "ekyc-ml-sim",
         "cycle": "20m",
         "lead_time": "10m",
-        "demand": {"source": "trace", "trace": str(Path(trace).resolve()), "step": "10m"},
-        "forecast": {
-            "model": "auto",
-            "target_availability": 0.99,
-            "business_hours": {
-                "days": ["mon", "tue", "wed", "thu", "fri"],
-                "start": "08:00", "end": "20:00", "timezone": "Asia/Jakarta",
-                "target_availability": 0.995, "min_workers": 4,
-            },
-        },
-        "capacity": {"rpm_per_worker": rpm_per_worker},
-        "bounds": {"min": 2, "max": 40, "max_step_up": 8, "max_step_down": 4,
-                   "scale_down_cooldown": "40m"},
+        "demand": {"source": "trace", "trace": str(Path(trace).resolve()), "step": step},
+        "forecast": {"model": "auto", "target_availability": 0.99},
+        "capacity": {"rpm_per_worker": round(rpm, 3)},
+        "bounds": {"min": 2, "max": top},
         "zones": {"split": "odd-even", "list": zones},
         "target": {
             "job": "ml-worker", "namespace": "ekyc",
             "node_pool": {"provider": "gce-mig", "project": PROJECT, "workers_per_node": 1,
                           "drain_deadline": "15m", "scale_in_order": "empty-then-oldest"},
         },
-        "schedules": [
-            {"name": "weekly-maintenance-freeze", "cron": "0 1 * * sun",
-             "timezone": "Asia/Jakarta", "duration": "2h", "fixed": 6},
-        ],
         "alerting": {"failed_cycles_before_alert": 3},
     }  # fmt: skip
     return Policy.model_validate(doc)
+
+
+def describe_policy(policy: Policy, *, builtin: bool) -> str:
+    """One line for the summary: which policy ran, and what it leaves out."""
+    s = policy.schedules
+    what = "built-in simulate policy" if builtin else "policy"
+    return (
+        f"{what} {policy.name}: {policy.capacity.rpm_per_worker:g} rpm/worker"
+        f"{' (p99 demand / 24)' if builtin else ''}, bounds {policy.bounds.min}-"
+        f"{policy.bounds.max}, target {policy.forecast.target_availability:g}, lead "
+        f"{policy.lead_time_s / 60:g}m, lookback {lookback_s(policy) / 86400:g}d, "
+        + (f"{len(s)} schedule(s)" if s else "no maintenance freeze or other schedules")
+    )
 
 
 def worker_job(
@@ -176,7 +191,10 @@ class SimResult:
     node_hours: float
     static_peak_node_hours: float
     peak_workers: int
+    static_peak_workers: int = 0  # ceil(peak demand / rpm_per_worker), held all the time
     plot: str | None = None
+    note: str = ""  # which policy ran (the built-in one has no maintenance freeze)
+    wall_s: float = 0.0
     skipped: dict[str, int] = field(default_factory=dict)
     times: list[datetime] = field(default_factory=list, repr=False)
     demand: list[float] = field(default_factory=list, repr=False)
@@ -190,6 +208,7 @@ class SimResult:
     def summary(self) -> dict[str, Any]:
         return {
             "policy": self.policy,
+            "policy_note": self.note,
             "start": self.start.isoformat(),
             "end": self.end.isoformat(),
             "days": round((self.end - self.start).total_seconds() / 86400, 2),
@@ -201,10 +220,25 @@ class SimResult:
             "worker_hours": round(self.worker_hours, 1),
             "node_hours": round(self.node_hours, 1),
             "static_peak_node_hours": round(self.static_peak_node_hours, 1),
+            "static_peak_workers": self.static_peak_workers,
             "cost_vs_static_peak": round(self.cost_vs_static, 3),
             "peak_workers": self.peak_workers,
             "plot": self.plot,
+            "wall_seconds": round(self.wall_s, 1),
         }
+
+
+def sim_window(
+    trace_start: datetime, span_s: float, *, days: float, cycle_s: float
+) -> tuple[datetime, datetime]:
+    """The simulated window: after a warm-up of min(7 days, 35% of the trace) rounded up to
+    a cycle (SCORING.md: the forecaster needs history to calibrate on), for ``days`` or to
+    the end of the trace."""
+    warm = min(7 * 86400.0, 0.35 * span_s)
+    warm = math.ceil(warm / cycle_s - 1e-9) * cycle_s
+    start = trace_start + timedelta(seconds=warm)
+    end = min(start + timedelta(days=days), trace_start + timedelta(seconds=span_s))
+    return start, end
 
 
 def simulate(
@@ -215,7 +249,6 @@ def simulate(
     out_dir: str | Path | None = None,
     consul_addr: str | None = None,
     progress: Callable[[int, int], None] | None = None,
-    lookback_days: float = 1.5,
 ) -> SimResult:
     from google.auth.credentials import AnonymousCredentials
 
@@ -226,18 +259,16 @@ def simulate(
     from nomadscale.sim.server import TwinServer
 
     trace_path = Path(trace) if trace else default_trace()
+    builtin = policy is None
     policy = policy or default_policy(trace_path)
     if policy.demand.source == "trace" and trace is None:
         trace_path = Path(policy.demand.trace)
-    # History capped (``lookback_days``): the forecast replays its whole input every cycle.
-    demand = TraceDemandSource(trace_path, max_lookback_s=lookback_days * 86400.0)
+    # the policy's whole lookback: the service's forecaster is incremental
+    demand = TraceDemandSource(trace_path)
     tr = demand.trace
     if days <= 0:
         raise InputError("--days: must be positive")
-    span = tr.duration_s
-    warmup = min(86400.0, max(0.0, span - days * 86400))
-    start = tr.start + timedelta(seconds=warmup)
-    end = min(start + timedelta(days=days), tr.end)
+    start, end = sim_window(tr.start, tr.duration_s, days=days, cycle_s=policy.cycle_s)
     if end <= start:
         raise InputError(f"{trace_path}: trace too short to simulate")
     rpm = policy.capacity.rpm_per_worker
@@ -292,8 +323,12 @@ def simulate(
         svc = Service(settings=settings, policies=[policy], ports=ports, clock=clock,
                       poll_s=30.0)  # fmt: skip
         clock.on_tick = lock.acquire
-        return _drive(svc, policy, demand, cluster, compute, nomad, clock,
-                      start=start, end=end, out_dir=out_dir, progress=progress)  # fmt: skip
+        t0 = time.perf_counter()
+        res = _drive(svc, policy, demand, cluster, compute, nomad, clock,
+                     start=start, end=end, out_dir=out_dir, progress=progress)  # fmt: skip
+        res.note = describe_policy(policy, builtin=builtin)
+        res.wall_s = time.perf_counter() - t0
+        return res
     finally:
         gce.stop()
         twin.stop()
@@ -351,6 +386,7 @@ def _drive(
     res.availability = sum(served) / len(served) if served else 0.0
     peak = max((d for d in res.demand if not math.isnan(d)), default=0.0)
     static_nodes = math.ceil(peak / rpm)
+    res.static_peak_workers = static_nodes
     res.static_peak_node_hours = static_nodes * (end - start).total_seconds() / 3600
     if out_dir is not None:
         res.plot = str(plot(res, Path(out_dir) / f"simulate-{name}.png", rpm=rpm))

@@ -1,4 +1,5 @@
-"""Fault injection for the twin: failing, slow or dropped requests, no leader, bad images.
+"""Fault injection for the twin: failing, slow or dropped requests, no leader, bad images,
+failing image pulls.
 
 Endpoint patterns are regular expressions searched in ``"METHOD /v1/path"`` (query string
 excluded), e.g. ``"/v1/job/.*/scale"``, ``"^POST /v1/node/"`` or ``"/v1/nodes$"``.
@@ -29,6 +30,18 @@ class _Rule:
         return True
 
 
+@dataclass
+class _PullRule:
+    node_id: str | None  # None = any node
+    image_substring: str  # "" = any image
+    times: int | None  # None = forever
+
+    def matches(self, node_id: str, image: str) -> bool:
+        if self.node_id is not None and self.node_id != node_id:
+            return False
+        return self.image_substring in image and (self.times is None or self.times > 0)
+
+
 @dataclass(frozen=True)
 class Decision:
     fail: tuple[int, str] | None = None
@@ -42,6 +55,7 @@ class FaultInjector:
         self._rules: list[_Rule] = []
         self._no_leader = False
         self._unhealthy: list[str] = []
+        self._pulls: list[_PullRule] = []
         self.hits: list[str] = []  # "kind METHOD /path" of every fault applied
 
     def fail(
@@ -88,10 +102,32 @@ class FaultInjector:
         with self._lock:
             return any(s in image for s in self._unhealthy)
 
+    def pull_fails(
+        self, node_id: str | None = None, image_substring: str = "", times: int | None = None
+    ) -> None:
+        """Image pulls on ``node_id`` (any node if None) of images containing
+        ``image_substring`` fail ``times`` times (forever if None): the allocation goes
+        ``failed`` with a ``Driver Failure`` task event halfway through the pull, and the image
+        does not reach the node's cache. Images already cached need no pull and still start."""
+        with self._lock:
+            self._pulls.append(_PullRule(node_id, image_substring, times))
+
+    def take_pull_failure(self, node_id: str, image: str) -> bool:
+        """Whether this pull fails (consumes one of the rule's ``times``)."""
+        with self._lock:
+            for rule in self._pulls:
+                if rule.matches(node_id, image):
+                    if rule.times is not None:
+                        rule.times -= 1
+                    self.hits.append(f"pull_fails {node_id} {image}")
+                    return True
+            return False
+
     def clear(self) -> None:
         with self._lock:
             self._rules.clear()
             self._unhealthy.clear()
+            self._pulls.clear()
             self._no_leader = False
 
     def check(self, method: str, path: str) -> Decision:

@@ -28,11 +28,15 @@ def alloc_placed(c: Cluster, a: Alloc, node: Node) -> None:
     _task_event(c, a, "Received", "Task received by client")
     _task_event(c, a, "Task Setup", "Building Task Directory")
     pull_s = 0.0
+    pull_fails = False
     if a.image and a.image not in node.images:
         pull_s = a.image_size_gb * 8000.0 / max(c.image_pull_mbps, 1e-6)
         _task_event(c, a, "Driver", f"Downloading image {a.image}")
+        pull_fails = c.faults.take_pull_failure(node.id, a.image)
     timeout = _pull_timeout(a)
-    if pull_s > timeout:  # the docker driver gives up (image_pull_timeout, default 5m)
+    if pull_fails:  # a broken layer download, halfway through the pull
+        c.schedule(now + min(pull_s, timeout) / 2, "alloc_pull_failed", a.id, a.gen)
+    elif pull_s > timeout:  # the docker driver gives up (image_pull_timeout, default 5m)
         c.schedule(now + timeout, "alloc_pull_timeout", a.id, a.gen)
     else:
         c.schedule(now + pull_s + c.start_s, "alloc_start", a.id, a.gen)
@@ -137,6 +141,15 @@ def handle(c: Cluster, kind: str, key: str, gen: int) -> None:
         if a.client_status == "pending" and a.live:
             _task_event(
                 c, a, "Driver Failure", f"Failed to pull `{a.image}`: context deadline exceeded"
+            )
+            _fail(c, a)
+    elif kind == "alloc_pull_failed":
+        if a.client_status == "pending" and a.live:
+            _task_event(
+                c,
+                a,
+                "Driver Failure",
+                f"Failed to pull `{a.image}`: error pulling image layers: unexpected EOF",
             )
             _fail(c, a)
     elif kind == "alloc_complete" and a.client_status == "running":

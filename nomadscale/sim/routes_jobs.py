@@ -10,7 +10,8 @@ from nomadscale.sim.cluster import Cluster
 from nomadscale.sim.model import ApiError, JobRecord
 from nomadscale.sim.server import Request, Route, route
 
-_ID = r"([^/]+(?:/dispatch-[^/]+)?)"
+# One escaped segment, or an unescaped dispatched/periodic child ("parent/dispatch-...").
+_ID = r"([^/]+(?:/(?:dispatch|periodic)-[^/]+)?)"
 
 
 def _job(c: Cluster, req: Request) -> JobRecord:

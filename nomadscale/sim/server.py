@@ -51,6 +51,7 @@ class Request:
     raw_body: bytes
     headers: dict[str, str]
     params: tuple[str, ...] = ()
+    raw_path: str = ""  # as sent (percent-escapes kept): routes match on it
     _json: Any = field(default=None, repr=False)
 
     @property
@@ -176,15 +177,18 @@ class TwinServer:
         try:
             if decision.fail is not None:
                 raise ApiError(*decision.fail)
-            matched = [r for r in self.routes if r.pattern.match(req.path)]
+            # Match on the escaped path so "parent%2Fdispatch-1" (how Go's client and the
+            # adapter escape IDs) is one segment, then unescape each captured value.
+            path = req.raw_path or req.path
+            matched = [r for r in self.routes if r.pattern.match(path)]
             if not matched:
                 raise ApiError(404, "Invalid URL")
             chosen = next((r for r in matched if req.method in r.methods), None)
             if chosen is None:
                 raise ApiError(405, "Invalid method")
-            m = chosen.pattern.match(req.path)
+            m = chosen.pattern.match(path)
             assert m is not None
-            req.params = m.groups()
+            req.params = tuple(unquote(g) if g is not None else "" for g in m.groups())
             self._check_acl(req)
             if c.faults.leaderless:
                 raise ApiError(500, "No cluster leader")
@@ -289,7 +293,8 @@ def _make_handler(twin: TwinServer) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             headers = {k.lower(): v for k, v in self.headers.items()}
-            req = Request(self.command, unquote(url.path).rstrip("/") or "/", query, raw, headers)
+            raw_path = url.path.rstrip("/") or "/"
+            req = Request(self.command, unquote(raw_path), query, raw, headers, raw_path=raw_path)
             try:
                 out = twin.handle(req)
             except Exception:  # a twin bug must still answer like a server would

@@ -96,3 +96,47 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait(10)
+
+
+class Drift:
+    """Someone else keeps setting ``group`` back to ``count`` (every ``every_s``), so every
+    cycle of a leader has a write to make. Its own scale events carry no nomadscale meta."""
+
+    def __init__(self, address: str, *, job: str, namespace: str, group: str, count: int = 1,
+                 every_s: float = 0.3) -> None:  # fmt: skip
+        from nomadscale.integrations.nomad import NomadClient
+
+        self.nomad = NomadClient(address=address, max_retries=1, timeout=2)
+        self.job, self.namespace, self.group, self.count = job, namespace, group, count
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, name="drift", daemon=True)
+
+    def _loop(self) -> None:
+        from nomadscale.core.errors import NomadscaleError
+
+        while not self._stop.wait(self.every_s):
+            try:
+                st = self.nomad.job_status(self.job, namespace=self.namespace)
+                if st.groups[self.group].desired != self.count:
+                    self.nomad.scale(self.job, self.group, self.count, message="drift",
+                                     namespace=self.namespace)  # fmt: skip
+            except NomadscaleError:
+                continue
+
+    def __enter__(self) -> Drift:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join(5)
+
+
+def leader_scale_times(cluster: Any) -> list[Any]:
+    """Times of the twin's scale events written by nomadscale (decision id in the meta)."""
+    return [
+        e["time"]
+        for e in list(cluster.events)
+        if e["type"] == "scale" and (e.get("meta") or {}).get("nomadscale.decision_id")
+    ]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
+import json
+
 from pathlib import Path
 from typing import Any
 
 from nomadscale.config.policy import Policy
 from nomadscale.integrations.nomad import NomadClient
-from nomadscale.sim.faults import FaultInjector
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACE = "/work/shared/traces/llm_alibaba_servegen_msmall_10min.csv"
@@ -62,20 +62,23 @@ def images_running(twin: Any) -> dict[str, int]:
     return out
 
 
-class PullFails(FaultInjector):
-    """The twin's faults plus "pulling ``image`` fails on node X" for sysbatch pulls.
+def cli_status(twin: Any, consul_agent: Any, prefix: str, tmp_path: Path) -> dict[str, Any]:
+    """``nomadscale deploy status ekyc-ml --json`` as an operator runs it: settings from the
+    environment (CONSUL_HTTP_ADDR, NOMADSCALE_KV_PREFIX, NOMAD_ADDR), an empty config file."""
+    from click.testing import CliRunner
 
-    The twin has no per-node pull fault; its allocation-start hook asks ``image_is_bad`` with
-    the image only, so this reads the allocation from the caller's frame (test-only).
-    """
+    from nomadscale.cli.main import cli
 
-    def __init__(self, node_id: str, image: str) -> None:
-        super().__init__()
-        self.node_id, self.image = node_id, image
-
-    def image_is_bad(self, image: str) -> bool:
-        frame = inspect.currentframe()
-        alloc = frame.f_back.f_locals.get("a") if frame and frame.f_back else None
-        if alloc is not None and alloc.node_id == self.node_id and image == self.image:
-            return True
-        return super().image_is_bad(image)
+    config = tmp_path / "nomadscale.yaml"
+    config.write_text("{}\n")
+    env = {
+        "NOMADSCALE_CONFIG": str(config),
+        "CONSUL_HTTP_ADDR": consul_agent.addr,
+        "CONSUL_HTTP_TOKEN": consul_agent.token or "",
+        "NOMADSCALE_KV_PREFIX": prefix,
+        "NOMAD_ADDR": twin.address,
+    }
+    result = CliRunner().invoke(cli, ["deploy", "status", "ekyc-ml", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    out: dict[str, Any] = json.loads(result.output)
+    return out

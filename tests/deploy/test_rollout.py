@@ -10,7 +10,7 @@ from nomadscale.core.errors import ConflictError, SafetyError, UsageError
 from nomadscale.deploy.rollout import Rollout
 from nomadscale.deploy.state import StateStore
 from nomadscale.integrations.memkv import MemoryKV
-from tests.deploy.helpers import NEW, OLD, PullFails, images_running, policy, setup_job
+from tests.deploy.helpers import NEW, OLD, images_running, policy, setup_job
 
 
 def make(twin: Any, nomad: Any, kv: Any = None, **kw: Any) -> Rollout:
@@ -60,7 +60,7 @@ def test_second_rollout_refused_while_one_runs(twin: Any) -> None:
 def test_prefetch_failure_blocks(twin: Any) -> None:
     nomad = setup_job(twin)
     bad = next(iter(twin.cluster.nodes))
-    twin.cluster.faults = PullFails(bad, NEW)
+    twin.cluster.faults.pull_fails(bad, NEW)
     st = make(twin, nomad).start(NEW)
     assert st.status == "aborted"
     assert bad in st.prefetch["failed"]
@@ -70,7 +70,7 @@ def test_prefetch_failure_blocks(twin: Any) -> None:
 def test_prefetch_failure_makes_node_ineligible(twin: Any) -> None:
     nomad = setup_job(twin)
     bad = next(iter(twin.cluster.nodes))
-    twin.cluster.faults = PullFails(bad, NEW)
+    twin.cluster.faults.pull_fails(bad, NEW)
     st = make(twin, nomad, policy=policy(on_fail="ineligible")).start(NEW)
     assert st.status == "completed", st.reason
     assert st.prefetch["ineligible"] == [bad]

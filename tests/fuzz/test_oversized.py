@@ -131,10 +131,6 @@ TRACE_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stages/history.load_trace has no size/row limit: reads a 230 MB trace whole",
-)
 def test_trace_with_10_million_rows_is_refused_before_reading_it_all(tmp_path: Path) -> None:
     """10 million rows (~230 MB): refused with a message naming the file, in bounded memory.
     Runs in a child process under a 1.5 GB address-space cap so a loader without a limit

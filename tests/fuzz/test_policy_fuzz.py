@@ -27,7 +27,9 @@ FUZZ = settings(
 
 
 def _check(path: Path) -> Policy | None:
-    line = re.compile(rf"^{re.escape(str(path))}(:\d+: [^\s:]+: .+|: .+)$")
+    # field: a dotted path; keys that are not plain names appear quoted ('a b', '\\xa0x')
+    field = r"""(?:[^\s:'"]|'[^']*'|"[^"]*")+"""
+    line = re.compile(rf"^{re.escape(str(path))}(:\d+: {field}: .+|: .+)$")
     try:
         return load_policy(path)
     except ConfigError as exc:

@@ -70,10 +70,6 @@ def test_no_deployment_yet_is_none(client: NomadClient) -> None:
     assert client.latest_deployment(jid) is None
 
 
-@pytest.mark.xfail(
-    reason="twin: canary of a new version not placed yet (see report)",
-    strict=False,
-)
 def test_canary_deployment_needs_promotion_then_promote(
     client: NomadClient, target: Target
 ) -> None:

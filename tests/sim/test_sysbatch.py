@@ -114,3 +114,59 @@ def test_slow_pull_hits_docker_image_pull_timeout(twin_factory):
     assert {a["ClientStatus"] for a in n.job.get_allocations(child)} == {"pending"}
     t.advance(300)
     assert {a["ClientStatus"] for a in n.job.get_allocations(child)} == {"complete"}
+
+
+def test_escaped_child_ids_reach_the_same_job(twin):
+    """Go's client (and the adapter) escape a dispatched child ID as one path segment."""
+    import requests
+
+    n = twin.nomad()
+    _register_prefetch(n)
+    child = n.job.dispatch_job("image-prefetch", meta={"image": "x"})["DispatchedJobID"]
+    escaped = child.replace("/", "%2F")
+    base = f"{twin.address}/v1/job/{escaped}"
+    assert requests.get(base, timeout=5).json()["ID"] == child
+    assert requests.get(f"{base}/summary", timeout=5).json()["JobID"] == child
+    allocs = requests.get(f"{base}/allocations", timeout=5).json()
+    assert len(allocs) == len(twin.cluster.nodes)
+    assert requests.delete(f"{base}?purge=true", timeout=5).ok
+    assert requests.get(base, timeout=5).status_code == 404
+    # any other escaped slash is one segment too, not a different route
+    assert requests.get(f"{twin.address}/v1/job/a%2Fb/summary", timeout=5).status_code == 404
+
+
+def test_pull_fails_on_one_node(twin):
+    n = twin.nomad()
+    _register_prefetch(n)
+    nodes = sorted(twin.cluster.nodes)
+    bad = nodes[0]
+    twin.cluster.faults.pull_fails(bad, image_substring="worker:2026.02")
+    child = n.job.dispatch_job("image-prefetch", meta={"image": "acme/worker:2026.02.1"})[
+        "DispatchedJobID"
+    ]
+    twin.advance(120)
+    by_node = {a["NodeID"]: a for a in n.job.get_allocations(child)}
+    assert by_node[bad]["ClientStatus"] == "failed"
+    events = by_node[bad]["TaskStates"]["pull"]["Events"]
+    failure = [e for e in events if e["Type"] == "Driver Failure"]
+    assert failure and "Failed to pull `acme/worker:2026.02.1`" in failure[0]["DisplayMessage"]
+    assert all(by_node[x]["ClientStatus"] == "complete" for x in nodes[1:])
+    assert "acme/worker:2026.02.1" not in twin.cluster.nodes[bad].images
+    # another image pulls fine on the same node
+    other = n.job.dispatch_job("image-prefetch", meta={"image": "acme/other:1"})[
+        "DispatchedJobID"
+    ]
+    twin.advance(120)
+    assert {a["ClientStatus"] for a in n.job.get_allocations(other)} == {"complete"}
+
+
+def test_pull_fails_a_limited_number_of_times_on_any_node(twin):
+    from tests.sim.helpers import live_allocs, service_job
+
+    n = twin.nomad()
+    twin.cluster.faults.pull_fails(times=1)
+    n.jobs.register_job({"Job": service_job("web", count=2)})
+    twin.advance(200)
+    allocs = n.job.get_allocations("web")
+    assert sorted(a["ClientStatus"] for a in allocs).count("failed") == 1
+    assert sum(a["ClientStatus"] == "running" for a in live_allocs(n, "web")) >= 1
