@@ -27,6 +27,12 @@ class NomadscaleGroup(click.Group):
         except NomadscaleError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(1)
+        except ValueError as e:
+            # click's own Path checks call os.stat(), which raises for a NUL in a name.
+            if "null byte" not in str(e):
+                raise
+            click.echo("error: arguments cannot contain a NUL byte", err=True)
+            ctx.exit(2)
 
 
 @click.group(cls=NomadscaleGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from nomadscale.config.files import read_small_text
 from nomadscale.config.yamlpos import YamlSyntaxError, load_yaml
 from nomadscale.core.errors import ConfigError
+from nomadscale.core.files import read_small_text
 
 DEFAULT_CONFIG = "/etc/nomadscale/nomadscale.yaml"
 MAX_SETTINGS_BYTES = 256 * 1024

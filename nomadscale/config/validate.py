@@ -16,9 +16,9 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from nomadscale.config import policy as pm
-from nomadscale.config.files import read_small_text
 from nomadscale.config.yamlpos import YamlDoc, YamlSyntaxError, load_yaml
 from nomadscale.core.errors import ConfigError
+from nomadscale.core.files import read_small_text
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 MAX_FILE_BYTES = 256 * 1024  # policies are a few kB; a larger file is a mistake

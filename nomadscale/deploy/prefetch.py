@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,11 @@ def prefetch(
     timeout_s: float = 1800.0,
     poll_s: float = 5.0,
     on_progress: Callable[[PrefetchResult, int], None] | None = None,
+    around_dispatch: Callable[[set[str], Callable[[], str]], str] | None = None,
 ) -> PrefetchResult:
-    """Pull ``image`` on ``nodes``; every node ends in ``ok`` or ``failed``."""
+    """Pull ``image`` on ``nodes``; every node ends in ``ok`` or ``failed``.
+    ``around_dispatch(pending node ids, dispatch)`` wraps each dispatch (warm-up opens and
+    closes the nodes' eligibility around it) and returns the child job id."""
     targets = {n.id: n for n in nodes}
     result = PrefetchResult(image=image)
     started = clock.monotonic()
@@ -96,11 +100,17 @@ def prefetch(
             break
         result.attempts = attempt + 1
         deadline = clock.monotonic() + timeout_s
-        child = _retrying(
-            clock,
-            deadline,
-            lambda: nomad.dispatch(job_id, meta={"image": image}, namespace=namespace),
-        )
+
+        def dispatch(deadline: float = deadline) -> str:
+            return str(
+                _retrying(
+                    clock,
+                    deadline,
+                    lambda: nomad.dispatch(job_id, meta={"image": image}, namespace=namespace),
+                )
+            )
+
+        child = around_dispatch(set(pending), dispatch) if around_dispatch else dispatch()
         log.info(
             "prefetch %s: dispatched %s for %s node(s) (attempt %s/%s)",
             image, child, len(pending), attempt + 1, retries + 1,
@@ -195,9 +205,9 @@ def warm_up_new_nodes(
     poll_s: float = 5.0,
 ) -> PrefetchResult:
     """The warm-up gate for nodes that joined the pool: every ready node of ``node_pool``
-    that has no running worker allocation and lacks ``image`` gets the prefetch; it is marked
-    eligible only once the pull succeeded (ineligible when it failed). Call it every cycle
-    with the policy's golden image; it does nothing when every node already has the image."""
+    that has no running allocation and lacks ``image`` gets the prefetch; it is marked
+    eligible only once the pull succeeded and stays ineligible when it failed. Call it every
+    cycle with the policy's golden image; it does nothing when every node has the image."""
     fresh = [
         n
         for n in nomad.list_nodes(node_pool=node_pool, with_allocs=True)
@@ -207,16 +217,40 @@ def warm_up_new_nodes(
     if not fresh:
         return PrefetchResult(image=image)
     log.info("warm-up: %s new node(s) lack %s: prefetching", len(fresh), image)
-    # Nomad places nothing on an ineligible node, so the node is made eligible for the
-    # pull; a worker placed meanwhile would pull the image itself (slower, still correct).
     for n in fresh:
-        if n.eligibility != "eligible":
-            nomad.set_eligibility(n.id, True)
+        if n.eligibility == "eligible":  # a node that joined eligible waits for its pull too
+            nomad.set_eligibility(n.id, False)
     result = prefetch(
         nomad, image=image, nodes=fresh, job_id=job_id, namespace=namespace, clock=clock,
         retries=retries, timeout_s=timeout_s, poll_s=poll_s,
+        around_dispatch=partial(_open_for_pull, nomad, clock, namespace),
     )  # fmt: skip
+    for node_id in result.ok:
+        nomad.set_eligibility(node_id, True)
+        log.info("warm-up: node %s holds %s: eligible", node_id, image)
     for node_id in result.failed:
         nomad.set_eligibility(node_id, False)
-        log.warning("warm-up: node %s made ineligible: %s", node_id, result.failed[node_id])
+        log.warning("warm-up: node %s stays ineligible: %s", node_id, result.failed[node_id])
     return result
+
+
+def _open_for_pull(
+    nomad: Any, clock: Clock, namespace: str, nodes: set[str], dispatch: Callable[[], str]
+) -> str:
+    """Nomad places nothing (sysbatch included) on an ineligible node, so the nodes are
+    eligible only from the dispatch until the prefetch allocation is placed on each of them
+    (running allocations stay when a node turns ineligible); then they close again until
+    their pull succeeded."""
+    for node_id in nodes:
+        nomad.set_eligibility(node_id, True)
+    try:
+        child = dispatch()
+        for _ in range(30):  # the scheduler places within milliseconds
+            placed = {a.node_id for a in nomad.job_allocations(child, namespace=namespace)}
+            if nodes <= placed:
+                break
+            clock.sleep(1.0)
+        return child
+    finally:
+        for node_id in nodes:
+            nomad.set_eligibility(node_id, False)

@@ -28,8 +28,12 @@ from pydantic import (
 from nomadscale.config.yamlpos import YamlSyntaxError, load_yaml
 from nomadscale.core.durations import parse_duration
 from nomadscale.core.errors import ConfigError
+from nomadscale.core.files import read_small_text
 
-NODE_RE = re.compile(r"^[a-zA-Z0-9._-]{1,64}$")
+#: Largest runbook file read.
+MAX_RUNBOOK_BYTES = 256 * 1024
+
+NODE_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
 ZONE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 INCIDENT_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
 ALLOC_RE = re.compile(r"^[a-f0-9]{8}(-[a-f0-9]{4}){3}-[a-f0-9]{12}$|^[a-f0-9]{8}$")
@@ -324,7 +328,13 @@ def _strip_tags(loc: tuple[Any, ...], data: Any) -> tuple[str | int, ...]:
 def _field(path: Iterable[str | int]) -> str:
     s = ""
     for p in path:
-        s += f"[{p}]" if isinstance(p, int) else (f".{p}" if s else str(p))
+        if isinstance(p, int):
+            s += f"[{p}]"
+            continue
+        name = str(p)
+        if not name.isprintable() or not name or name != name.strip() or " " in name:
+            name = repr(name)  # odd keys stay on one line and visibly quoted
+        s += f".{name}" if s else name
     return s
 
 
@@ -332,15 +342,15 @@ def check_runbook(path: str | Path) -> tuple[Runbook | None, list[str]]:
     """``(runbook, [])`` or ``(None, ["file:line: field: message", ...])``."""
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_small_text(path, limit=MAX_RUNBOOK_BYTES)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         return None, [f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}"]
     try:
         doc = load_yaml(text)
     except YamlSyntaxError as exc:
         return None, [f"{file}:{exc.line}: yaml: {exc.message}"]
     if not isinstance(doc.data, dict):
-        return None, [f"{file}:1: top level must be a mapping (name, steps, ...)"]
+        return None, [f"{file}:1: runbook: top level must be a mapping (name, steps, ...)"]
     errors = [
         f"{file}:{line}: {_field(p)}: duplicate key (first at line {first})"
         for p, line, first in doc.duplicates

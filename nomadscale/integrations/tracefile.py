@@ -8,17 +8,16 @@ caller time - ``shift`` (the simulator runs "now" in its own virtual week).
 
 from __future__ import annotations
 
-import csv
-import itertools
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 
 from nomadscale.core.errors import InputError
 from nomadscale.core.ports import DemandSeries
+from nomadscale.stages.history import load_trace
 
 
 @dataclass(frozen=True)
@@ -36,47 +35,11 @@ class Trace:
         return self.step_s * len(self.rpm)
 
 
-def _ts(path: str, line: int, raw: str) -> datetime:
-    try:
-        dt = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise InputError(f"{path}:{line}: timestamp: not ISO-8601: {raw!r}") from None
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
-
 def read_trace(path: str | Path) -> Trace:
-    """Read a ``timestamp,requests`` CSV; gaps (absent steps) become NaN."""
-    p = str(path)
-    try:
-        with open(p, newline="") as fh:
-            rows = list(csv.reader(fh))
-    except OSError as e:
-        raise InputError(f"{p}: cannot read trace: {e.strerror}") from None
-    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["timestamp", "requests"]:
-        raise InputError(f"{p}:1: header must be 'timestamp,requests'")
-    times: list[datetime] = []
-    counts: list[float] = []
-    for i, row in enumerate(rows[1:], start=2):
-        if not row or not "".join(row).strip():
-            continue
-        if len(row) < 2:
-            raise InputError(f"{p}:{i}: expected 2 columns, got {len(row)}")
-        times.append(_ts(p, i, row[0]))
-        try:
-            counts.append(float(row[1]))
-        except ValueError:
-            raise InputError(f"{p}:{i}: requests: not a number: {row[1]!r}") from None
-    if len(times) < 2:
-        raise InputError(f"{p}: a trace needs at least 2 rows")
-    deltas = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
-    step = min(deltas)
-    if step <= 0:
-        raise InputError(f"{p}: timestamps must increase")
-    n = round((times[-1] - times[0]).total_seconds() / step) + 1
-    rpm = np.full(n, np.nan)
-    for t, c in zip(times, counts, strict=True):
-        rpm[round((t - times[0]).total_seconds() / step)] = c * 60.0 / step
-    return Trace(start=times[0], step_s=step, rpm=rpm)
+    """Read a ``timestamp,requests`` CSV (``stages.history.load_trace``: the same checks and
+    limits as the backtest); gaps (absent steps) become NaN."""
+    series = load_trace(path).series
+    return Trace(start=series.start, step_s=series.step_s, rpm=np.asarray(series.values))
 
 
 class TraceDemandSource:

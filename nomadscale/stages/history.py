@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nomadscale.core.errors import InputError
+from nomadscale.core.files import read_small_text
 from nomadscale.core.ports import DemandSeries
 
 #: Largest trace file read (about two million 1-minute rows: nearly four years).
@@ -57,18 +58,20 @@ def load_trace(path: str | Path) -> TraceData:
     """Read a ``timestamp,requests`` CSV; raise InputError("file:line: what is wrong")."""
     name = str(path)
     try:
-        size = Path(path).stat().st_size
-        if size > MAX_TRACE_BYTES:
-            raise InputError(
-                f"{name}: trace is {size / 2**20:.0f} MiB, more than the "
-                f"{MAX_TRACE_BYTES // 2**20} MiB nomadscale reads (about 2 million rows); "
-                "cut it to the period you need"
-            )
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_small_text(path, limit=MAX_TRACE_BYTES)
     except FileNotFoundError:
         raise InputError(f"{name}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{name}: cannot read: {e}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{name}: not a text (UTF-8) CSV file") from None
+    except ValueError as e:
+        if str(e).startswith("file too large"):
+            raise InputError(
+                f"{name}: trace is larger than the {MAX_TRACE_BYTES // 2**20} MiB nomadscale "
+                "reads (about 2 million rows); cut it to the period you need"
+            ) from None
+        raise InputError(f"{name}: {e}") from None
+    except OSError as e:
+        raise InputError(f"{name}: cannot read: {e.strerror or e}") from None
     lines = text.splitlines()
     if not lines or [c.strip().lower() for c in lines[0].split(",")[:2]] != [
         "timestamp",

@@ -61,5 +61,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         cols = [_wrap(t, w) for t, w in zip((r.fault, r.expected, r.observed), widths, strict=True)]
         for i in range(max(len(c) for c in cols)):
             mark = ("ok " if r.ok else "!! ") if i == 0 else "   "
-            cells = [(c[i] if i < len(c) else "").ljust(w) for c, w in zip(cols, widths, strict=True)]
+            cells = [
+                (c[i] if i < len(c) else "").ljust(w) for c, w in zip(cols, widths, strict=True)
+            ]
             tr.write_line(mark + " | ".join(cells))

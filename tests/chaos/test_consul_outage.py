@@ -99,7 +99,9 @@ def test_consul_frozen_then_restarted(
         consul_agent.resume()
         late = [t for t in _scale_times(twin) if frozen_at < t < thawed_at]
         first = wait_for(
-            lambda: [t for t in _scale_times(twin) if t > thawed_at], 4 * TTL + 2 * EVERY, "recovery"
+            lambda: [t for t in _scale_times(twin) if t > thawed_at],
+            4 * TTL + 2 * EVERY,
+            "recovery",
         )
         back_s = (first[0] - thawed_at).total_seconds()
         # a write may only land right after the freeze, fenced by a check made just before it

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +66,9 @@ def cli_status(twin: Any, consul_agent: Any, prefix: str, tmp_path: Path) -> dic
     environment (CONSUL_HTTP_ADDR, NOMADSCALE_KV_PREFIX, NOMAD_ADDR), an empty config file."""
     from click.testing import CliRunner
 
-    from nomadscale.cli.main import cli
+    from nomadscale.cli.main import _register, cli
 
+    _register()  # what main() does before running (idempotent)
     config = tmp_path / "nomadscale.yaml"
     config.write_text("{}\n")
     env = {

@@ -1,5 +1,6 @@
-"""Rollouts under faults: SLI breach (real Prometheus), a lost node, Nomad 500s, and the state
-record in real Consul after each."""
+"""Rollouts under faults: SLI breach (real Prometheus), a lost node, Nomad 500s, an abort,
+failed prefetch; after each, the record in real Consul as ``nomadscale deploy status --json``
+shows it."""
 
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ import pytest
 from nomadscale.deploy.rollout import Rollout
 from nomadscale.deploy.state import StateStore
 from nomadscale.integrations.consul import ConsulKV
-from nomadscale.integrations.memkv import MemoryKV
 from nomadscale.integrations.prometheus import PrometheusClient
 from nomadscale.service.control import Control
-from tests.deploy.helpers import NEW, OLD, images_running, policy, setup_job
+from tests.deploy.helpers import NEW, OLD, cli_status, images_running, policy, setup_job
 from tests.harness.promdata import Series
 
+pytestmark = pytest.mark.consul
 
-def test_sli_breach_mid_rollout_rolls_back(twin: Any, prometheus_factory: Any) -> None:
+
+def _kv(consul_agent: Any) -> ConsulKV:
+    return ConsulKV(addr=consul_agent.addr, token=consul_agent.token)
+
+
+def test_sli_breach_mid_rollout_rolls_back(
+    twin: Any, prometheus_factory: Any, consul_agent: Any, consul_prefix: str, tmp_path: Any
+) -> None:
     nomad = setup_job(twin)
     t0 = twin.clock.now().timestamp()
     ts = np.arange(t0, t0 + 7200, 15.0)
@@ -34,8 +42,8 @@ def test_sli_breach_mid_rollout_rolls_back(twin: Any, prometheus_factory: Any) -
         def resolve(self, **kw: Any) -> None:
             pass
 
-    r = Rollout(policy=policy(sli=sli), nomad=nomad, kv=MemoryKV(clock=twin.clock),
-        clock=twin.clock, prometheus=PrometheusClient(url=prom.url), alerts=Alerts(),
+    r = Rollout(policy=policy(sli=sli), nomad=nomad, kv=_kv(consul_agent), clock=twin.clock,
+        prefix=consul_prefix, prometheus=PrometheusClient(url=prom.url), alerts=Alerts(),
         watch_wait_s=0)  # fmt: skip
     twin.advance(600)
     st = r.start(NEW)
@@ -44,9 +52,15 @@ def test_sli_breach_mid_rollout_rolls_back(twin: Any, prometheus_factory: Any) -
     assert st.sli["last"]["verdict"] == "breach"
     assert images_running(twin) == {OLD: 4}
     assert alerts and "rolled back" in alerts[0]["summary"]
+    shown = cli_status(twin, consul_agent, consul_prefix, tmp_path)
+    assert shown["id"] == st.id
+    assert shown["status"] == "rolled_back" and not shown["active"]
+    assert "SLI gate" in shown["reason"] and shown["finished_at"]
 
 
-def test_node_lost_mid_rollout_completes(twin: Any) -> None:
+def test_node_lost_mid_rollout_completes(
+    twin: Any, consul_agent: Any, consul_prefix: str, tmp_path: Any
+) -> None:
     nomad = setup_job(twin)
     lost: list[str] = []
 
@@ -57,20 +71,22 @@ def test_node_lost_mid_rollout_completes(twin: Any) -> None:
             lost.append(victim)
             twin.cluster.lose_node(victim)
 
-    r = Rollout(policy=policy(), nomad=nomad, kv=MemoryKV(clock=twin.clock), clock=twin.clock,
-                reporter=lose, watch_wait_s=0)  # fmt: skip
+    r = Rollout(policy=policy(), nomad=nomad, kv=_kv(consul_agent), clock=twin.clock,
+                prefix=consul_prefix, reporter=lose, watch_wait_s=0)  # fmt: skip
     st = r.start(NEW)
     assert lost
     assert st.status == "completed", st.reason
     assert images_running(twin) == {NEW: 4}
+    shown = cli_status(twin, consul_agent, consul_prefix, tmp_path)
+    assert shown["id"] == st.id and shown["status"] == "completed" and not shown["active"]
+    assert shown["zones_done"] == ["ml-worker-a", "ml-worker-b"]
 
 
-@pytest.mark.consul
 def test_nomad_500s_then_resume_with_state_in_consul(
-    twin: Any, consul_agent: Any, consul_prefix: str
+    twin: Any, consul_agent: Any, consul_prefix: str, tmp_path: Any
 ) -> None:
     nomad = setup_job(twin)
-    kv = ConsulKV(addr=consul_agent.addr, token=consul_agent.token)
+    kv = _kv(consul_agent)
     prefix = consul_prefix + "nomadscale"
     hit: list[bool] = []
 
@@ -85,6 +101,9 @@ def test_nomad_500s_then_resume_with_state_in_consul(
     assert hit
     assert st.status == "paused" and "nomad unavailable" in st.reason
     assert Control(kv, prefix=prefix).deploy_active("ekyc-ml") is not None  # autoscaler holds
+    shown = cli_status(twin, consul_agent, prefix, tmp_path)
+    assert shown["id"] == st.id and shown["status"] == "paused" and shown["active"]
+    assert "nomad unavailable" in shown["reason"]
     twin.cluster.faults.clear()
     again = Rollout(policy=policy(), nomad=nomad, kv=kv, clock=twin.clock, prefix=prefix,
                     watch_wait_s=0).resume()  # fmt: skip
@@ -93,11 +112,13 @@ def test_nomad_500s_then_resume_with_state_in_consul(
     stored = StateStore(kv, prefix=prefix).load("ekyc-ml")[0]
     assert stored is not None and stored.status == "completed" and stored.id == st.id
     assert Control(kv, prefix=prefix).deploy_active("ekyc-ml") is None
+    shown = cli_status(twin, consul_agent, prefix, tmp_path)
+    assert shown["id"] == st.id and shown["status"] == "completed" and not shown["active"]
 
 
-def test_abort_rolls_back(twin: Any) -> None:
+def test_abort_rolls_back(twin: Any, consul_agent: Any, consul_prefix: str, tmp_path: Any) -> None:
     nomad = setup_job(twin)
-    kv = MemoryKV(clock=twin.clock)
+    kv = _kv(consul_agent)
 
     class Crash(Exception):
         pass
@@ -108,8 +129,30 @@ def test_abort_rolls_back(twin: Any) -> None:
 
     with pytest.raises(Crash):
         Rollout(policy=policy(), nomad=nomad, kv=kv, clock=twin.clock, reporter=crash,
-                watch_wait_s=0).start(NEW)  # fmt: skip
-    st = Rollout(policy=policy(), nomad=nomad, kv=kv, clock=twin.clock, watch_wait_s=0).abort()
+                prefix=consul_prefix, watch_wait_s=0).start(NEW)  # fmt: skip
+    crashed = cli_status(twin, consul_agent, consul_prefix, tmp_path)
+    assert crashed["active"] and crashed["status"] in ("canary", "rolling")
+    st = Rollout(policy=policy(), nomad=nomad, kv=kv, clock=twin.clock, prefix=consul_prefix,
+                 watch_wait_s=0).abort()  # fmt: skip
     assert st is not None and st.status == "aborted"
     twin.advance(600)
     assert images_running(twin) == {OLD: 4}
+    shown = cli_status(twin, consul_agent, consul_prefix, tmp_path)
+    assert shown["id"] == st.id and shown["status"] == "aborted" and not shown["active"]
+    assert shown["reason"] == "aborted by operator"
+
+
+def test_prefetch_failure_blocks_and_status_shows_why(
+    twin: Any, consul_agent: Any, consul_prefix: str, tmp_path: Any
+) -> None:
+    nomad = setup_job(twin)
+    bad = next(iter(twin.cluster.nodes))
+    twin.cluster.faults.pull_fails(bad, NEW)
+    st = Rollout(policy=policy(), nomad=nomad, kv=_kv(consul_agent), clock=twin.clock,
+                 prefix=consul_prefix, watch_wait_s=0).start(NEW)  # fmt: skip
+    assert st.status == "aborted"
+    assert images_running(twin) == {OLD: 4}
+    shown = cli_status(twin, consul_agent, consul_prefix, tmp_path)
+    assert shown["status"] == "aborted" and not shown["active"]
+    assert "prefetch failed" in shown["reason"] and twin.cluster.nodes[bad].name in shown["reason"]
+    assert bad in shown["prefetch"]["failed"]

@@ -129,11 +129,6 @@ def test_overlong_file_name_is_a_clear_error(cmd: list[str]) -> None:
 @pytest.mark.parametrize(
     "cmd", [["policy", "validate"], ["policy", "show"], ["runbook", "validate"]], ids=" ".join
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli: a NUL in a file name makes Path.exists()/os.stat raise ValueError "
-    "('embedded null byte'), which escapes as a traceback (OSError is handled now)",
-)
 def test_nul_in_file_name_is_a_clear_error(cmd: list[str]) -> None:
     tried("cli-argv")
     _run([*cmd, "a\x00b"])

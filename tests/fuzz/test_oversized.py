@@ -224,12 +224,6 @@ DEVICE_CHILD = textwrap.dedent(
 
 
 @pytest.mark.parametrize("target", ["runbook", "history", "tracefile"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="healing/runbook.check_runbook, stages/history.load_trace and "
-    "integrations/tracefile.read_trace read /dev/zero (or any device/FIFO) until memory runs "
-    "out; use nomadscale.config.files.read_small_text or an equivalent bound",
-)
 def test_device_files_are_refused_by_other_loaders(target: str) -> None:
     tried("oversized")
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")

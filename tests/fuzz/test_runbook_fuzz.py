@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -63,11 +62,6 @@ def test_random_runbook_text(tmp_path: Path, text: str) -> None:
     assert _check(path) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="healing/runbook.check_runbook echoes unknown keys raw: a key with \\r or \\n splits "
-    "the error line (config/validate shows such keys with repr)",
-)
 def test_control_characters_in_keys_stay_on_one_line(tmp_path: Path) -> None:
     tried("runbook-mutation")
     data = dict(BASE, triggers={"\r\nfake: log line": None})

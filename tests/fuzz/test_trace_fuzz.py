@@ -148,9 +148,6 @@ def test_random_bytes_history_loader(tmp_path: Path, raw: bytes) -> None:
     assert data.step_s > 0 and math.isfinite(data.step_s)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="integrations/tracefile.read_trace lets UnicodeDecodeError escape"
-)
 def test_undecodable_trace_demand_source(tmp_path: Path) -> None:
     """The demand-source reader must turn undecodable bytes into InputError too, not
     UnicodeDecodeError (found by fuzzing it with random bytes)."""
@@ -169,9 +166,6 @@ def test_undecodable_trace_demand_source(tmp_path: Path) -> None:
         "timestamp,requests\n2026-01-05T00:00:00Z,1\n2026-01-05T00:01:00Z,inf\n",
     ],
     ids=["nan", "negative", "inf"],
-)
-@pytest.mark.xfail(
-    strict=True, reason="integrations/tracefile.read_trace accepts NaN/negative/inf counts"
 )
 def test_trace_demand_source_refuses_bad_counts(tmp_path: Path, text: str) -> None:
     """A NaN/negative/infinite count is a broken trace (history.load_trace refuses it);

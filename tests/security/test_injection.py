@@ -70,11 +70,6 @@ def test_parameter_attacks_are_refused(rig: WebhookRig, param: str, value: str) 
 
 
 @pytest.mark.parametrize("value", ["..", ".", "-rf", "--help"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="healing/runbook.NODE_RE accepts '..', '.', '-rf': a node parameter should start "
-    "with a letter or digit (like ZONE_RE) so it can never be a dot segment or an option",
-)
 def test_node_parameter_is_not_a_dot_segment_or_option(rig: WebhookRig, value: str) -> None:
     tried("injection")
     assert not PARAM_PATTERNS["node"].match(value)

@@ -42,7 +42,7 @@ def test_history_in_rpm_with_gaps_and_shift(tmp_path: Path) -> None:
 def test_bad_traces_name_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("timestamp,requests\n2000-01-01T00:00:00Z,1\nyesterday,2\n")
-    with pytest.raises(InputError, match=r"bad.csv:3: timestamp: not ISO-8601"):
+    with pytest.raises(InputError, match=r"bad\.csv:3: bad timestamp .yesterday."):
         read_trace(bad)
     (tmp_path / "h.csv").write_text("time,count\n")
     with pytest.raises(InputError, match=r"h.csv:1: header must be"):

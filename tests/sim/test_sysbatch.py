@@ -153,9 +153,7 @@ def test_pull_fails_on_one_node(twin):
     assert all(by_node[x]["ClientStatus"] == "complete" for x in nodes[1:])
     assert "acme/worker:2026.02.1" not in twin.cluster.nodes[bad].images
     # another image pulls fine on the same node
-    other = n.job.dispatch_job("image-prefetch", meta={"image": "acme/other:1"})[
-        "DispatchedJobID"
-    ]
+    other = n.job.dispatch_job("image-prefetch", meta={"image": "acme/other:1"})["DispatchedJobID"]
     twin.advance(120)
     assert {a["ClientStatus"] for a in n.job.get_allocations(other)} == {"complete"}
 
