@@ -115,10 +115,16 @@ class Conn:
         self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
+        return await self.request("POST", path, body, headers)
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> int:
         if self.writer is None or self.writer.is_closing():
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
-        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        headers = headers or {}
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         head += f"Content-Length: {len(body)}\r\n\r\n"
         self.writer.write(head.encode() + body)
@@ -236,7 +242,9 @@ def main() -> None:
             server.wait()
     sent = int(args.seconds * args.rate)
     q = statistics.quantiles(lat, n=100)
-    print(f"sent {sent} webhooks at {args.rate}/s for {args.seconds:g}s (server in its own process)")
+    print(
+        f"sent {sent} webhooks at {args.rate}/s for {args.seconds:g}s (server in its own process)"
+    )
     print(f"latency ms: p50 {q[49]:.2f}  p99 {q[98]:.2f}  max {max(lat):.2f}")
     print(f"sender lag behind schedule: max {lag:.1f} ms")
     print(f"status codes: {dict(sorted(codes.items()))}")

@@ -102,7 +102,10 @@ class PolicyAlerts:
 
 
 def alerts_for(
-    policies: Sequence[Policy], *, env: Mapping[str, str] | None = None
+    policies: Sequence[Policy],
+    *,
+    env: Mapping[str, str] | None = None,
+    base_url: str | None = None,
 ) -> AlertPort | None:
     """PagerDuty alerts routed per policy (``alerting.pagerduty_routing_key_env``)."""
     env = os.environ if env is None else env
@@ -116,7 +119,7 @@ def alerts_for(
         if key not in by_key:
             from nomadscale.integrations.pagerduty import PagerDutyAlerts
 
-            by_key[key] = PagerDutyAlerts(Secret(key))
+            by_key[key] = PagerDutyAlerts(Secret(key), base_url=base_url)
         routes[p.name] = by_key[key]
     return PolicyAlerts(routes) if routes else None
 

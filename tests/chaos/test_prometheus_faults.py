@@ -74,7 +74,7 @@ def test_prometheus_gaps_then_down(
     client = PrometheusClient(url=prom.url, timeout=2)
     ports = Ports(
         nomad=nomad, kv=kv, lock=lock,
-        demand_for=lambda p: PrometheusDemandSource(client=client, query=p.demand.query),
+        demand_for=lambda _p: PrometheusDemandSource(client=client, query="demand"),
         alerts=PagerDutyAlerts(Secret("routing-key-chaos"), base_url=pd.url, timeout_s=2),
     )  # fmt: skip
     svc = Service(settings=Settings(kv_prefix=consul_prefix.rstrip("/"), lock_ttl_s=15),

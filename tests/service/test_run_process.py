@@ -1,5 +1,6 @@
 """``run`` as a real process (as systemd starts it): READY=1 over NOTIFY_SOCKET, /metrics
-served, the leader lock taken, and on SIGTERM a clean exit that releases the lock."""
+served, the healing webhooks mounted in the same process, the leader lock taken, and on
+SIGTERM a clean exit that releases the lock."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +32,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _post(url: str, body: bytes, *, token: str | None) -> int:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
 
 
 def test_run_notifies_systemd_serves_metrics_and_stops_on_sigterm(
@@ -58,6 +72,9 @@ def test_run_notifies_systemd_serves_metrics_and_stops_on_sigterm(
         "NOMADSCALE_LOCK_TTL": "15s",
         "NOMADSCALE_HTTP_PORT": str(port),
         "NOTIFY_SOCKET": notify_path,
+        "NOMADSCALE_RUNBOOKS": str(Path(__file__).resolve().parents[2] / "runbooks"),
+        "NOMADSCALE_WEBHOOK_SECRETS": "whsec-test-0001",
+        "NOMADSCALE_REPORT_TOKEN": "report-token-0001",
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
     code = "from nomadscale.cli.cmd_service import run; run.main([])"
@@ -82,6 +99,14 @@ def test_run_notifies_systemd_serves_metrics_and_stops_on_sigterm(
             assert "nomadscale_is_leader 1.0" in metrics
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as r:
                 assert "ekyc" in json.loads(r.read())["policies"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                assert r.status == 200
+            # the healing routes are served by the same process
+            base = f"http://127.0.0.1:{port}"
+            report = json.dumps({"node": "gpu-1", "event": "NONE"}).encode()
+            assert _post(f"{base}/maintenance/report", report, token="wrong") == 401
+            assert _post(f"{base}/maintenance/report", report, token="report-token-0001") == 200
+            assert _post(f"{base}/webhooks/pagerduty", b"{}", token=None) == 401  # unsigned
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0
             assert sock.recv(100) == b"STOPPING=1"

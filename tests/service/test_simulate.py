@@ -19,6 +19,8 @@ def test_simulate_one_day_writes_summary_and_plot(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     s = json.loads(res.output)
     assert s["cycles"] == 72 and s["failed"] == 0 and s["applied"] > 0
+    assert "no maintenance freeze" in s["policy_note"] and "p99 demand / 24" in s["policy_note"]
+    assert s["start"] == "2000-01-03T12:20:00+00:00"  # after the warm-up SCORING.md uses
     assert s["availability"] >= 0.95
     assert 0 < s["cost_vs_static_peak"] < 1.0  # cheaper than holding the peak all day
     plot = Path(s["plot"])

@@ -1,0 +1,77 @@
+"""Bugs the chaos suite found in other modules, each shown by a cheap, direct test (strict
+xfail until fixed; see the reason)."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from nomadscale.config.settings import Settings
+from nomadscale.core.clock import SystemClock
+from nomadscale.integrations.consul import ConsulLock
+from nomadscale.service.forecasts import LiveForecaster
+from nomadscale.service.runtime import build_ports
+from tests.chaos.conftest import Record
+from tests.harness.services import ConsulAgent
+from tests.service.helpers import constant, make_policy
+
+
+@pytest.mark.consul
+@pytest.mark.xfail(
+    strict=True,
+    reason="runtime.build_ports builds ConsulLock with its default lock_delay_s=15: after a "
+    "leader dies, Consul refuses the lock to the standby for 15s after the session is "
+    "invalidated, so takeover needs up to 2xTTL + 15s (37s with TTL 11s), not 2xTTL",
+)
+def test_standby_takes_the_lock_as_soon_as_the_dead_leaders_session_ends(
+    consul_agent: ConsulAgent, consul_prefix: str, fault_table: Record
+) -> None:
+    settings = Settings(consul_addr=consul_agent.addr, kv_prefix=consul_prefix.rstrip("/"),
+                        lock_ttl_s=11)  # fmt: skip
+    policies = [make_policy()]
+    dead = build_ports(settings, policies, clock=SystemClock()).lock
+    standby = build_ports(settings, policies, clock=SystemClock()).lock
+    assert isinstance(dead, ConsulLock) and dead.acquire()
+    sid = dead.session_id  # the leader dies; Consul ends its session (TTL expiry)
+    req = urllib.request.Request(f"{consul_agent.addr}/v1/session/destroy/{sid}", method="PUT")
+    urllib.request.urlopen(req, timeout=2).close()
+    ended = time.monotonic()
+    got = False
+    while time.monotonic() - ended < 2.0 and not got:
+        got = standby.acquire()
+        time.sleep(0.1)
+    standby.release()
+    fault_table(
+        "leader session ended (service's own lock settings)",
+        "standby takes the lock at its next tick",
+        "taken" if got else "refused for Consul's lock-delay (15s): see xfail",
+        ok=got,
+    )
+    assert got, "the standby could not take the lock within 2s of the leader's session ending"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="service.forecasts.LiveForecaster (the online 'regress' model) gives an upper bound "
+    "BELOW the point forecast on steady demand (500 rpm -> upper 397, headroom -21% for a 0.99 "
+    "target) from the 3rd cycle on; the service then scales below demand",
+)
+def test_live_forecast_upper_bound_covers_the_point_forecast(fault_table: Record) -> None:
+    policy = make_policy()
+    live = LiveForecaster(policy)
+    t0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+    seen = []
+    for i in range(4):
+        fc, _info = live.forecast(constant(500.0), now=t0 + timedelta(minutes=20 * i))
+        seen.append((fc.model, round(fc.peak), round(fc.upper)))
+    ok = all(upper >= peak for _m, peak, upper in seen)
+    fault_table(
+        "steady demand 500 rpm, 4 cycles (live forecaster)",
+        "upper bound >= point forecast",
+        f"{seen[-1][0]}: peak {seen[-1][1]}, upper {seen[-1][2]}",
+        ok=ok,
+    )
+    assert ok, seen
