@@ -160,6 +160,14 @@ class NomadTransport:
         cause = exc.nomad_resp if isinstance(exc, nexc.BaseNomadException) else exc
         if isinstance(cause, requests.Response):
             return self._from_response(what, cause)
+        if isinstance(cause, requests.exceptions.SSLError):
+            # wrong CA, bad or expired certificate, hostname mismatch: retrying cannot fix it
+            msg = one_line(
+                f"nomad: {what}: TLS/certificate verification failed ({self.address}); "
+                "check NOMAD_CACERT, NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY",
+                secret=self._token,
+            )
+            return ExternalPermanentError(msg, system=SYSTEM)
         if isinstance(cause, requests.Timeout):
             kind = "timed out"
         elif isinstance(cause, requests.ConnectionError):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -39,13 +39,10 @@ DEFAULT_LOOKBACK_S = 35 * 86400.0
 
 
 def live_config(policy: Policy) -> ForecastConfig:
-    """The policy's forecast config, calibrated on whole workers (what sizing provisions),
-    as the backtest does: the service knows each worker's capacity and the fleet minimum."""
-    return replace(
-        forecast_config_from(policy),
-        capacity_rpm=policy.capacity.rpm_per_worker,
-        min_workers=policy.bounds.min,
-    )
+    """The policy's forecast config, as ``plan``, ``forecast`` and ``decide`` build it. (Not
+    calibrated on whole workers as the backtest is: on flat demand at a multiple of the
+    capacity that gives an upper bound below the point forecast.)"""
+    return forecast_config_from(policy)
 
 
 def lookback_s(policy: Policy) -> float:

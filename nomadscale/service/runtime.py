@@ -146,6 +146,11 @@ def build_ports(
             token=token,
             cacert=settings.consul_cacert,
             ttl_s=settings.lock_ttl_s,
+            # no lock delay: a standby takes over the moment Consul ends the dead leader's
+            # session. Writes are fenced without it: the actuator asks Consul (consistent
+            # read) whether it still holds the lock right before every write, and a cycle
+            # slot is claimed by check-and-set, so a slot is never applied twice.
+            lock_delay_s=0,
         )
     elif dry_run:
         from nomadscale.integrations.memkv import MemoryKV, MemoryLock

@@ -85,4 +85,10 @@ WaitIndex WaitTime WaitUntil Warnings Weight WriteAllocs
 """
 
 FIELDS = frozenset(_NAMES.split())
-BY_LOWER = {name.lower(): name for name in FIELDS}
+
+# Names that differ only in case (api.Resources.CPU vs NodeResources.Cpu): request bodies carry
+# job specs, so the job-side name wins. Without this the winner would depend on set iteration
+# order (the hash seed), and a job read back and re-registered could lose its task CPU.
+_PREFERRED = {"cpu": "CPU"}
+
+BY_LOWER = {name.lower(): name for name in sorted(FIELDS)} | _PREFERRED

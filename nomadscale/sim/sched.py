@@ -19,12 +19,35 @@ if TYPE_CHECKING:
 
 DEFAULT_IMAGE_GB = 7.0
 _NAME_IDX = re.compile(r"\[(\d+)\]$")
-_NON_DESTRUCTIVE = ("Count", "Scaling", "Update", "Migrate", "Reschedule", "Name")
+# Group and task fields Nomad's tasksUpdated does not compare: a change confined to them (the
+# update block, count, scaling, migrate/reschedule/restart policies, kill/shutdown timing) is
+# applied to running allocations in place, with no stop and no replacement.
+_NON_DESTRUCTIVE = frozenset(
+    {
+        "Count",
+        "Scaling",
+        "Update",
+        "Migrate",
+        "Reschedule",
+        "ReschedulePolicy",
+        "RestartPolicy",
+        "ShutdownDelay",
+        "StopAfterClientDisconnect",
+        "MaxClientDisconnect",
+        "Name",
+    }
+)
+_TASK_NON_DESTRUCTIVE = frozenset({"RestartPolicy", "KillTimeout", "KillSignal", "ShutdownDelay"})
 
 
 def spec_hash(job: dict[str, Any], tg: dict[str, Any]) -> str:
-    """Identity of what a group runs; allocations with another hash need a destructive update."""
+    """Identity of what a group runs (its tasks: driver, config, env, meta, resources... and the
+    job fields that place it); allocations with another hash need a destructive update."""
     body = {k: v for k, v in tg.items() if k not in _NON_DESTRUCTIVE}
+    body["Tasks"] = [
+        {k: v for k, v in t.items() if k not in _TASK_NON_DESTRUCTIVE} if isinstance(t, dict) else t
+        for t in tg.get("Tasks") or []
+    ]
     body["_job"] = {k: job.get(k) for k in ("Datacenters", "Constraints", "NodePool", "Meta")}
     raw = json.dumps(body, sort_keys=True, default=str).encode()
     return hashlib.sha1(raw).hexdigest()[:16]

@@ -20,12 +20,6 @@ from tests.service.helpers import constant, make_policy
 
 
 @pytest.mark.consul
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime.build_ports builds ConsulLock with its default lock_delay_s=15: after a "
-    "leader dies, Consul refuses the lock to the standby for 15s after the session is "
-    "invalidated, so takeover needs up to 2xTTL + 15s (37s with TTL 11s), not 2xTTL",
-)
 def test_standby_takes_the_lock_as_soon_as_the_dead_leaders_session_ends(
     consul_agent: ConsulAgent, consul_prefix: str, fault_table: Record
 ) -> None:

@@ -69,9 +69,10 @@ def _upper(twin: Any, nomad: Any) -> float:
     return plan.forecast_upper
 
 
-SAME_VERSION_GAP = (
-    "zone a's job version also replaces the other zone's allocations (only its Update.Canary "
-    "changed, which Nomad updates in place): capacity dips by one worker (see report)"
+FORECAST_MISS = (
+    "the trace's 14:10 bucket (105001 rpm) is above the forecast upper bound the rollout plans "
+    "for (14.5 workers): zone b rolls 14:10:40-14:15 with 15 of 16 healthy (103680 rpm) and no "
+    "surge; the rollout does not re-plan between zones"
 )
 
 
@@ -86,8 +87,9 @@ def test_rollout_at_peak_completes_without_surge(twin_factory: Any) -> None:
     assert images_running(twin) == {NEW: 16}
 
 
-@pytest.mark.xfail(strict=True, reason=SAME_VERSION_GAP)
-def test_rollout_at_peak_keeps_capacity_above_forecast(twin_factory: Any) -> None:
+def _peak_rollout(twin_factory: Any) -> tuple[SamplingClock, float, float]:
+    """Roll 16 workers (8 per zone, 40 nodes) at the peak without surge; returns the samples'
+    clock, rpm_per_worker and the forecast upper bound the rollout planned for."""
     twin, clock = _twin(twin_factory, nodes=40)
     nomad = setup_job(twin, count=8)  # 16 workers over 40 nodes
     upper = _upper(twin, nomad)
@@ -99,8 +101,20 @@ def test_rollout_at_peak_keeps_capacity_above_forecast(twin_factory: Any) -> Non
     assert st.status == "completed", st.reason
     assert images_running(twin) == {NEW: 16}
     assert len(clock.samples) > 300  # sampled every simulated second of the rollout
+    return clock, rpm, upper
+
+
+def test_rollout_at_peak_keeps_capacity_above_forecast(twin_factory: Any) -> None:
+    # zone a's job version changes only Update.Canary in zone b: updated in place, so at most
+    # one worker of 16 is out at any time
+    clock, rpm, upper = _peak_rollout(twin_factory)
     lowest = min(h for _, h in clock.samples)
-    assert lowest * rpm >= upper, (lowest, rpm, upper)
+    assert lowest == 15 and lowest * rpm >= upper, (lowest, rpm, upper)
+
+
+@pytest.mark.xfail(strict=True, reason=FORECAST_MISS)
+def test_rollout_at_peak_keeps_capacity_above_trace(twin_factory: Any) -> None:
+    clock, rpm, _upper_rpm = _peak_rollout(twin_factory)
     trace = TraceDemandSource(TRACE)
     for t, healthy in clock.samples:
         assert healthy * rpm >= trace.rpm_at(datetime.fromtimestamp(t, tz=UTC))
@@ -127,7 +141,6 @@ def test_surge_worker_added_per_zone_and_released(twin_factory: Any) -> None:
         assert counts[-2:] == [4, 3], (group, counts)
 
 
-@pytest.mark.xfail(strict=True, reason=SAME_VERSION_GAP)
 def test_surge_keeps_capacity_above_forecast(twin_factory: Any) -> None:
     twin, clock = _twin(twin_factory, nodes=10)
     nomad = setup_job(twin, count=3)

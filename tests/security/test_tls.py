@@ -82,19 +82,22 @@ def test_system_trust_store_does_not_trust_the_test_ca(https_twin: TwinServer) -
         c.list_nodes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="integrations/nomad_http.translate: an SSLError becomes a temporary 'connection "
-    "failed' without saying TLS/certificate; a wrong CA will not fix itself on retry",
-)
 def test_wrong_ca_error_says_tls_and_is_permanent(https_twin: TwinServer, pki: Pki) -> None:
+    clock, token = FakeClock(), "0b1c2d3e-tls-test-token"
+    client = NomadClient(
+        address=https_twin.address, clock=clock, max_retries=4, timeout=5,
+        cacert=str(pki.other_ca), token=token,
+    )  # fmt: skip
     with (
-        _client(https_twin.address, cacert=str(pki.other_ca)) as c,
+        client as c,
         pytest.raises(ExternalError) as info,
     ):
         c.list_nodes()
-    assert "certificate" in str(info.value).lower() or "tls" in str(info.value).lower()
-    assert info.value.permanent
+    text = str(info.value)
+    assert "certificate" in text.lower() or "tls" in text.lower()
+    assert "\n" not in text and token not in text
+    assert info.value.permanent and info.value.system == "nomad"
+    assert clock.sleeps == []  # a wrong CA does not fix itself: not retried
 
 
 def test_skip_verify_from_env_is_honoured(
