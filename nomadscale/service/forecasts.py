@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -39,10 +39,16 @@ DEFAULT_LOOKBACK_S = 35 * 86400.0
 
 
 def live_config(policy: Policy) -> ForecastConfig:
-    """The policy's forecast config, as ``plan``, ``forecast`` and ``decide`` build it. (Not
-    calibrated on whole workers as the backtest is: on flat demand at a multiple of the
-    capacity that gives an upper bound below the point forecast.)"""
-    return forecast_config_from(policy)
+    """The policy's forecast config, calibrated on whole workers (what sizing provisions) as
+    the backtest does: the service knows each worker's capacity and the fleet minimum. The
+    upper bound is then a bound on workers x capacity, not on demand: on flat demand at an
+    exact multiple of the capacity it may sit just below the point forecast (see
+    tests/chaos/test_known_bugs.py)."""
+    return replace(
+        forecast_config_from(policy),
+        capacity_rpm=policy.capacity.rpm_per_worker,
+        min_workers=policy.bounds.min,
+    )
 
 
 def lookback_s(policy: Policy) -> float:

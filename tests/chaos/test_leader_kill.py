@@ -36,7 +36,6 @@ from tests.service.helpers import make_policy
 pytestmark = [pytest.mark.consul, pytest.mark.prometheus, pytest.mark.slow]
 
 TTL = 11.0  # the smallest TTL the service accepts (renew 1s + 2 x 5s consul timeout)
-LOCK_DELAY = 15.0  # ConsulLock's default lock-delay, which build_ports does not change
 TICK = 2.0  # the standby's lock tick (renew_s = 1s) plus process scheduling slack
 
 
@@ -99,7 +98,7 @@ def test_leader_sigkilled_between_zone_scales(
         half = before["ml-worker-a"][0].count
         wait_for(
             lambda: "nomadscale_is_leader 1.0" in metrics_text(ports["b"]),
-            2 * TTL + LOCK_DELAY + TICK + 5,
+            2 * TTL + TICK + 20,
             "the standby to lead",
             every=0.1,
         )
@@ -135,14 +134,14 @@ def test_leader_sigkilled_between_zone_scales(
     assert len(after["ml-worker-b"]) == 1  # completed once, by b
     records = [json.loads(e.value) for e in kv.list(f"{prefix}/decisions/ekyc/")]
     assert any(r["outcome"] == "applied" for r in records)
-    print(f"takeover after {took_over:.1f}s (ttl {TTL:g}s, lock-delay {LOCK_DELAY:g}s)")
+    print(f"takeover after {took_over:.1f}s (ttl {TTL:g}s)")
     within = took_over <= 2 * TTL + TICK
     fault_table(
         "leader SIGKILL between zone scales",
         f"standby leads within 2xTTL ({2 * TTL:g}s) + tick; no slot twice; zone-b completed",
         f"standby led after {took_over:.1f}s"
-        + ("" if within else f" (> 2xTTL: Consul lock-delay {LOCK_DELAY:g}s)")
+        + ("" if within else " (> 2xTTL)")
         + f"; each group scaled once per slot; zones {half}/{final['ml-worker-b']} after the next cycle",
         ok=within,
     )
-    assert took_over <= 2 * TTL + LOCK_DELAY + TICK, took_over
+    assert within, took_over
