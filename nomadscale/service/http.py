@@ -14,6 +14,7 @@ from typing import Any
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -33,11 +34,13 @@ def create_app(
     async def metrics(_req: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    # status() and healthy() read Consul: run them in the thread pool so a slow or frozen
+    # Consul never stalls the event loop (and with it /metrics and the webhooks).
     async def status_ep(_req: Request) -> Response:
-        return JSONResponse(status())
+        return JSONResponse(await run_in_threadpool(status))
 
     async def healthz(_req: Request) -> Response:
-        ok = healthy()
+        ok = await run_in_threadpool(healthy)
         return PlainTextResponse("ok\n" if ok else "unhealthy\n", status_code=200 if ok else 503)
 
     routes: list[BaseRoute] = [

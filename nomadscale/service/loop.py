@@ -36,6 +36,7 @@ from nomadscale.service.leaderwatch import LockWatch
 from nomadscale.service.records import CycleRecord, Metrics, Recorder
 
 log = logging.getLogger(__name__)
+LOCK_ALERT = "nomadscale/lock-unavailable"
 
 
 def cron_for(cycle_s: float) -> dict[str, str]:
@@ -118,6 +119,8 @@ class Service:
         self.misfire_grace_s = misfire_grace_s
         self.every_s = every_s  # replaces every policy's cycle (tests, demos)
         self.stop_event = threading.Event()
+        self._lock_down_since: float | None = None
+        self._lock_alerted = False
         self.control = Control(ports.kv, prefix=settings.kv_prefix)
         self.metrics = metrics or Metrics()
         self.recorder = Recorder(
@@ -159,9 +162,11 @@ class Service:
         with self._elect_mu:
             try:
                 now_leader = bool(self.ports.lock.acquire())
+                self._lock_reachable()
             except NomadscaleError as e:
                 log.warning("leader lock: %s", e)
                 now_leader = False
+                self._lock_unreachable(e)
             if now_leader != self.leader:
                 log.info("leadership %s", "acquired" if now_leader else "lost")
                 for runner in self.runners.values():  # history may have moved on meanwhile
@@ -177,6 +182,28 @@ class Service:
             self.leader = now_leader
             self.metrics.is_leader.set(1 if now_leader else 0)
             return now_leader
+
+    def _lock_unreachable(self, error: NomadscaleError) -> None:
+        """Alert once the lock store has been unreachable for 2 x TTL (no instance can act)."""
+        now = self.clock.monotonic()
+        if self._lock_down_since is None:
+            self._lock_down_since = now
+        down_s = now - self._lock_down_since
+        if not self._lock_alerted and down_s >= 2 * self.settings.lock_ttl_s:
+            self._lock_alerted = True
+            self.recorder.alert(
+                LOCK_ALERT,
+                on=True,
+                summary=f"nomadscale cannot reach its leader lock for {down_s:.0f}s: "
+                "no autoscaling decisions are applied",
+                details={"error": str(error), "down_s": round(down_s, 1)},
+            )
+
+    def _lock_reachable(self) -> None:
+        self._lock_down_since = None
+        if self._lock_alerted:
+            self._lock_alerted = False
+            self.recorder.alert(LOCK_ALERT, on=False, summary="", details={})
 
     def _claim_slot(self, name: str, slot: datetime) -> bool:
         """Record that ``slot`` of ``name`` is being acted on; False if it already was."""

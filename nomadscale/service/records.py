@@ -191,6 +191,10 @@ class Recorder:
                 continue
         return out
 
+    def alert(self, key: str, *, on: bool, summary: str, details: dict[str, Any]) -> None:
+        """Trigger (``on``) or resolve the alert ``key``; a failed send is logged, not raised."""
+        self._alert(key, on=on, summary=summary, details=details)
+
     def _alert(self, key: str, *, on: bool, summary: str, details: dict[str, Any]) -> None:
         if self.alerts is None:
             return

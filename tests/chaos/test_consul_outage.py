@@ -130,11 +130,6 @@ def test_consul_frozen_then_restarted(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the loop only logs 'leader lock: ...' (loop.Service.elect) when Consul is "
-    "unreachable; no alert is raised, and skipped 'not-leader' cycles are never recorded",
-)
 def test_consul_outage_raises_an_alert(
     consul_agent: ConsulAgent,
     consul_prefix: str,
@@ -167,12 +162,6 @@ def test_consul_outage_raises_an_alert(
     assert got, "no alert while the leader could not reach Consul"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/http.py status_ep calls Service.status() (Consul lock + KV reads) directly "
-    "in the async handler: with Consul frozen one GET /status blocks uvicorn's event loop, so "
-    "/metrics, /healthz and the webhooks stall for the Consul timeout",
-)
 def test_status_during_consul_freeze_does_not_stall_metrics(
     consul_agent: ConsulAgent,
     consul_prefix: str,
