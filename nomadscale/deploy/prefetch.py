@@ -10,6 +10,7 @@ bounded number of times and records success in the node's dynamic metadata
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -49,11 +50,9 @@ def ensure_prefetch_job(
     nomad: Any, *, job_id: str, namespace: str, node_pool: str | None, hcl_path: Path = DEFAULT_HCL
 ) -> None:
     """Register the parameterized prefetch job when it is missing."""
-    try:
+    with contextlib.suppress(NotFoundError):
         nomad.get_job(job_id, namespace=namespace)
         return
-    except NotFoundError:
-        pass
     spec = nomad.parse_hcl(hcl_path.read_text(encoding="utf-8"))
     spec["ID"] = spec["Name"] = job_id
     spec["Namespace"] = namespace

@@ -148,7 +148,7 @@ class Rollout:
                 self._roll_zone(plan, group)
             self._finish("completed", f"{st.image} runs on every zone group")
         except _Stop:
-            pass
+            return st  # stopped on purpose: the state already says why (paused, aborted, ...)
         return st
 
     def _prefetch(self, plan: Plan) -> None:

@@ -6,6 +6,7 @@ call) and returns ``Done(detail)`` or ``Waiting(detail)`` (poll again), or raise
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -13,8 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nomadscale.core.errors import NotFoundError, PermanentError, SafetyError
-from nomadscale.core.ports import AllocInfo, JobStatus, KVPort, NodeInfo, NodeMetadata
+from nomadscale.core.errors import PermanentError, SafetyError
+from nomadscale.core.ports import AllocInfo, KVPort, NodeInfo, NodeMetadata, NomadPort
 from nomadscale.healing import gpucheck
 from nomadscale.healing.runbook import render
 
@@ -22,40 +23,12 @@ log = logging.getLogger(__name__)
 IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]{0,254}$")
 
 
-class HealingNomad(Protocol):
-    """What healing needs from Nomad (``integrations.nomad.NomadClient`` provides it)."""
-
-    def list_nodes(
-        self, *, node_pool: str | None = None, datacenter: str | None = None
-    ) -> list[NodeInfo]: ...
+class HealingNomad(NomadPort, Protocol):
+    """What healing needs from Nomad beyond ``NomadPort`` (``NomadClient`` provides it)."""
 
     def node(self, node_id: str) -> NodeInfo: ...
 
     def node_allocations(self, node_id: str) -> list[AllocInfo]: ...
-
-    def drain(
-        self,
-        node_id: str,
-        *,
-        deadline_s: float,
-        meta: Mapping[str, str] | None = None,
-        ignore_system_jobs: bool = True,
-    ) -> None: ...
-
-    def set_eligibility(self, node_id: str, eligible: bool) -> None: ...
-
-    def job_status(self, job_id: str, *, namespace: str | None = None) -> JobStatus: ...
-
-    def scale(
-        self,
-        job_id: str,
-        group: str,
-        count: int,
-        *,
-        message: str,
-        meta: Mapping[str, Any] | None = None,
-        namespace: str | None = None,
-    ) -> str: ...
 
     def register_job(self, job: Mapping[str, Any]) -> str: ...
 
@@ -433,12 +406,8 @@ ACTIONS: Mapping[str, Callable[[Ctx, Any, dict[str, Any]], Outcome]] = {
 
 def resolve_node(nomad: HealingNomad, ref: str) -> NodeInfo:
     """A node by exact id, exact name or unique id prefix (>= 8 chars)."""
-    try:
+    with contextlib.suppress(PermanentError):  # not a full node id: try names and prefixes
         return nomad.node(ref)
-    except NotFoundError:
-        pass
-    except PermanentError:
-        pass
     nodes = nomad.list_nodes()
     named = [n for n in nodes if n.name == ref]
     if len(named) == 1:

@@ -32,20 +32,14 @@ from nomadscale.service.loop import Service
 
 log = logging.getLogger(__name__)
 
-SHARED_TRACE = "/work/shared/traces/llm_alibaba_servegen_msmall_10min.csv"
 PROJECT = "nomadscale-sim"
 
 
 def default_trace() -> Path:
-    try:
-        from nomadscale.data import bundled_trace_path
+    """The real trace shipped as package data (see nomadscale/data/ATTRIBUTION.md)."""
+    from nomadscale.data import bundled_trace_path
 
-        p = bundled_trace_path()
-        if p.is_file():
-            return p
-    except ImportError:
-        pass
-    return Path(SHARED_TRACE)
+    return bundled_trace_path()
 
 
 def capacity_per_worker(trace: str | Path) -> float:
