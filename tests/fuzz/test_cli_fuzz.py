@@ -31,6 +31,15 @@ HELP_ONLY = [["deploy", "start"], ["deploy", "status"], ["prefetch"], ["runbook"
 HELP_ONLY += [["watch-maintenance"], ["deploy", "abort"], ["deploy", "resume"]]
 
 
+@pytest.fixture(autouse=True)
+def _sandbox_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fuzzed --decisions-out/--plot values are relative paths (some with "../.."): run every
+    command two levels deep in a temp dir so nothing lands in the repo or outside the sandbox."""
+    cwd = tmp_path / "sandbox" / "a" / "b"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     d = tmp_path_factory.mktemp("cli")
