@@ -41,9 +41,8 @@ DEFAULT_LOOKBACK_S = 35 * 86400.0
 def live_config(policy: Policy) -> ForecastConfig:
     """The policy's forecast config, calibrated on whole workers (what sizing provisions) as
     the backtest does: the service knows each worker's capacity and the fleet minimum. The
-    upper bound is then a bound on workers x capacity, not on demand: on flat demand at an
-    exact multiple of the capacity it may sit just below the point forecast (see
-    tests/chaos/test_known_bugs.py)."""
+    upper bound is floored at the point forecast (on flat demand at an exact multiple of the
+    capacity the calibrated multiplier alone would sit just below it)."""
     return replace(
         forecast_config_from(policy),
         capacity_rpm=policy.capacity.rpm_per_worker,

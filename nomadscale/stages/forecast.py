@@ -137,6 +137,7 @@ class Forecaster:
         self._pred = np.full(nm, np.nan)  # point forecasts for the next bucket
         self._pred_prev = np.full(nm, np.nan)
         self._upper = math.nan  # issued upper bound for the next bucket
+        self._floored = False  # the issued bound is the point forecast (multiplier < 1)
         self._upper_prev = math.nan
         self._offset = 0.0  # quantile tracking: log of the correction to the multipliers
         self._next: Forecast | None = None
@@ -222,7 +223,11 @@ class Forecaster:
             ok = ~np.isnan(x)
             err = float(np.mean(x[ok] > thr[ok] + 1e-9))
             target = self._target(in_hours)
-            self._offset += self.config.tracking_rate * (err - MISS_AIM * (1.0 - target))
+            step = self.config.tracking_rate * (err - MISS_AIM * (1.0 - target))
+            # a bound floored at the point forecast did not use the offset: tightening it
+            # further while demand is flat would only store up misses for when it moves
+            if step > 0 or not self._floored:
+                self._offset += step
             self._offset = min(max(self._offset, -0.7), 0.7)
 
     def _bucket_start(self, k: int) -> datetime:
@@ -293,6 +298,11 @@ class Forecaster:
             peak = max(recent) if recent else (lv or 0.0)
             name, m = "fallback:recent-peak", 1.0 + FALLBACK_HEADROOM
         peak = max(peak, 0.0)
+        # never plan below the point forecast: a multiplier under 1 (whole-worker calibration
+        # on flat demand, or the miss-rate feedback after a long calm) would size the fleet
+        # below the demand the forecast itself expects
+        self._floored = m < 1.0
+        m = max(m, 1.0)
         upper = peak * m
         self._upper = upper if data_ok else math.nan
         self._next = Forecast(

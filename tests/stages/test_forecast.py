@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, time, timedelta
 
 import numpy as np
@@ -164,3 +165,37 @@ def test_business_hours_use_their_own_target_and_minimum() -> None:
     assert fc.target == 0.995 and fc.meta["min_workers"] == 4
     with pytest.raises(InputError, match="time zone"):
         BusinessHours(tz="Mars/Olympus")
+
+
+def test_bound_never_below_the_point_forecast_on_flat_demand() -> None:
+    # whole-worker calibration on demand at an exact multiple of the capacity gives a
+    # multiplier under 1: the bound must still not plan below the point forecast
+    f = Forecaster(
+        origin=datetime(2026, 1, 1, tzinfo=UTC),
+        step_s=60,
+        config=ForecastConfig(capacity_rpm=100, min_workers=2),
+    )
+    for fc in f.feed(np.full(3 * 1440, 500.0)):
+        assert fc.upper >= fc.peak, fc
+    assert f.predict().peak == pytest.approx(500.0)
+    assert math.ceil(f.predict().upper / 100 - 1e-9) == 5
+
+
+def test_long_flat_spell_does_not_tighten_the_bound_for_later_noise() -> None:
+    # 20 flat days then 2 noisy ones: the miss-rate feedback must not have drifted tighter
+    # during the flat spell (the bound was floored at the forecast then), or the first
+    # noisy days are under-served while it climbs back (97.1% before this was fixed)
+    rng = np.random.default_rng(7)
+    f = Forecaster(
+        origin=datetime(2026, 1, 1, tzinfo=UTC),
+        step_s=60,
+        config=ForecastConfig(capacity_rpm=100, min_workers=2),
+    )
+    f.feed(np.full(20 * 1440, 500.0))
+    noisy = 500 * np.exp(rng.normal(0, 0.05, 2 * 1440))
+    served = 0
+    for i in range(0, len(noisy), 20):
+        workers = math.ceil(f.predict().upper / 100 - 1e-9)
+        served += int(np.sum(noisy[i : i + 20] <= workers * 100))
+        f.feed(noisy[i : i + 20])
+    assert served / len(noisy) >= 0.975
