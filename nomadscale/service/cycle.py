@@ -125,6 +125,21 @@ class CycleRunner:
         # their history between calls, e.g. test doubles)
         self.incremental = incremental
 
+    def warm(self, *, slot: datetime) -> None:
+        """Bring the forecaster up to the cycle slot ``slot`` without deciding anything: a
+        warm start from the lookback the first time, the new steps after that. The service
+        runs it at start-up and on standbys every cycle, so that the first cycle after a
+        start or a takeover reads only new steps. Errors are logged, never raised: the
+        cycle itself retries and reports them."""
+        if not self.incremental:
+            return
+        try:
+            _fc, how = self.forecaster.forecast(self.ports.demand(self.policy), now=slot)
+        except NomadscaleError as e:
+            log.warning("%s: forecaster warm-up failed: %s", self.policy.name, e)
+            return
+        log.debug("%s: forecaster %s to %s", self.policy.name, how.mode, how.history_end)
+
     @property
     def manages_nodes(self) -> bool:
         return self.policy.target.node_pool is not None and any(

@@ -168,9 +168,8 @@ class Service:
                 now_leader = False
                 self._lock_unreachable(e)
             if now_leader != self.leader:
+                # forecasters stay: standbys keep theirs up to date (see run_policy)
                 log.info("leadership %s", "acquired" if now_leader else "lost")
-                for runner in self.runners.values():  # history may have moved on meanwhile
-                    runner.forecaster.reset()
                 if now_leader and not self.stop_event.is_set():
                     self._background("on-leader", self._run_on_leader)
                 if now_leader and self._scheduler is not None and not self.stop_event.is_set():
@@ -248,6 +247,7 @@ class Service:
                 rec = CycleRecord(policy=name, started_at=now, outcome="skipped",
                                   skipped="not-leader", reason="not the leader")  # fmt: skip
                 self.metrics.observe(rec)
+                runner.warm(slot=self.slot_of(name, now))  # a takeover then starts warm
                 return CycleResult(record=rec)
             try:
                 fresh = kick is not None or self._claim_slot(name, self.slot_of(name, now))
@@ -297,6 +297,15 @@ class Service:
             log.exception("%s: after-cycle task failed", name)
         finally:
             busy.release()
+
+    def warm_up(self) -> None:
+        """Warm every policy's forecaster to the current slot (at start-up, in the
+        background: the first scheduled cycle then reads only new steps)."""
+        for name, runner in self.runners.items():
+            if self.stop_event.is_set():
+                return
+            with self._busy[name]:
+                runner.warm(slot=self.slot_of(name, self.clock.now()))
 
     def run_once(self) -> list[CycleResult]:
         out = []
@@ -404,6 +413,7 @@ class Service:
         )
         sched.start()
         self._scheduler = sched
+        self._background("warm-up", self.warm_up)
         if self.lock_watch is not None and not self.dry_run:
             self._watcher = threading.Thread(target=self._watch_lock, name="lock-watch",
                                              daemon=True)  # fmt: skip
