@@ -11,7 +11,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from nomadscale.cli.cmd_service import COMMANDS
+from nomadscale.cli.cmd_control import COMMANDS as CONTROL_COMMANDS
+from nomadscale.cli.cmd_service import COMMANDS as SERVICE_COMMANDS
 from nomadscale.config.settings import Settings
 from nomadscale.core.clock import FakeClock
 from nomadscale.integrations.consul import ConsulKV, ConsulLock
@@ -25,7 +26,7 @@ from tests.service.helpers import constant, make_policy
 
 pytestmark = pytest.mark.consul
 
-CMD = {c.name: c for c in COMMANDS}
+CMD = {c.name: c for c in (*CONTROL_COMMANDS, *SERVICE_COMMANDS)}
 
 
 def test_override_from_cli_is_applied_expires_and_shows_in_status(

@@ -77,7 +77,7 @@ def test_run_notifies_systemd_serves_metrics_and_stops_on_sigterm(
         "NOMADSCALE_REPORT_TOKEN": "report-token-0001",
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
-    code = "from nomadscale.cli.cmd_service import run; run.main([])"
+    code = "from nomadscale.cli.cmd_run import run; run.main([])"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(notify_path)
         sock.settimeout(20)
