@@ -170,6 +170,7 @@ def serve() -> None:
 
     from nomadscale.service import systemd
     from nomadscale.service.http import HttpServer, create_app
+    from nomadscale.service.ops_metrics import DeployCollector
     from nomadscale.service.records import Metrics
 
     settings = get_settings()
@@ -183,6 +184,7 @@ def serve() -> None:
     engine = healing.engine.start()
     resumed = engine.resume_all()
     metrics = Metrics()
+    metrics.registry.register(DeployCollector(engine.kv, prefix=settings.kv_prefix))
 
     def status() -> dict[str, Any]:
         runs = engine.list_runs()

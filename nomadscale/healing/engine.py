@@ -6,6 +6,11 @@ status. It is saved after every step call, so ``resume_all()`` in a new process 
 run that was interrupted. Safety limits: one healing run per zone at a time (a KV lock per
 zone, value = run id), a global rate limit (runs started in the last hour), and the drain
 action refuses to go below the policy's per-zone share of ``bounds.min``.
+
+``RunbookMetrics`` counts triggers and finished runs, times them and gauges the runs this
+process drives. The default instance lives in prometheus_client's process registry, whose
+``nomadscale_*`` families the service forwards to its ``/metrics`` (the service must not
+import healing, and the CLI builds the engine in the service's process).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from nomadscale.core.clock import Clock, SystemClock
 from nomadscale.core.errors import (
@@ -34,6 +41,47 @@ from nomadscale.healing.runbook import PARAM_PATTERNS, Runbook, step_timeout
 
 log = logging.getLogger(__name__)
 ACTIVE = ("pending", "running")
+TRIGGER_SOURCES = ("pagerduty", "maintenance", "manual")  # webhook, watcher report, CLI
+
+
+class RunbookMetrics:
+    """Prometheus metrics of runbook runs, in ``registry`` (default: the process registry)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        r = registry
+        self.runs = Counter(
+            "nomadscale_runbook_runs", "Finished runbook runs by outcome (succeeded, failed, "
+            "refused)", ["runbook", "outcome", "dry_run"], registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "nomadscale_runbook_run_duration_seconds", "Runbook run time, submitted to finished",
+            ["runbook"], buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
+            registry=r,
+        )  # fmt: skip
+        self.triggers = Counter(
+            "nomadscale_runbook_triggers", "Runbook triggers by source (pagerduty, maintenance, "
+            "manual) and result (accepted, duplicate, refused)", ["runbook", "source", "result"],
+            registry=r,
+        )  # fmt: skip
+        self.in_progress = Gauge(
+            "nomadscale_runbook_runs_in_progress", "Runbook runs this process is driving",
+            ["runbook"], registry=r,
+        )  # fmt: skip
+
+    def triggered(self, runbook: str, trigger: str, result: str) -> None:
+        source = trigger.split(":", 1)[0]
+        source = source if source in TRIGGER_SOURCES else "other"
+        self.triggers.labels(runbook, source, result).inc()
+
+    def finished(self, run: Mapping[str, Any], now: datetime) -> None:
+        rb, status = str(run["runbook"]), str(run["status"])
+        self.runs.labels(rb, status, "true" if run["dry_run"] else "false").inc()
+        if status != "refused":
+            took = (now - datetime.fromisoformat(run["created_at"])).total_seconds()
+            self.duration.labels(rb).observe(max(0.0, took))
+
+
+DEFAULT_METRICS = RunbookMetrics()
 
 
 @dataclass(frozen=True)
@@ -56,6 +104,7 @@ class RunbookEngine:
         clock: Clock | None = None,
         prefix: str = "nomadscale",
         limits: EngineLimits | None = None,
+        metrics: RunbookMetrics | None = None,
     ) -> None:
         self.runbooks = dict(runbooks)
         self.nomad = nomad
@@ -65,6 +114,9 @@ class RunbookEngine:
         self.clock: Clock = clock or SystemClock()
         self.prefix = prefix.rstrip("/")
         self.limits = limits or EngineLimits()
+        self.metrics = metrics or DEFAULT_METRICS
+        for name in self.runbooks:  # a 0 series per runbook, not "no data"
+            self.metrics.in_progress.labels(name)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._workers: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -139,6 +191,7 @@ class RunbookEngine:
             dup = self._active_duplicate(rb.name, values)
             if dup is not None:
                 log.info("runbook %s already running for these parameters as %s", rb.name, dup)
+                self.metrics.triggered(rb.name, trigger, "duplicate")
                 return self.get_run(dup) or {"id": dup, "status": "running"}
             refusal = self._refusal(run, now)
             if refusal is None and not dry_run and values.get("zone") and rb.policy:
@@ -150,6 +203,7 @@ class RunbookEngine:
                 run["status"] = "refused"
                 run["error"] = refusal
             self._save(run)
+        self.metrics.triggered(rb.name, trigger, "refused" if refusal else "accepted")
         log.info(
             "runbook %s run %s %s (trigger %s, node %s)",
             rb.name,
@@ -254,11 +308,12 @@ class RunbookEngine:
             now_iso=lambda: self.clock.now().isoformat(),
         )
         calls = 0
-        while run["status"] == "running" and not self._stop.is_set():
-            if max_calls is not None and calls >= max_calls:
-                return run
-            calls += 1
-            self._step_once(rb, ctx, run)
+        with self.metrics.in_progress.labels(rb.name).track_inprogress():
+            while run["status"] == "running" and not self._stop.is_set():
+                if max_calls is not None and calls >= max_calls:
+                    return run
+                calls += 1
+                self._step_once(rb, ctx, run)
         if run["status"] not in ACTIVE:
             self._finalize(run)
         return run
@@ -368,6 +423,7 @@ class RunbookEngine:
                 log.warning("run %s: could not update incident %s: %s", run["id"], incident, exc)
         run["finalized"] = True
         self._save(run)
+        self.metrics.finished(run, self.clock.now())  # after the save: counted once
         log.info("runbook %s run %s finished: %s", run["runbook"], run["id"], run["status"])
 
     # --- workers and resume ------------------------------------------------------------------

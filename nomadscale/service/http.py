@@ -31,11 +31,13 @@ def create_app(
     healthy: Callable[[], bool] = lambda: True,
     extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
+    # status(), healthy() and the rollout metrics (service.ops_metrics.DeployCollector) read
+    # Consul: run them in the thread pool so a slow or frozen Consul never stalls the event
+    # loop (and with it the other endpoints and the webhooks).
     async def metrics(_req: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        body = await run_in_threadpool(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    # status() and healthy() read Consul: run them in the thread pool so a slow or frozen
-    # Consul never stalls the event loop (and with it /metrics and the webhooks).
     async def status_ep(_req: Request) -> Response:
         return JSONResponse(await run_in_threadpool(status))
 

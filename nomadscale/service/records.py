@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from nomadscale.core.errors import NomadscaleError
 from nomadscale.core.ports import AlertPort, KVPort
+from nomadscale.service.ops_metrics import ProcessFamilies
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class CycleRecord:
 
 
 class Metrics:
-    """The service's Prometheus metrics, in their own registry."""
+    """The service's Prometheus metrics, in their own registry, plus the ``nomadscale_*``
+    families of the process registry (the healing engine's runbook metrics)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -100,6 +102,8 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.is_leader = Gauge("nomadscale_is_leader", "1 when this process leads", registry=r)
+        if r is not REGISTRY:
+            r.register(ProcessFamilies(REGISTRY))
 
     def observe(self, rec: CycleRecord) -> None:
         p = rec.policy

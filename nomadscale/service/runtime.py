@@ -24,6 +24,7 @@ from nomadscale.service import systemd
 from nomadscale.service.cycle import Ports
 from nomadscale.service.http import HttpServer, create_app
 from nomadscale.service.loop import Service
+from nomadscale.service.ops_metrics import DeployCollector
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -216,6 +217,8 @@ def run_service(
         signal.signal(signal.SIGINT, on_signal)
     http = None
     if serve_http:
+        # rollouts run from `nomadscale deploy` in other processes: /metrics reads their KV state
+        svc.metrics.registry.register(DeployCollector(ports.kv, prefix=settings.kv_prefix))
         app = create_app(registry=svc.metrics.registry, status=svc.status,
                          healthy=svc.healthy, extra_routes=extra_routes)  # fmt: skip
         http = HttpServer(app, host=settings.http_host, port=settings.http_port).start()

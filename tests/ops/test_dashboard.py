@@ -1,9 +1,12 @@
 """The Grafana dashboard queries only metrics nomadscale really exports, and shows all of them.
 
-Exported names come from two places: the service's own registry after a cycle is recorded
-(``service.records.Metrics``, scraped as Prometheus would), and every prometheus_client metric
-constructed anywhere in ``nomadscale/`` (found in the source, so a metric another module adds
-is known here at once, with the suffixes prometheus_client gives it)."""
+Exported names come from two places: the service's own registry after a cycle, a runbook run
+and a rollout are recorded (``service.records.Metrics`` with the healing engine's runbook
+metrics and ``service.ops_metrics.DeployCollector`` over a KV holding a rollout record,
+scraped as Prometheus would), and every prometheus_client metric constructed anywhere in
+``nomadscale/`` (found in the source, so a metric another module adds is known here at once,
+with the suffixes prometheus_client gives it). Every panel's queries must use metrics of the
+scrape itself."""
 
 from __future__ import annotations
 
@@ -16,6 +19,10 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
+from nomadscale.deploy.state import RolloutState, StateStore
+from nomadscale.healing.engine import DEFAULT_METRICS
+from nomadscale.integrations.memkv import MemoryKV
+from nomadscale.service.ops_metrics import DeployCollector
 from nomadscale.service.records import CycleRecord, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +35,9 @@ SUFFIXES = {
     "Summary": ("", "_sum", "_count", "_created"),
     "Info": ("_info",),
     "Enum": ("",),
+    "GaugeMetricFamily": ("",),
+    "CounterMetricFamily": ("_total", "_created"),
+    "HistogramMetricFamily": ("_bucket", "_sum", "_count", "_created"),
 }
 
 
@@ -65,6 +75,18 @@ def scraped_names() -> set[str]:
     )
     metrics.observe(rec)
     metrics.is_leader.set(1)
+    # a runbook run in this process (the engine's metrics live in the process registry)
+    run = {"runbook": "dashboard-check", "status": "succeeded", "dry_run": False,
+           "created_at": "2026-01-05T00:00:00+00:00"}  # fmt: skip
+    DEFAULT_METRICS.finished(run, datetime(2026, 1, 5, 0, 5, tzinfo=UTC))
+    DEFAULT_METRICS.triggered("dashboard-check", "pagerduty:Q1", "accepted")
+    DEFAULT_METRICS.in_progress.labels("dashboard-check")
+    # a rollout recorded in KV
+    kv = MemoryKV()
+    st = RolloutState(policy="p", image="i:2", job_id="j", namespace="n", status="rolling",
+                      zones=["a"], updated_at="2026-01-05T00:00:00+00:00")  # fmt: skip
+    StateStore(kv).create(st)
+    metrics.registry.register(DeployCollector(kv, max_age_s=0))
     text = generate_latest(metrics.registry).decode()
     return {m.group(0) for m in re.finditer(r"^(nomadscale_[A-Za-z0-9_:]+)", text, re.M)}
 
@@ -92,6 +114,22 @@ def test_dashboard_queries_only_registered_metrics() -> None:
     assert used, "the dashboard queries no nomadscale metric"
     known = scraped_names() | source_names()
     assert used <= known, f"not exported by nomadscale: {sorted(used - known)}"
+
+
+def test_every_panel_queries_metrics_the_service_exports() -> None:
+    scraped = scraped_names()
+    d = _dashboard()
+    assert not [p["title"] for p in d["panels"] if p["type"] == "text"], "placeholder panels"
+    for p in d["panels"]:
+        if p["type"] == "row":
+            continue
+        assert p.get("targets"), f"panel {p['title']!r} has no query"
+        for t in p["targets"]:
+            if t["expr"] == "$demand_query":  # the user's own demand query
+                continue
+            used = set(METRIC.findall(t["expr"]))
+            assert used, f"panel {p['title']!r}: {t['expr']!r} uses no nomadscale metric"
+            assert used <= scraped, f"panel {p['title']!r}: not on /metrics: {used - scraped}"
 
 
 def test_every_service_metric_is_on_the_dashboard() -> None:
