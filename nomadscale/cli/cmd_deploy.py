@@ -149,7 +149,7 @@ def abort(policy: str) -> None:
 def resume(policy: str) -> None:
     """Reattach to the recorded rollout and finish it (or roll it back)."""
     with LiveProgress() as live:
-        st = _rollout(policy, reporter=live).resume()
+        st = _rollout(policy, reporter=live, need_demand=True).resume()
     if st is None:
         raise UsageError(f"POLICY {policy}: no rollout recorded")
     _done(st, Console())

@@ -15,7 +15,7 @@ from nomadscale.cli.service_common import get_settings, policies_for
 from nomadscale.config.policy import Policy
 from nomadscale.config.settings import Settings
 from nomadscale.core.clock import Clock, SystemClock
-from nomadscale.core.errors import ConfigError
+from nomadscale.core.errors import ConfigError, NomadscaleError
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,16 @@ def resume_rollouts(
             continue
 
         def resume(pol: Policy = pol) -> None:
+            # the demand source lets a resumed rollout re-plan on current demand; without
+            # one it re-plans on the bound saved with the rollout
+            try:
+                demand = ports.demand(pol)
+            except NomadscaleError as e:
+                log.warning("%s: resuming the rollout without a demand source: %s", pol.name, e)
+                demand = None
             r = Rollout(policy=pol, nomad=ports.nomad, kv=ports.kv, clock=clock,
-                        prefix=settings.kv_prefix, alerts=ports.alerts)  # fmt: skip
+                        prefix=settings.kv_prefix, alerts=ports.alerts,
+                        demand=demand)  # fmt: skip
             st = r.status()
             if st is None or not st.active:
                 return

@@ -29,7 +29,6 @@ from nomadscale.config.policy_fields import (
     to_duration,
 )
 from nomadscale.config.policy_sections import (
-    SLI,
     Alerting,
     Bounds,
     Capacity,
@@ -189,5 +188,4 @@ def load_policies(paths: Iterable[str | Path]) -> list[Policy]:
     return _load_all(paths)
 
 
-# ``Deploy`` and ``SLI`` are re-exported deliberately: nomadscale.deploy imports them from here.
-__all__ = ["SLI", "Deploy", "Policy", "cross_field_problems", "load_policies", "load_policy"]
+__all__ = ["Policy", "cross_field_problems", "load_policies", "load_policy"]

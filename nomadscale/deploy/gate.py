@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from nomadscale.config.policy import SLI
+from nomadscale.config.policy_sections import SLI
 from nomadscale.core.errors import TemporaryError
 
 log = logging.getLogger(__name__)

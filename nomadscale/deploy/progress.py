@@ -1,4 +1,5 @@
-"""Live rollout progress with rich: nodes prefetched, canary, nodes updated, current SLI."""
+"""Live rollout progress with rich: nodes prefetched, canary, nodes updated, current SLI,
+the last re-plan before a node step (and a hold)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def status_table(st: RolloutState, info: dict[str, Any] | None = None) -> Table:
     if st.surge:
         t.add_row("surge", f"{st.surge['group']} {st.surge['from']} -> {st.surge['to']}"
                   + (" (released)" if st.surge.get("released") else ""))  # fmt: skip
+    last = st.replan.get("last") or {}
+    if last.get("explain") and st.active:
+        t.add_row("re-plan", f"{last['explain']} (at {last.get('at', '?')})")
+    if st.status == "held" and st.replan.get("held_since"):
+        t.add_row("held since", str(st.replan["held_since"]))
     if st.reason:
         t.add_row("reason", st.reason)
     t.add_row("started", st.started_at)

@@ -6,72 +6,37 @@ auto_revert, manual promotion; the first zone gets ``deploy.canary`` canaries). 
 state lives in KV (``state.StateStore``, CAS) so ``resume`` reattaches after a crash and the
 autoscaler holds the policy meanwhile. Every outcome is one of: completed, rolled_back,
 aborted (nothing changed or stopped on request) or paused (with a reason; ``resume`` goes on).
+Before every node step the rollout re-plans against current demand and surges or holds
+(``steps.StepGate``); ``held`` is the status while it waits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 from typing import Any
 
-from nomadscale.config.policy import Policy
-from nomadscale.core.clock import Clock
-from nomadscale.core.errors import ConflictError, PermanentError, TemporaryError
-from nomadscale.core.ports import AlertPort, DemandSource, DeploymentInfo, KVPort
+from nomadscale.core.errors import ConflictError, TemporaryError
+from nomadscale.core.ports import DeploymentInfo
 from nomadscale.deploy import spec as jobspec
-from nomadscale.deploy.gate import GateResult, SLIGate
+from nomadscale.deploy.base import Reporter, _Stop
+from nomadscale.deploy.gate import GateResult
 from nomadscale.deploy.image import parse_image
-from nomadscale.deploy.prefetch import DEFAULT_HCL, ensure_prefetch_job, prefetch
+from nomadscale.deploy.prefetch import ensure_prefetch_job, prefetch
 from nomadscale.deploy.preflight import Plan, preflight
-from nomadscale.deploy.state import RolloutState, StateStore
+from nomadscale.deploy.state import RolloutState
+from nomadscale.deploy.steps import StepGate
 
 log = logging.getLogger(__name__)
 
-Reporter = Callable[[RolloutState, dict[str, Any]], None]
+__all__ = ["Reporter", "Rollout"]
 
 
-class _Stop(Exception):
-    """Internal: the rollout reached a final or paused state."""
-
-
-class Rollout:
-    def __init__(
-        self,
-        *,
-        policy: Policy,
-        nomad: Any,
-        kv: KVPort,
-        clock: Clock,
-        prometheus: Any | None = None,
-        demand: DemandSource | None = None,
-        alerts: AlertPort | None = None,
-        prefix: str = "nomadscale",
-        reporter: Reporter | None = None,
-        poll_s: float = 5.0,
-        watch_wait_s: float = 30.0,
-        outage_limit_s: float | None = None,
-        prefetch_hcl: Any = DEFAULT_HCL,
-    ) -> None:
-        if policy.deploy is None:
-            raise PermanentError(f"policy {policy.name}: no 'deploy:' section")
-        self.policy, self.d = policy, policy.deploy
-        self.nomad, self.clock, self.alerts = nomad, clock, alerts
-        self.demand = demand
-        self.store = StateStore(kv, prefix=prefix)
-        self.gate = SLIGate(sli=self.d.sli, prometheus=prometheus)
-        self.reporter = reporter
-        self.poll_s, self.watch_wait_s = poll_s, watch_wait_s
-        self.outage_limit_s = outage_limit_s or self.d.progress_deadline.total_seconds()
-        self.prefetch_hcl = prefetch_hcl
-        self.gate_every_s = 30.0
-        self.ns = policy.target.namespace
-        self.job_id = policy.target.job
-        self.prefetch_job = self.d.prefetch_job or "image-prefetch"
-        self._index = 0
-        self.state: RolloutState | None = None
+class Rollout(StepGate):
+    """``Rollout(policy=, nomad=, kv=, clock=, demand=, ...)`` (see ``base.RolloutBase``):
+    ``plan``, ``start``, ``status``, ``resume``, ``abort``."""
 
     # --- public ----------------------------------------------------------------------------
 
@@ -104,6 +69,8 @@ class Rollout:
         )  # fmt: skip
         st.prefetch = {"wanted": prefetch}
         st.sli = {"surge_needed": plan.surge, "required_workers": plan.required_workers}
+        st.plan = {"forecast_upper": plan.forecast_upper, "required_workers": plan.required_workers,
+                   "rpm_per_worker": self.policy.capacity.rpm_per_worker}  # fmt: skip
         st.note(now, f"started: {plan.explain()}")
         self._index = self.store.create(st)
         self.state = st
@@ -117,9 +84,10 @@ class Rollout:
             return st
         self.state, self._index = st, index
         if st.status == "paused":
-            st.status = "rolling" if st.zones_done or st.deployment_id else "prefetch"
-            if st.deployment_id:
-                dep_id = st.deployment_id
+            started = st.zones_done or st.deployment_id or st.current_zone
+            st.status = "rolling" if started else "prefetch"
+            if st.deployment_id and st.replan.get("paused") != st.deployment_id:
+                dep_id = st.deployment_id  # paused outside nomadscale (ours: the gate resumes)
                 self._call(lambda: self._resume_nomad_deployment(dep_id))
         self._save(f"resumed by a new process at {st.status}")
         plan = preflight(self.policy, self.nomad, now=self.clock.now(), demand=None)
@@ -194,6 +162,7 @@ class Rollout:
             st.timings[f"{group}_start"] = self._elapsed()
             if plan.surge and (st.surge is None or st.surge.get("group") != group):
                 self._surge(group)
+            self._zone_gate(group)  # re-plan against current demand: surge or hold first
             job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
             empty = [z.group for z in plan.zones if z.count == 0]
             canary = self.d.canary if first else 0
@@ -213,15 +182,16 @@ class Rollout:
         self._follow(group)
 
     def _follow(self, group: str) -> None:
-        st = self.state
-        assert st is not None and st.deployment_id is not None
+        st = self._st()
+        assert st.deployment_id is not None
         index, healthy_seen, outage_since = 0, -1, None
         gate_since: datetime | None = None
         last_gate = self.clock.now()
         while True:
+            dep_id = st.deployment_id
             try:
                 dep, new_index = self.nomad.watch_deployment(
-                    st.deployment_id, index=index, wait_s=self.watch_wait_s
+                    dep_id, index=index, wait_s=self.watch_wait_s
                 )
                 outage_since = None
             except TemporaryError as e:
@@ -252,8 +222,11 @@ class Rollout:
                 self._rollback(f"deployment {dep.id[:8]} failed: {dep.status_description}",
                                status="rolled_back", failed=True)  # fmt: skip
             if dep.status == "cancelled":
+                if self._adopt_newer(dep):  # superseded by our own surge job version
+                    index = 0
+                    continue
                 self._pause(f"deployment {dep.id[:8]} cancelled: {dep.status_description}")
-            if dep.status == "paused":
+            if dep.status == "paused" and st.replan.get("paused") != dep.id:
                 self._pause(f"deployment {dep.id[:8]} was paused outside nomadscale")
             if g is not None and g.unhealthy_allocs > 0:
                 what = "canary" if g.desired_canaries and not g.promoted else "allocation"
@@ -265,25 +238,37 @@ class Rollout:
                 and (
                     len(g.placed_canaries) >= g.desired_canaries
                     and g.healthy_allocs >= g.desired_canaries
+                    and g.healthy_allocs >= g.placed_allocs  # nothing in flight
                 )
             ):
                 gate_since = gate_since or self.clock.now()
-                if self._gate(dep, gate_since, canary=True):
+                # the promotion is the zone's first node step: re-plan before it too
+                if self._gate(dep, gate_since, canary=True) and self._step_gate(
+                    dep, group, canaries=g.desired_canaries
+                ):
                     self._call(partial(self.nomad.promote, dep.id, groups=[group]))
-                    st.timings["canary_s"] = self._elapsed() - st.timings.get(f"{group}_start", 0)
+                    st.timings.setdefault(
+                        "canary_s", self._elapsed() - st.timings.get(f"{group}_start", 0)
+                    )
                     st.status = "rolling"
                     self._save(f"canary healthy and SLI gate passed: promoted {dep.id[:8]}")
                     gate_since = None
-            elif (
-                g is not None
-                and self.gate.enabled
-                and (
-                    g.healthy_allocs > healthy_seen
-                    or (self.clock.now() - last_gate).total_seconds() >= self.gate_every_s
-                )
-            ):
-                self._gate(dep, self.clock.now(), canary=False, final=True)
-                healthy_seen, last_gate = g.healthy_allocs, self.clock.now()
+            else:
+                if (
+                    g is not None
+                    and self.gate.enabled
+                    and (
+                        g.healthy_allocs > healthy_seen
+                        or (self.clock.now() - last_gate).total_seconds() >= self.gate_every_s
+                    )
+                ):
+                    self._gate(dep, self.clock.now(), canary=False, final=True)
+                    healthy_seen, last_gate = g.healthy_allocs, self.clock.now()
+                if g is not None:
+                    self._between_steps(dep, g, group)
+            if st.deployment_id != dep_id:  # a surge superseded the deployment
+                index, healthy_seen = 0, -1
+                continue
             if new_index == index or self.watch_wait_s <= 0:
                 self.clock.sleep(self.poll_s)
             index = new_index
@@ -313,20 +298,6 @@ class Rollout:
 
     # --- helpers -------------------------------------------------------------------------
 
-    def _wait_new_deployment(self, old_version: int) -> DeploymentInfo | None:
-        for _ in range(60):
-            dep = self._call(lambda: self.nomad.latest_deployment(self.job_id, namespace=self.ns))
-            if dep is not None and dep.job_version > old_version:
-                return dep
-            job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
-            if job.version > old_version and dep is not None and dep.job_version < job.version:
-                status = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
-                if status.active_deployment is None:
-                    return None
-            self.clock.sleep(1.0)
-        self._pause("the new job version got no deployment after 60 s")
-        return None
-
     def _zone_done(self, group: str) -> None:
         st = self.state
         assert st is not None
@@ -335,37 +306,6 @@ class Rollout:
         st.deployment_id = None
         self._release_surge()
         self._save(f"zone {group} done")
-
-    def _surge(self, group: str) -> None:
-        st = self.state
-        assert st is not None
-        status = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
-        cur = status.groups[group].desired
-        self._call(lambda: self.nomad.scale(self.job_id, group, cur + 1, namespace=self.ns,
-                   message=f"nomadscale deploy {st.id}: surge for rollout"))  # fmt: skip
-        st.surge = {"group": group, "from": cur, "to": cur + 1, "released": False}
-        self._save(f"surge: {group} {cur} -> {cur + 1}")
-        for _ in range(240):  # wait until the surge worker is healthy
-            g = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
-            if g.groups[group].healthy >= cur + 1:
-                return
-            self.clock.sleep(self.poll_s)
-        self._pause(f"surge worker in {group} not healthy")
-
-    def _release_surge(self) -> None:
-        st = self.state
-        assert st is not None
-        s = st.surge
-        if not s or s.get("released"):
-            return
-        status = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
-        cur = status.groups[s["group"]].desired
-        target = max(int(s["from"]), cur - 1)
-        if target != cur:
-            self._call(lambda: self.nomad.scale(self.job_id, s["group"], target,
-                       namespace=self.ns, message=f"nomadscale deploy {st.id}: release surge"))  # fmt: skip
-        s["released"] = True
-        st.note(self.clock.now(), f"surge released: {s['group']} -> {target}")
 
     def _rollback(self, reason: str, *, status: str, failed: bool = False) -> None:
         """Fail the running deployment (auto-revert), roll finished zones back, release the
@@ -391,6 +331,7 @@ class Rollout:
                 self._call(lambda: self.nomad.register_job(spec, namespace=self.ns))
                 self._settle()
         st.deployment_id = None
+        st.replan.pop("paused", None)
         self._release_surge()
         if failed:
             self._alert(f"rollout of {st.image} rolled back: {reason}", "error")
@@ -411,69 +352,3 @@ class Rollout:
         dep = self.nomad.deployment(dep_id)
         if dep.status == "paused":
             self.nomad.pause_deployment(dep_id, pause=False)
-
-    def _pause(self, reason: str) -> None:
-        st = self.state
-        assert st is not None
-        st.status, st.reason = "paused", reason
-        self._alert(f"rollout of {st.image} paused: {reason}", "warning")
-        self._save(f"paused: {reason}")
-        raise _Stop
-
-    def _finish(self, status: str, reason: str) -> None:
-        st = self.state
-        assert st is not None
-        st.status, st.reason = status, reason
-        st.finished_at = self.clock.now().isoformat()
-        st.timings["total_s"] = self._elapsed()
-        self._save(f"{status}: {reason}")
-        log.info("deploy %s: rollout %s %s: %s", st.policy, st.id, status, reason)
-        raise _Stop
-
-    def _elapsed(self) -> float:
-        st = self.state
-        assert st is not None
-        return (self.clock.now() - datetime.fromisoformat(st.started_at)).total_seconds()
-
-    def _save(self, note: str) -> None:
-        st = self.state
-        assert st is not None
-        now = self.clock.now()
-        st.updated_at = now.isoformat()
-        st.note(now, note)
-        log.info("deploy %s: %s", st.policy, note)
-        self._index = self.store.save(st, self._index)
-        self._report({"phase": st.status, "note": note})
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        """Retry Nomad's temporary errors until the outage limit, then pause."""
-        t0 = self.clock.now()
-        while True:
-            try:
-                return fn()
-            except TemporaryError as e:
-                if (self.clock.now() - t0).total_seconds() > self.outage_limit_s:
-                    if self.state is not None and self.state.status != "paused":
-                        self._pause(f"nomad unavailable: {e}")
-                    raise
-                log.warning("deploy %s: %s; retrying", self.policy.name, e)
-                self.clock.sleep(max(self.poll_s, e.retry_after))
-
-    def _alert(self, summary: str, severity: str) -> None:
-        if self.alerts is None:
-            return
-        st = self.state
-        try:
-            self.alerts.trigger(
-                dedup_key=f"nomadscale-deploy-{self.policy.name}-{st.id if st else ''}",
-                summary=f"nomadscale deploy {self.policy.name}: {summary}",
-                severity=severity,
-                details={"policy": self.policy.name, "image": st.image if st else "",
-                         "rollout": st.id if st else "", "status": st.status if st else ""},
-            )  # fmt: skip
-        except (TemporaryError, PermanentError) as e:
-            log.warning("deploy %s: alert not sent: %s", self.policy.name, e)
-
-    def _report(self, info: dict[str, Any]) -> None:
-        if self.reporter is not None and self.state is not None:
-            self.reporter(self.state, info)

@@ -6,7 +6,7 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
-from nomadscale.config.policy import Deploy
+from nomadscale.config.policy_sections import Deploy
 
 NS = 1_000_000_000
 
@@ -47,4 +47,18 @@ def with_image(
         elif tg.get("Update"):
             # other groups have nothing to replace: no canaries waiting for promotion there
             tg["Update"] = {**tg["Update"], "Canary": 0}
+    return out
+
+
+def with_count(
+    spec: dict[str, Any], *, group: str, count: int, update: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A copy of ``spec`` whose ``group`` runs ``count`` allocations (and gets ``update``, when
+    given): a new job version that changes nothing an allocation runs."""
+    out = copy.deepcopy(dict(spec))
+    for tg in out.get("TaskGroups") or []:
+        if tg.get("Name") == group:
+            tg["Count"] = count
+            if update is not None:
+                tg["Update"] = dict(update)
     return out

@@ -19,8 +19,9 @@ from nomadscale.core.values import new_id
 
 log = logging.getLogger(__name__)
 
-# status values; the last four are terminal (``active`` false)
-RUNNING_PHASES = ("preflight", "prefetch", "canary", "rolling", "rolling-back", "paused")
+# status values; the last four are terminal (``active`` false). ``held``: the re-plan before
+# the next node step found too little capacity and no surge possible; the rollout waits.
+RUNNING_PHASES = ("preflight", "prefetch", "canary", "rolling", "held", "rolling-back", "paused")
 TERMINAL = ("completed", "rolled_back", "aborted", "refused")
 
 
@@ -47,6 +48,11 @@ class RolloutState:
     zones_done: list[str] = field(default_factory=list)
     current_zone: str | None = None
     surge: dict[str, Any] | None = None  # {"group", "from", "to", "released"}
+    # what the preflight planned for: {"forecast_upper", "required_workers", "rpm_per_worker"}
+    plan: dict[str, Any] = field(default_factory=dict)
+    # the re-plan before node steps: {"paused": deployment id nomadscale paused between node
+    # steps, "held_since": ISO time, "last": the last StepCheck.to_dict()}
+    replan: dict[str, Any] = field(default_factory=dict)
     prefetch: dict[str, Any] = field(default_factory=dict)  # ok / failed / ineligible / ms
     started_at: str = ""
     updated_at: str = ""

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from nomadscale.config.policy import Policy
+from nomadscale.core.clock import FakeClock
 from nomadscale.integrations.nomad import NomadClient
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACE = "/work/shared/traces/llm_alibaba_servegen_msmall_10min.csv"
 OLD = "us-docker.pkg.dev/acme/ml/worker:2026.01.1"
+JOB = ("default", "ml-worker")
 NEW = "us-docker.pkg.dev/acme/ml/worker:2026.02.1"
 
 
@@ -38,6 +41,45 @@ def policy(*, rpm: float = 240.0, bmax: int = 40, sli: dict[str, Any] | None = N
             "deploy": deploy,
         }
     )  # fmt: skip
+
+
+class SamplingClock(FakeClock):
+    """Virtual time that samples the twin's healthy ml-worker allocations every simulated
+    second (set ``cluster`` once the twin exists)."""
+
+    def __init__(self, start: datetime) -> None:
+        super().__init__(start)
+        self.cluster: Any = None
+        self.samples: list[tuple[float, int]] = []
+
+    def sleep(self, seconds: float) -> None:
+        left = max(0.0, seconds)
+        while True:
+            step = min(1.0, left)
+            super().sleep(step)
+            left -= step
+            self.sample()
+            if left <= 0:
+                return
+
+    def sample(self) -> None:
+        if self.cluster is None:
+            return
+        with self.cluster.lock:
+            self.cluster.process_due()
+            healthy = sum(
+                1
+                for a in self.cluster.job_allocs(JOB)
+                if a.live and a.client_status == "running" and a.healthy
+            )
+        self.samples.append((self.now().timestamp(), healthy))
+
+
+def sampling_twin(twin_factory: Any, *, nodes: int, start: datetime) -> tuple[Any, SamplingClock]:
+    clock = SamplingClock(start)
+    twin = twin_factory(nodes=nodes, clock=clock)
+    clock.cluster = twin.cluster
+    return twin, clock
 
 
 def setup_job(twin: Any, *, count: int = 2) -> NomadClient:

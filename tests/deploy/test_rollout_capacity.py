@@ -9,52 +9,27 @@ from typing import Any
 
 import pytest
 
-from nomadscale.core.clock import FakeClock
 from nomadscale.deploy.rollout import Rollout
+from nomadscale.deploy.state import RolloutState
 from nomadscale.integrations.memkv import MemoryKV
 from nomadscale.integrations.tracefile import TraceDemandSource
-from tests.deploy.helpers import NEW, TRACE, images_running, policy, setup_job
+from tests.deploy.helpers import (
+    NEW,
+    TRACE,
+    SamplingClock,
+    images_running,
+    policy,
+    sampling_twin,
+    setup_job,
+)
 
 PEAK = datetime(2000, 1, 6, 14, 0, tzinfo=UTC)  # the trace's busiest hour
-JOB = ("default", "ml-worker")
-
-
-class SamplingClock(FakeClock):
-    """Virtual time that samples the twin's healthy workers every simulated second."""
-
-    def __init__(self) -> None:
-        super().__init__(PEAK)
-        self.cluster: Any = None
-        self.samples: list[tuple[float, int]] = []
-
-    def sleep(self, seconds: float) -> None:
-        left = max(0.0, seconds)
-        while True:
-            step = min(1.0, left)
-            super().sleep(step)
-            left -= step
-            self.sample()
-            if left <= 0:
-                return
-
-    def sample(self) -> None:
-        if self.cluster is None:
-            return
-        with self.cluster.lock:
-            self.cluster.process_due()
-            healthy = sum(
-                1
-                for a in self.cluster.job_allocs(JOB)
-                if a.live and a.client_status == "running" and a.healthy
-            )
-        self.samples.append((self.now().timestamp(), healthy))
+JUMP = datetime(2000, 1, 6, 14, 10, tzinfo=UTC)  # 70266 -> 105001 rpm
+NODE_STEP_S = 40.0  # one replacement: start, min_healthy_time 30s, a poll
 
 
 def _twin(twin_factory: Any, nodes: int) -> tuple[Any, SamplingClock]:
-    clock = SamplingClock()
-    twin = twin_factory(nodes=nodes, clock=clock)
-    clock.cluster = twin.cluster
-    return twin, clock
+    return sampling_twin(twin_factory, nodes=nodes, start=PEAK)
 
 
 def _rollout(twin: Any, nomad: Any, rpm: float, bmax: int = 80) -> Rollout:
@@ -71,8 +46,12 @@ def _upper(twin: Any, nomad: Any) -> float:
 
 FORECAST_MISS = (
     "the trace's 14:10 bucket (105001 rpm) is above the forecast upper bound the rollout plans "
-    "for (14.5 workers): zone b rolls 14:10:40-14:15 with 15 of 16 healthy (103680 rpm) and no "
-    "surge; the rollout does not re-plan between zones"
+    "for (14.5 workers, 15 of 16 healthy = 103680 rpm). The rollout re-plans before every node "
+    "step and surges from the first step after it can see the jump (14:10:15 at 15 s demand "
+    "steps), but zone a's replacement that went out at 14:09:56 (demand 70266 rpm, forecast "
+    "upper 100224 rpm: safe) is in flight when demand jumps at 14:10:00 and only healthy again "
+    "at 14:10:27: 27 s of 15 healthy no causal rollout can avoid without more headroom than the "
+    "forecast (test_rollout_at_peak_replans_once_the_jump_shows checks everything after it)"
 )
 
 
@@ -87,9 +66,10 @@ def test_rollout_at_peak_completes_without_surge(twin_factory: Any) -> None:
     assert images_running(twin) == {NEW: 16}
 
 
-def _peak_rollout(twin_factory: Any) -> tuple[SamplingClock, float, float]:
-    """Roll 16 workers (8 per zone, 40 nodes) at the peak without surge; returns the samples'
-    clock, rpm_per_worker and the forecast upper bound the rollout planned for."""
+def _peak_rollout(twin_factory: Any) -> tuple[SamplingClock, float, float, RolloutState]:
+    """Roll 16 workers (8 per zone, 40 nodes) at the peak, planned without surge; returns the
+    samples' clock, rpm_per_worker, the forecast upper bound the rollout planned for and the
+    final rollout record."""
     twin, clock = _twin(twin_factory, nodes=40)
     nomad = setup_job(twin, count=8)  # 16 workers over 40 nodes
     upper = _upper(twin, nomad)
@@ -101,23 +81,43 @@ def _peak_rollout(twin_factory: Any) -> tuple[SamplingClock, float, float]:
     assert st.status == "completed", st.reason
     assert images_running(twin) == {NEW: 16}
     assert len(clock.samples) > 300  # sampled every simulated second of the rollout
-    return clock, rpm, upper
+    return clock, rpm, upper, st
 
 
 def test_rollout_at_peak_keeps_capacity_above_forecast(twin_factory: Any) -> None:
     # zone a's job version changes only Update.Canary in zone b: updated in place, so at most
     # one worker of 16 is out at any time
-    clock, rpm, upper = _peak_rollout(twin_factory)
+    clock, rpm, upper, _st = _peak_rollout(twin_factory)
     lowest = min(h for _, h in clock.samples)
     assert lowest == 15 and lowest * rpm >= upper, (lowest, rpm, upper)
 
 
 @pytest.mark.xfail(strict=True, reason=FORECAST_MISS)
 def test_rollout_at_peak_keeps_capacity_above_trace(twin_factory: Any) -> None:
-    clock, rpm, _upper_rpm = _peak_rollout(twin_factory)
+    clock, rpm, _upper_rpm, _st = _peak_rollout(twin_factory)
     trace = TraceDemandSource(TRACE)
     for t, healthy in clock.samples:
         assert healthy * rpm >= trace.rpm_at(datetime.fromtimestamp(t, tz=UTC))
+
+
+def test_rollout_at_peak_replans_once_the_jump_shows(twin_factory: Any) -> None:
+    """The forecast misses the 14:10 bucket; the re-plan before each node step sees it in
+    current demand and surges: mid-zone in zone a (a new job version, the Scale API is refused
+    while a deployment runs) and at zone b's start. Capacity covers the trace from the moment
+    the one replacement already in flight at the jump is healthy again."""
+    clock, rpm, _upper_rpm, st = _peak_rollout(twin_factory)
+    trace = TraceDemandSource(TRACE)
+    jump = JUMP.timestamp()
+    short = [t for t, h in clock.samples
+             if h * rpm < trace.rpm_at(datetime.fromtimestamp(t, tz=UTC))]  # fmt: skip
+    assert short and min(short) >= jump
+    back = next(t for t, h in clock.samples if t > min(short) and h >= 16)
+    assert max(short) < back <= jump + NODE_STEP_S, (min(short), max(short), back)
+    surges = [line for line in st.log if "-> surge" in line]
+    assert [s.split("re-plan: ")[1].split(":")[0] for s in surges] == ["ml-worker-a", "ml-worker-b"]
+    assert "new job version" in next(line for line in st.log if "surge: ml-worker-a" in line)
+    assert st.surge is not None and st.surge["group"] == "ml-worker-b" and st.surge["released"]
+    assert st.replan["last"]["action"] == "go"
 
 
 def test_surge_worker_added_per_zone_and_released(twin_factory: Any) -> None:
