@@ -124,3 +124,16 @@ def cli_status(twin: Any, consul_agent: Any, prefix: str, tmp_path: Path) -> dic
     assert result.exit_code == 0, result.output
     out: dict[str, Any] = json.loads(result.output)
     return out
+
+
+class RecordingAlerts:
+    """An alert sink that keeps what the rollout triggered (``sent``); resolves are ignored."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def trigger(self, **kw: Any) -> None:
+        self.sent.append(kw)
+
+    def resolve(self, **kw: Any) -> None:
+        return None

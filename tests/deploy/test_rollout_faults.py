@@ -14,7 +14,15 @@ from nomadscale.deploy.state import StateStore
 from nomadscale.integrations.consul import ConsulKV
 from nomadscale.integrations.prometheus import PrometheusClient
 from nomadscale.service.control import Control
-from tests.deploy.helpers import NEW, OLD, cli_status, images_running, policy, setup_job
+from tests.deploy.helpers import (
+    NEW,
+    OLD,
+    RecordingAlerts,
+    cli_status,
+    images_running,
+    policy,
+    setup_job,
+)
 from tests.harness.promdata import Series
 
 pytestmark = pytest.mark.consul
@@ -33,17 +41,11 @@ def test_sli_breach_mid_rollout_rolls_back(
     errors = np.where(ts < t0 + 600 + 170, 0.0, 0.2)  # fine for zone a, then errors
     prom = prometheus_factory([Series("ekyc_error_ratio", {"image": NEW}, ts, errors)])
     sli = {"error_rate_query": 'max(ekyc_error_ratio{image="{image}"})', "max_error_rate": 0.01}
-    alerts: list[dict[str, Any]] = []
-
-    class Alerts:
-        def trigger(self, **kw: Any) -> None:
-            alerts.append(kw)
-
-        def resolve(self, **kw: Any) -> None:
-            pass
+    sink = RecordingAlerts()
+    alerts = sink.sent
 
     r = Rollout(policy=policy(sli=sli), nomad=nomad, kv=_kv(consul_agent), clock=twin.clock,
-        prefix=consul_prefix, prometheus=PrometheusClient(url=prom.url), alerts=Alerts(),
+        prefix=consul_prefix, prometheus=PrometheusClient(url=prom.url), alerts=sink,
         watch_wait_s=0)  # fmt: skip
     twin.advance(600)
     st = r.start(NEW)

@@ -18,6 +18,7 @@ from nomadscale.integrations.tracefile import TraceDemandSource
 from nomadscale.service.control import Control
 from tests.deploy.helpers import (
     NEW,
+    RecordingAlerts,
     SamplingClock,
     cli_status,
     images_running,
@@ -156,18 +157,12 @@ def test_hold_past_its_limit_pauses_the_rollout_and_alerts(
     twin, clock = sampling_twin(twin_factory, nodes=10, start=T0)
     nomad = setup_job(twin, count=3)
     demand = write_trace(tmp_path / "rise.csv")  # demand stays high
-    alerts: list[dict[str, Any]] = []
-
-    class Alerts:
-        def trigger(self, **kw: Any) -> None:
-            alerts.append(kw)
-
-        def resolve(self, **kw: Any) -> None:
-            pass
+    sink = RecordingAlerts()
+    alerts = sink.sent
 
     kv = MemoryKV(clock=twin.clock)
     r = Rollout(policy=policy(rpm=RPM, bmax=6), nomad=nomad, kv=kv, clock=twin.clock,
-                demand=demand, alerts=Alerts(), watch_wait_s=0, poll_s=5.0,
+                demand=demand, alerts=sink, watch_wait_s=0, poll_s=5.0,
                 hold_limit_s=120)  # fmt: skip
 
     st = r.start(NEW)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from nomadscale.config.policy import Policy
 from nomadscale.core.ports import DemandSeries
+from nomadscale.integrations.nomad import NomadClient
+from nomadscale.service.simulate import worker_job
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_policy(
@@ -72,3 +79,33 @@ def constant(rpm: float) -> LevelDemand:
 
 def after(clock: Any, seconds: float) -> datetime:
     return clock.now() + timedelta(seconds=seconds)
+
+
+def run_process_env(
+    *, consul_addr: str, prefix: str, twin: Any, tmp_path: Path, port: int
+) -> dict[str, str]:
+    """Everything ``python -m nomadscale run`` needs as a real process: the small policy's job
+    registered in ``twin``, its policy and settings files under ``tmp_path``, and the
+    environment pointing at the twin and Consul (Prometheus is not reached before the first
+    cycle). Callers add what their test is about (webhook secrets, notify socket, ...)."""
+    policy = make_policy()
+    twin.cluster.add_namespace("ekyc")
+    NomadClient(address=twin.address).register_job(
+        worker_job(policy, counts={"zone-a": 1, "zone-b": 1}, image="i", update={"MaxParallel": 0})
+    )
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "ekyc.yaml").write_text(yaml.safe_dump(policy.to_yaml_dict()))
+    (tmp_path / "settings.yaml").write_text("{}\n")
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("NOMAD", "CONSUL"))},
+        "NOMAD_ADDR": twin.address,
+        "CONSUL_HTTP_ADDR": consul_addr,
+        "PROMETHEUS_URL": "http://127.0.0.1:9",
+        "NOMADSCALE_CONFIG": str(tmp_path / "settings.yaml"),
+        "NOMADSCALE_POLICIES": str(tmp_path / "policies"),
+        "NOMADSCALE_KV_PREFIX": prefix,
+        "NOMADSCALE_LOCK_TTL": "15s",
+        "NOMADSCALE_HTTP_PORT": str(port),
+        "NOMADSCALE_RUNBOOKS": str(ROOT / "runbooks"),
+        "PYTHONPATH": str(ROOT),
+    }

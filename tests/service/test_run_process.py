@@ -5,7 +5,6 @@ SIGTERM a clean exit that releases the lock."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,22 +15,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from nomadscale.core.clock import SystemClock
-from nomadscale.integrations.nomad import NomadClient
-from nomadscale.service.simulate import worker_job
-from tests.harness.services import ConsulAgent
+from tests.harness.services import ConsulAgent, free_port
 from tests.harness.twin import TwinFactory
-from tests.service.helpers import make_policy
+from tests.service.helpers import run_process_env
 
 pytestmark = [pytest.mark.consul, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _post(url: str, body: bytes, *, token: str | None) -> int:
@@ -50,33 +40,14 @@ def test_run_notifies_systemd_serves_metrics_and_stops_on_sigterm(
     consul_agent: ConsulAgent, consul_prefix: str, twin_factory: TwinFactory, tmp_path: Path
 ) -> None:
     prefix = consul_prefix.rstrip("/")
-    policy = make_policy()
-    twin = twin_factory(nodes=4, clock=SystemClock())
-    twin.cluster.add_namespace("ekyc")
-    NomadClient(address=twin.address).register_job(
-        worker_job(policy, counts={"zone-a": 1, "zone-b": 1}, image="i", update={"MaxParallel": 0})
-    )
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "ekyc.yaml").write_text(yaml.safe_dump(policy.to_yaml_dict()))
-    (tmp_path / "settings.yaml").write_text("{}\n")
-    port = _free_port()
+    port = free_port()
     notify_path = str(tmp_path / "notify.sock")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("NOMAD", "CONSUL"))},
-        "NOMAD_ADDR": twin.address,
-        "CONSUL_HTTP_ADDR": consul_agent.addr,
-        "PROMETHEUS_URL": "http://127.0.0.1:9",  # not reached before the first cycle
-        "NOMADSCALE_CONFIG": str(tmp_path / "settings.yaml"),
-        "NOMADSCALE_POLICIES": str(tmp_path / "policies"),
-        "NOMADSCALE_KV_PREFIX": prefix,
-        "NOMADSCALE_LOCK_TTL": "15s",
-        "NOMADSCALE_HTTP_PORT": str(port),
-        "NOTIFY_SOCKET": notify_path,
-        "NOMADSCALE_RUNBOOKS": str(Path(__file__).resolve().parents[2] / "runbooks"),
-        "NOMADSCALE_WEBHOOK_SECRETS": "whsec-test-0001",
-        "NOMADSCALE_REPORT_TOKEN": "report-token-0001",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-    }
+    twin = twin_factory(nodes=4, clock=SystemClock())
+    env = run_process_env(consul_addr=consul_agent.addr, prefix=prefix, twin=twin,
+                          tmp_path=tmp_path, port=port)  # fmt: skip
+    env["NOTIFY_SOCKET"] = notify_path
+    env["NOMADSCALE_WEBHOOK_SECRETS"] = "whsec-test-0001"
+    env["NOMADSCALE_REPORT_TOKEN"] = "report-token-0001"
     code = "from nomadscale.cli.cmd_run import run; run.main([])"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(notify_path)

@@ -5,6 +5,7 @@ new leader reads only the steps since the last slot (the twin over HTTP, in-memo
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,17 @@ def _to_slot(clock: _SimClock, k: int) -> None:
     clock.sleep((START + timedelta(seconds=1200 * k) - clock.now()).total_seconds())
 
 
+def _fleet(twin_factory: TwinFactory) -> tuple[Any, _SimClock]:
+    """An 8-node twin in virtual time from START with the policy's job (2 workers per zone)."""
+    fake = FakeClock(START)
+    twin = twin_factory(nodes=8, clock=fake)
+    twin.cluster.add_namespace("ekyc")
+    NomadClient(address=twin.address).register_job(
+        worker_job(make_policy(), counts={"zone-a": 2, "zone-b": 2}, image="i")
+    )
+    return twin, _SimClock(fake, twin.cluster.advance)
+
+
 def _forecast_mode(svc: Service) -> str:
     rec = svc.recorder.recent[-1]
     assert rec.outcome in ("applied", "unchanged"), (rec.outcome, rec.reason)
@@ -60,13 +72,7 @@ def _forecast_mode(svc: Service) -> str:
 
 
 def test_warm_up_then_the_first_cycle_reads_only_new_steps(twin_factory: TwinFactory) -> None:
-    fake = FakeClock(START)
-    twin = twin_factory(nodes=8, clock=fake)
-    twin.cluster.add_namespace("ekyc")
-    clock = _SimClock(fake, twin.cluster.advance)
-    NomadClient(address=twin.address).register_job(
-        worker_job(make_policy(), counts={"zone-a": 2, "zone-b": 2}, image="i")
-    )
+    twin, clock = _fleet(twin_factory)
     src = Reads()
     svc = _service(twin, clock, MemoryKV(clock=clock), "a", src)
     clock.on_tick = svc.ports.lock.acquire  # the lock tick renews as virtual time passes
@@ -79,13 +85,7 @@ def test_warm_up_then_the_first_cycle_reads_only_new_steps(twin_factory: TwinFac
 
 
 def test_a_standby_takes_over_with_a_warm_forecaster(twin_factory: TwinFactory) -> None:
-    fake = FakeClock(START)
-    twin = twin_factory(nodes=8, clock=fake)
-    twin.cluster.add_namespace("ekyc")
-    clock = _SimClock(fake, twin.cluster.advance)
-    NomadClient(address=twin.address).register_job(
-        worker_job(make_policy(), counts={"zone-a": 2, "zone-b": 2}, image="i")
-    )
+    twin, clock = _fleet(twin_factory)
     kv = MemoryKV(clock=clock)
     src_a, src_b = Reads(), Reads()
     leader = _service(twin, clock, kv, "a", src_a)
