@@ -77,4 +77,9 @@ def test_run_process_exports_rollout_and_runbook_metrics(
             assert m[key] == 0.0
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        try:  # the service gives a running cycle up to 30 s to reach a safe point on SIGTERM
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"run ignored SIGTERM: {log.read_text()[-3000:]}") from None
