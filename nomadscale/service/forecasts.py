@@ -4,7 +4,9 @@
 (about 1 ms per cycle bucket: 35 days of 20-minute buckets cost ~2.5 s per policy). The
 service instead keeps one per policy: warm-started from the policy's lookback on the first
 cycle (and after a restart, a leadership change, a gap longer than the lookback, a policy
-change, or when it has absorbed twice the lookback), then fed the steps that ended since the
+change, or when it has absorbed two to three times the lookback: the share of a third is
+fixed per policy name, so that a fleet of policies started together does not re-warm in the
+same cycle), then fed the steps that ended since the
 previous cycle. Its forecast equals ``forecast()`` over the same steps (the history from the
 warm start to now), which ``tests/service/test_forecasts.py`` proves.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -104,6 +107,9 @@ class LiveForecaster:
         self.config = live_config(policy)
         self.step_s = float(policy.demand.step_s)
         self.lookback_s = lookback_s(policy)
+        # history kept before a re-warm (bounded memory): 2-3 lookbacks, spread by name
+        spread = zlib.crc32(policy.name.encode()) % 1000 / 1000.0
+        self.max_span_s = (2.0 + spread) * self.lookback_s
         self._f: Forecaster | None = None
         self._steps = 0
 
@@ -127,7 +133,7 @@ class LiveForecaster:
             new_s = n * step
             span_s = (f.end - f.origin).total_seconds() + new_s
             on_grid = n >= 0 and n % f.S == 0
-            if on_grid and new_s <= self.lookback_s and span_s <= 2 * self.lookback_s:
+            if on_grid and new_s <= self.lookback_s and span_s <= self.max_span_s:
                 if n:
                     end = f.end + timedelta(seconds=new_s)
                     series = source.history(end=end, lookback_s=new_s, step_s=step)

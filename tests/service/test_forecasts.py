@@ -81,3 +81,25 @@ def test_a_kick_between_slots_is_one_off_and_a_reset_warm_starts() -> None:
     assert live.forecast(src, now=now + timedelta(days=5))[1].mode == "warm"  # gap > lookback
     live.reset()  # e.g. leadership changed hands
     assert live.forecast(src, now=now + timedelta(days=5, minutes=20))[1].mode == "warm"
+
+
+def test_kept_forecasters_re_warm_within_three_lookbacks_and_not_in_the_same_cycle() -> None:
+    """Memory stays bounded (a re-warm after 2-3 lookbacks of history) and a fleet of policies
+    started together spreads its re-warms (each costs a full lookback's forecast) over time."""
+    demand = {"source": "prometheus", "query": "q", "step": "10m", "lookback": "1d"}
+    src = Recording(_demand(int(6 * 86400 / STEP)))
+    start = ORIGIN + timedelta(days=1, seconds=43)
+    re_warmed: dict[str, float] = {}
+    for name in ("ekyc", "ocr", "asr"):
+        live = LiveForecaster(make_policy(name=name, demand=demand))
+        assert live.forecast(src, now=start)[1].mode == "warm"
+        for i in range(1, 5 * 72):  # up to 5 days of 20-minute cycles
+            info = live.forecast(src, now=start + timedelta(minutes=20 * i))[1]
+            if info.mode == "warm":
+                re_warmed[name] = i / 72  # days after the warm start
+                break
+            assert info.mode == "incremental"
+    assert set(re_warmed) == {"ekyc", "ocr", "asr"}
+    # the warm start held 1 day: 2-3 lookbacks of span means 1-2 days of new cycles
+    assert all(1.0 <= d <= 2.0 + 1 / 72 for d in re_warmed.values()), re_warmed
+    assert len(set(re_warmed.values())) == 3, re_warmed
