@@ -209,7 +209,7 @@ def deadline(c: Cluster, key: str) -> None:
     dep_id, group = key.split("|", 1)
     dep = c.deployments.get(dep_id)
     if dep is None or not dep.active or dep.status == "paused":
-        return
+        return  # paused: resuming restarts the deadline (see ``pause``)
     gs = dep.groups[group]
     if gs.require_progress_by is None or gs.require_progress_by > c.now_s() + 1e-6:
         return
@@ -223,6 +223,31 @@ def deadline(c: Cluster, key: str) -> None:
     ):
         return  # waiting for promotion does not count against progress
     fail(c, dep, DESC_PROGRESS)
+
+
+def stop_unneeded_canaries(c: Cluster, job: JobRecord) -> None:
+    """Stop the unpromoted canaries of the job's latest deployment once that deployment
+    no longer runs the job: a newer job version (or a re-created job) superseded it, or it
+    failed. Nomad's reconciler does this first in every evaluation (reconcile.go
+    cancelUnneededDeployments makes it the ``oldDeployment``; cancelUnneededCanaries stops
+    the PlacedCanaries of its groups that are not Promoted, and those of a failed current
+    deployment, as "alloc not needed due to job update")."""
+    from nomadscale.sim.sched import stop_alloc
+
+    history = c.deployments_by_job.get((job.namespace, job.id))
+    if not history:
+        return
+    last = history[-1]
+    superseded = last.job_version != job.version or last.job_create_index != job.create_index
+    if not superseded and last.status not in ("failed", "successful"):
+        return
+    for gs in last.groups.values():
+        if gs.promoted:
+            continue
+        for alloc_id in gs.placed_canaries:
+            a = c.allocs.get(alloc_id)
+            if a is not None and a.live:
+                stop_alloc(c, a, "alloc not needed due to job update")
 
 
 def fail(c: Cluster, dep: Deployment, description: str) -> int | None:
@@ -302,10 +327,22 @@ def promote(c: Cluster, dep: Deployment, *, groups: list[str] | None) -> dict[st
 
 
 def pause(c: Cluster, dep: Deployment, *, paused: bool) -> dict[str, Any] | None:
+    """Pause or resume ``dep``. A paused deployment never fails at its progress deadline
+    (``deadline`` skips it), and both pausing and resuming restart every group's deadline
+    from now, so a resumed deployment gets a whole progress_deadline again (Nomad 2.0.x,
+    hashicorp/nomad#27804: deploymentwatcher shouldFail skips paused deployments;
+    getDeploymentStatusUpdate stamps paused/running updates and the state store's
+    updateDeploymentStatusImpl sets RequireProgressBy = that time + ProgressDeadline)."""
     from nomadscale.sim import sched
 
     if not dep.active:
         raise ApiError(500, f"can't {'pause' if paused else 'resume'} terminal deployment")
+    now = c.now_s()
+    for name, gs in dep.groups.items():
+        if gs.progress_deadline_s > 0:
+            gs.require_progress_by = now + gs.progress_deadline_s
+            if not paused:
+                c.schedule(gs.require_progress_by, "deploy_deadline", f"{dep.id}|{name}")
     if paused:
         set_status(c, dep, "paused", DESC_PAUSED)
         return None

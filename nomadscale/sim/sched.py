@@ -263,6 +263,7 @@ def _reconcile_counted(
     if dep is not None and dep.job_version != job.version:
         deploy.set_status(c, dep, "cancelled", deploy.DESC_NEWER_JOB)
         dep = None
+    deploy.stop_unneeded_canaries(c, job)
     groups = job.spec.get("TaskGroups") or []
     plans: list[dict[str, Any]] = []
     updating = False
@@ -385,8 +386,10 @@ def _apply_group(
         place(max(0, strat["Canary"] - len(have)) if strat else 0, canary=True)
     else:
         diff = count - len(new) - len(old)
+        placed = 0  # placements that share max_parallel with the destructive updates
         if diff > 0:
             place(diff, previous=waiting)
+            placed = max(0, diff - len(waiting))  # migrations do not count against it
         elif diff < 0:
             excess = -diff
             for a in (_newest_first(old) + _newest_first(new))[:excess]:
@@ -399,8 +402,12 @@ def _apply_group(
             if strat is None or strat["MaxParallel"] <= 0:
                 budget = len(old)
             else:
+                # Nomad's reconciler (computeUnderProvisionedBy, then computeReplacements):
+                # max_parallel minus the deployment's allocs not yet healthy, minus this
+                # evaluation's placements (count increase, lost or failed replacements);
+                # destructive updates get what is left
                 in_flight = [a for a in new if a.healthy is not True]
-                budget = max(0, strat["MaxParallel"] - len(in_flight))
+                budget = max(0, strat["MaxParallel"] - len(in_flight) - placed)
             for a in sorted(old, key=lambda x: x.name)[:budget]:
                 stop_alloc(c, a, "alloc is being updated due to job update")
                 place(1)
