@@ -8,7 +8,10 @@ the steps it would have had to serve (``calibration.RatioCalibrator``). ``auto``
 online log-space regression (``forecast_models.LogRegression``), which weighs persistence,
 levels and yesterday's rise by their recent accuracy; switching between models whose errors
 differ was measured to cost more than it saved. An adaptive-conformal feedback on the
-realised misses of the issued bound keeps long-run availability at the target.
+realised misses of the issued bound keeps long-run availability at the target. When the
+capacity of a worker is known, headroom grows with the square root of demand (in worker
+units, like counting noise) rather than in proportion to it: the trough, where relative noise
+is larger and a worker is cheap, gets more of it, the peak less (``noise_exponent``).
 
 ``Forecaster`` is fed history incrementally (the backtest feeds it cycle by cycle);
 ``forecast()`` builds one from a series and asks it once: the same code both ways.
@@ -88,6 +91,11 @@ class ForecastConfig:
     # calibrated on whole workers (what sizing will provision), not on raw demand
     capacity_rpm: float | None = None
     min_workers: int = 0
+    # how headroom grows with demand, when the capacity of a worker is known: the bound is
+    # peak + h * peak**e * capacity**(1 - e), h calibrated online. 0.5: noise like counting
+    # noise, relatively larger at low demand (where a worker of headroom is cheap) than at the
+    # peak; 1: proportional headroom (also used when the capacity is unknown)
+    noise_exponent: float = 0.5
 
 
 class Forecaster:
@@ -99,6 +107,8 @@ class Forecaster:
         c = config
         if not 0.5 <= c.target < 1.0:
             raise InputError(f"forecast target must be in [0.5, 1), got {c.target}")
+        if not 0.0 <= c.noise_exponent <= 1.0:
+            raise InputError(f"forecast noise exponent must be in [0, 1], got {c.noise_exponent}")
         model = _ALIASES.get(c.model, c.model)
         if model not in MODEL_CHOICES:
             raise InputError(
@@ -141,7 +151,22 @@ class Forecaster:
         self._upper_prev = math.nan
         self._offset = 0.0  # quantile tracking: log of the correction to the multipliers
         self._next: Forecast | None = None
+        # calibrated quantity: (demand - p) / scale(p) + 1, scale(p) = p**e * unit**(1 - e);
+        # with e = 1 that is the plain ratio demand / p
+        self._e = c.noise_exponent if c.capacity_rpm else 1.0
+        self._unit = float(c.capacity_rpm or 1.0)
         self._plan()
+
+    def _scale(self, p: np.ndarray) -> np.ndarray:
+        if self._e == 1.0:
+            return p
+        return np.power(p, self._e) * self._unit ** (1.0 - self._e)
+
+    def _bound(self, peak: float, m: float) -> float:
+        """The upper bound for point forecast ``peak`` at calibrated multiplier ``m``."""
+        if self._e == 1.0:
+            return peak * m
+        return peak + (m - 1.0) * float(self._scale(np.array(max(peak, 1e-9))))
 
     # -- feeding -------------------------------------------------------------------------
 
@@ -205,10 +230,11 @@ class Forecaster:
         pred = self._pred[self.active]
         p = np.maximum(pred, 1e-9)
         with np.errstate(invalid="ignore"):
-            ratios = x[None, :] / p[:, None]
+            ratios = (x[None, :] - p[:, None]) / self._scale(p)[:, None] + 1.0
             if self.lead:
-                den = np.fmin(self._pred_prev[self.active], pred)
-                ratios[:, : self.lead] = x[None, : self.lead] / np.maximum(den, 1e-9)[:, None]
+                den = np.maximum(np.fmin(self._pred_prev[self.active], pred), 1e-9)
+                lx = x[None, : self.lead]
+                ratios[:, : self.lead] = (lx - den[:, None]) / self._scale(den)[:, None] + 1.0
         ratios[np.isnan(pred)] = np.nan
         bh = self.config.business_hours
         in_hours = bh is not None and bh.in_hours(self._bucket_start(k))
@@ -303,7 +329,7 @@ class Forecaster:
         # below the demand the forecast itself expects
         self._floored = m < 1.0
         m = max(m, 1.0)
-        upper = peak * m
+        upper = self._bound(peak, m)
         self._upper = upper if data_ok else math.nan
         self._next = Forecast(
             peak=peak,
@@ -311,7 +337,7 @@ class Forecaster:
             model=name,
             horizon_s=horizon,
             target=target,
-            headroom=(m - 1.0) if peak > 0 else 0.0,
+            headroom=(upper / peak - 1.0) if peak > 0 else 0.0,
             data_ok=data_ok,
             meta=meta,
         )
