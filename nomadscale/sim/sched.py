@@ -429,40 +429,26 @@ def job_status(c: Cluster, job: JobRecord) -> str:
     return "pending"
 
 
+# a job summary's per-group counters, and the client status each alloc counts under
+_SUMMARY_FIELDS = ("Queued", "Complete", "Failed", "Running", "Starting", "Lost", "Unknown")
+_SUMMARY_OF_STATUS = {
+    "pending": "Starting",
+    "running": "Running",
+    "complete": "Complete",
+    "failed": "Failed",
+    "lost": "Lost",
+}
+
+
 def summary(c: Cluster, job: JobRecord) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     key = (job.namespace, job.id)
     for tg in job.spec.get("TaskGroups") or []:
-        out[tg["Name"]] = {
-            "Queued": c.queued.get((key, tg["Name"]), 0),
-            "Complete": 0,
-            "Failed": 0,
-            "Running": 0,
-            "Starting": 0,
-            "Lost": 0,
-            "Unknown": 0,
-        }
+        out[tg["Name"]] = dict.fromkeys(_SUMMARY_FIELDS, 0)
+        out[tg["Name"]]["Queued"] = c.queued.get((key, tg["Name"]), 0)
     for a in c.job_allocs(key):
-        s = out.setdefault(
-            a.task_group,
-            {
-                "Queued": 0,
-                "Complete": 0,
-                "Failed": 0,
-                "Running": 0,
-                "Starting": 0,
-                "Lost": 0,
-                "Unknown": 0,
-            },
-        )
-        field = {
-            "pending": "Starting",
-            "running": "Running",
-            "complete": "Complete",
-            "failed": "Failed",
-            "lost": "Lost",
-        }.get(a.client_status, "Unknown")
-        s[field] += 1
+        s = out.setdefault(a.task_group, dict.fromkeys(_SUMMARY_FIELDS, 0))
+        s[_SUMMARY_OF_STATUS.get(a.client_status, "Unknown")] += 1
     return out
 
 

@@ -162,6 +162,10 @@ class Forecaster:
             return p
         return np.power(p, self._e) * self._unit ** (1.0 - self._e)
 
+    def _ratios(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """(models, steps): what each step needed, as the multiplier ``_bound`` applies."""
+        return (x[None, :] - p[:, None]) / self._scale(p)[:, None] + 1.0
+
     def _bound(self, peak: float, m: float) -> float:
         """The upper bound for point forecast ``peak`` at calibrated multiplier ``m``."""
         if self._e == 1.0:
@@ -230,11 +234,10 @@ class Forecaster:
         pred = self._pred[self.active]
         p = np.maximum(pred, 1e-9)
         with np.errstate(invalid="ignore"):
-            ratios = (x[None, :] - p[:, None]) / self._scale(p)[:, None] + 1.0
+            ratios = self._ratios(x, p)
             if self.lead:
                 den = np.maximum(np.fmin(self._pred_prev[self.active], pred), 1e-9)
-                lx = x[None, : self.lead]
-                ratios[:, : self.lead] = (lx - den[:, None]) / self._scale(den)[:, None] + 1.0
+                ratios[:, : self.lead] = self._ratios(x[: self.lead], den)
         ratios[np.isnan(pred)] = np.nan
         bh = self.config.business_hours
         in_hours = bh is not None and bh.in_hours(self._bucket_start(k))
