@@ -30,6 +30,7 @@ class Replay:
     peak: np.ndarray
     upper: np.ndarray
     models: list[str] = field(default_factory=list)
+    capped: int = 0  # cycles where bounds.max held the count below what the forecast needs
 
 
 def replay(
@@ -50,6 +51,7 @@ def replay(
     fcs = [f.predict(), *f.feed(rate[int(b[0]) : int(b[-1])])]
     current: int | None = None
     last_scale: datetime | None = None
+    capped = 0
     for i in range(nb):
         d = int(b[i])
         fc: Forecast = fcs[i]
@@ -69,11 +71,12 @@ def replay(
         if current is not None and s.count != current:
             last_scale = now
         current = s.count
+        capped += "max" in s.bounds_hit
         dec[i] = s.count
         peak[i] = fc.peak
         upper[i] = fc.upper
         models.append(fc.model)
-    return Replay(decisions=dec, peak=peak, upper=upper, models=models)
+    return Replay(decisions=dec, peak=peak, upper=upper, models=models, capped=capped)
 
 
 @dataclass

@@ -11,8 +11,8 @@ their hindsight-tuned rows and the oracle.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-from datetime import datetime, time
+from dataclasses import asdict, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,10 @@ from nomadscale.core.clock import utc
 from nomadscale.core.durations import parse_duration
 from nomadscale.core.errors import UsageError
 from nomadscale.data import bundled_trace_path
-from nomadscale.stages.forecast import BusinessHours, ForecastConfig
+from nomadscale.stages.decide import bounds_from, forecast_config_from
+from nomadscale.stages.forecast import ForecastConfig
 from nomadscale.stages.history import load_trace
 from nomadscale.stages.sizing import Bounds
-
-_DAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6}
 
 
 def _seconds(option: str, value: str | None, default: float) -> float:
@@ -42,40 +41,14 @@ def _seconds(option: str, value: str | None, default: float) -> float:
         raise UsageError(f"{option}: {e}") from None
 
 
-def _hhmm(v: Any) -> time:
-    return v if isinstance(v, time) else time.fromisoformat(str(v))
-
-
 def policy_settings(policy: Any) -> tuple[ForecastConfig, Bounds, float]:
-    """Forecast config, bounds and capacity per worker from a loaded policy."""
-    fs = policy.forecast
-    bh = None
-    if fs.business_hours is not None:
-        h = fs.business_hours
-        bh = BusinessHours(
-            days=tuple(_DAYS[d] if isinstance(d, str) else int(d) for d in h.days),
-            start=_hhmm(h.start),
-            end=_hhmm(h.end),
-            tz=h.timezone,
-            target=h.target_availability,
-            min_workers=h.min_workers,
-        )
-    cfg = ForecastConfig(
-        cycle_s=policy.cycle.total_seconds(),
-        lead_s=policy.lead_time.total_seconds(),
-        target=fs.target_availability,
-        model=fs.model,
-        business_hours=bh,
+    """Forecast config, bounds and capacity per worker from a loaded policy: the same
+    adapters as the live loop's (``stages.decide``)."""
+    return (
+        forecast_config_from(policy),
+        bounds_from(policy),
+        float(policy.capacity.rpm_per_worker),
     )
-    b = policy.bounds
-    bounds = Bounds(
-        min=b.min,
-        max=b.max,
-        max_step_up=b.max_step_up,
-        max_step_down=b.max_step_down,
-        scale_down_cooldown_s=b.scale_down_cooldown.total_seconds(),
-    )
-    return cfg, bounds, float(policy.capacity.rpm_per_worker)
 
 
 def _table(report: Report, title: str) -> Table:
@@ -150,16 +123,14 @@ def backtest(
     if target_availability is not None:
         if not 0.5 <= target_availability < 1:
             raise UsageError("--target-availability: must be in [0.5, 1)")
-        cfg = ForecastConfig(**{**asdict(cfg), "target": target_availability})
+        cfg = replace(cfg, target=target_availability)
     cyc = _seconds("--cycle", cycle, cfg.cycle_s)
     ld = _seconds("--lead", lead, cfg.lead_s)
-    cfg = ForecastConfig(**{**asdict(cfg), "cycle_s": cyc, "lead_s": ld,
-                            "business_hours": cfg.business_hours})  # fmt: skip
+    cfg = replace(cfg, cycle_s=cyc, lead_s=ld)
     if min_workers is not None:
         if min_workers < 0:
             raise UsageError("--min-workers: must not be negative")
-        bounds = Bounds(**{**asdict(bounds), "min": min_workers,
-                           "max": max(bounds.max, min_workers)})  # fmt: skip
+        bounds = replace(bounds, min=min_workers, max=max(bounds.max, min_workers))
     start_dt: datetime | None = None
     if start:
         try:
@@ -171,6 +142,8 @@ def backtest(
     p = make_params(tr, cycle_s=cyc, lead_s=ld, min_workers=bounds.min, capacity_rpm=cap,
                     start=start_dt)  # fmt: skip
     rate = tr.series.values
+    # headroom is calibrated on the whole workers of this replay (after the options)
+    cfg = replace(cfg, capacity_rpm=p.capacity_rpm, min_workers=bounds.min)
     report = run_backtest(rate, p, config=cfg, bounds=bounds)
     if decisions_out:
         write_decisions(decisions_out, p, report.decisions["nomadscale"])
@@ -178,6 +151,14 @@ def backtest(
         from nomadscale.backtest.plot import plot_report
 
         plot_report(report, rate, plot)
+    if report.replay.capped:
+        # the policy cannot follow this trace: say so, not just a low availability figure
+        click.echo(
+            f"warning: bounds.max {bounds.max} held nomadscale below its forecast in "
+            f"{report.replay.capped} of {len(p.boundaries)} cycles (capacity/worker "
+            f"{p.capacity_rpm:g} req/min): raise bounds.max or --capacity-per-worker",
+            err=True,
+        )
     if as_json:
         out = {k: asdict(m) for k, m in report.rows.items()}
         click.echo(json.dumps(out, indent=1))

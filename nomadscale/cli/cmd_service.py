@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import math
 from datetime import timedelta
 from typing import Any
 
@@ -143,10 +142,12 @@ def plan(policy: str, as_json: bool) -> None:
 @click.argument("policy")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write a PNG plot.")
 def forecast_cmd(policy: str, plot_file: str | None) -> None:
-    """Forecast POLICY's next cycle from its demand history."""
+    """Forecast POLICY's next cycle from its demand history (the live loop's forecast: the
+    same config, lookback and sizing)."""
     from nomadscale.service.runtime import demand_for
-    from nomadscale.stages.decide import forecast_config_from
+    from nomadscale.stages.decide import bounds_from, forecast_config_from, lookback_s
     from nomadscale.stages.forecast import forecast
+    from nomadscale.stages.sizing import size
 
     settings = get_settings()
     pol = find_policy(settings, policy)
@@ -154,14 +155,15 @@ def forecast_cmd(policy: str, plot_file: str | None) -> None:
     src = demand_for(settings)(pol)
     if pol.demand.source == "trace":  # a trace: forecast right after its last step
         now = src.trace.end
-    lookback = getattr(pol.demand, "lookback_s", 28 * 86400.0)
-    series = src.history(end=now, lookback_s=lookback, step_s=pol.demand.step_s)
+    series = src.history(end=now, lookback_s=lookback_s(pol), step_s=pol.demand.step_s)
     fc = forecast(series, now=now, config=forecast_config_from(pol))
-    workers = math.ceil(fc.upper / pol.capacity.rpm_per_worker) if fc.upper > 0 else 0
+    sized = size(forecast=fc, capacity_rpm=pol.capacity.rpm_per_worker, current=None,
+                 bounds=bounds_from(pol), now=now, last_scale_at=None)  # fmt: skip
+    within = "" if sized.count == sized.raw else f" ({sized.count} within bounds)"
     click.echo(
         f"{pol.name}: next {format_duration(fc.horizon_s)} peak {fc.peak:.1f} rpm by {fc.model}, "
         f"upper {fc.upper:.1f} rpm (+{fc.headroom * 100:.0f}% for {fc.target:.3g}) "
-        f"-> {workers} workers{'' if fc.data_ok else ' (history incomplete)'}"
+        f"-> {sized.raw} workers{within}{'' if fc.data_ok else ' (history incomplete)'}"
     )
     if plot_file:
         import matplotlib

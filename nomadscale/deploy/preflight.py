@@ -12,7 +12,7 @@ from typing import Any
 from nomadscale.config.policy import Policy
 from nomadscale.core.errors import PermanentError, SafetyError
 from nomadscale.core.ports import DemandSource, JobInfo, NodeInfo
-from nomadscale.stages.decide import forecast_config_from
+from nomadscale.stages.decide import forecast_config_from, lookback_s
 from nomadscale.stages.forecast import forecast
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,13 @@ def estimate_seconds(policy: Policy, workers: int, *, prefetched: bool) -> float
 def forecast_upper(
     policy: Policy, demand: DemandSource, *, now: datetime, horizon_s: float
 ) -> float:
-    """Upper bound of demand (rpm) over ``horizon_s`` from now (rounded up to whole cycles)."""
+    """Upper bound of demand (rpm) over ``horizon_s`` from now (rounded up to whole cycles):
+    the live loop's forecast (its config, with headroom calibrated on whole workers, and its
+    lookback), one cycle of it stretched to cover the rollout."""
     cfg = forecast_config_from(policy)
     n = max(1, math.ceil(horizon_s / policy.cycle_s))
     cfg = replace(cfg, cycle_s=policy.cycle_s * n, lead_s=policy.lead_time_s)
-    step = policy.demand.step_s
-    lookback = getattr(policy.demand, "lookback_s", 7 * 86400.0)
-    series = demand.history(end=now, lookback_s=lookback, step_s=step)
+    series = demand.history(end=now, lookback_s=lookback_s(policy), step_s=policy.demand.step_s)
     return float(forecast(series, now=now, config=cfg).upper)
 
 

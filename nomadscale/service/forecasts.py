@@ -22,7 +22,7 @@ import logging
 import math
 import time
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -31,30 +31,11 @@ from nomadscale.config.policy import Policy
 from nomadscale.core.clock import utc
 from nomadscale.core.ports import DemandSeries, DemandSource
 from nomadscale.core.values import Forecast
-from nomadscale.stages.decide import forecast_config_from
+from nomadscale.stages.decide import forecast_config_from, lookback_s
 from nomadscale.stages.forecast import ForecastConfig, Forecaster, forecast
 from nomadscale.stages.history import clean
 
 log = logging.getLogger(__name__)
-
-# history read when the demand source has no ``lookback`` (a trace): 5 weeks
-DEFAULT_LOOKBACK_S = 35 * 86400.0
-
-
-def live_config(policy: Policy) -> ForecastConfig:
-    """The policy's forecast config, calibrated on whole workers (what sizing provisions) as
-    the backtest does: the service knows each worker's capacity and the fleet minimum. The
-    upper bound is floored at the point forecast (on flat demand at an exact multiple of the
-    capacity the calibrated multiplier alone would sit just below it)."""
-    return replace(
-        forecast_config_from(policy),
-        capacity_rpm=policy.capacity.rpm_per_worker,
-        min_workers=policy.bounds.min,
-    )
-
-
-def lookback_s(policy: Policy) -> float:
-    return float(getattr(policy.demand, "lookback_s", DEFAULT_LOOKBACK_S))
 
 
 def warm_forecaster(series: DemandSeries, *, now: datetime, config: ForecastConfig) -> Forecaster:
@@ -104,7 +85,7 @@ class LiveForecaster:
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        self.config = live_config(policy)
+        self.config = forecast_config_from(policy)
         self.step_s = float(policy.demand.step_s)
         self.lookback_s = lookback_s(policy)
         # history kept before a re-warm (bounded memory): 2-3 lookbacks, spread by name

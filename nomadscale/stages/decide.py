@@ -5,7 +5,8 @@
              -> business-hours minimum -> overrides and active schedules -> zone split
 
 Pure: ``now`` is passed in, no I/O. ``policy`` is a ``config.policy.Policy``; the small
-adapters ``forecast_config_from`` and ``bounds_from`` turn it into the stage configs.
+adapters ``forecast_config_from``, ``lookback_s`` and ``bounds_from`` turn it into the stage
+configs (every forecast of a policy, wherever it is made, uses the first two).
 
 An active pause holds the current count (reason ``paused``). The business-hours minimum is
 capped at ``bounds.max``; overrides (operator intent) are applied after it and may go beyond
@@ -29,6 +30,9 @@ from nomadscale.stages.zones import ZoneSplit, split
 if TYPE_CHECKING:
     from nomadscale.config.policy import Policy
 
+# demand history a forecast reads when the source has no ``lookback`` (a trace): 5 weeks
+DEFAULT_LOOKBACK_S = 35 * 86400.0
+
 _DAY = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6}
 
 
@@ -39,6 +43,16 @@ def _clock(minute: int) -> time:
 
 
 def forecast_config_from(policy: Policy) -> ForecastConfig:
+    """The policy's forecast config, the only one: the live loop, ``plan`` and ``simulate``
+    (``decide`` and the service's kept forecasters), the ``forecast`` command and the deploy
+    preflight all forecast with it, so that they all size from the same upper bound.
+
+    Headroom is calibrated on whole workers (what sizing provisions), as the backtest does:
+    the policy knows each worker's capacity and the fleet minimum, so the bound needs only to
+    reach the next whole worker, and it grows with the square root of demand
+    (``ForecastConfig.noise_exponent``) rather than in proportion. The upper bound is floored
+    at the point forecast (on flat demand at an exact multiple of the capacity the calibrated
+    multiplier alone would sit just below it)."""
     spec = policy.forecast
     bh = None
     if spec.business_hours is not None:
@@ -57,7 +71,14 @@ def forecast_config_from(policy: Policy) -> ForecastConfig:
         target=spec.target_availability,
         model=spec.model,
         business_hours=bh,
+        capacity_rpm=policy.capacity.rpm_per_worker,
+        min_workers=policy.bounds.min,
     )
+
+
+def lookback_s(policy: Policy) -> float:
+    """Seconds of demand history every forecast of ``policy`` is made from."""
+    return float(getattr(policy.demand, "lookback_s", DEFAULT_LOOKBACK_S))
 
 
 def bounds_from(policy: Policy) -> Bounds:

@@ -55,3 +55,18 @@ def test_options_change_the_protocol(tmp_path: Path) -> None:
     cli.add_command(backtest)
     bad = CliRunner().invoke(cli, ["backtest", "--cycle", "7x"])
     assert bad.exit_code == 2 and "--cycle: not a duration" in bad.output
+
+
+def test_policy_that_cannot_follow_the_trace_is_named_not_just_scored() -> None:
+    # policies/ekyc-ml.yaml: 240 req/min per worker, at most 40 workers; the bundled trace
+    # needs several hundred: every cycle is capped, and the backtest says why on stderr
+    policy = str(Path(__file__).resolve().parents[2] / "policies" / "ekyc-ml.yaml")
+    res = CliRunner().invoke(backtest, ["--policy", policy, "--json"])
+    assert res.exit_code == 0, res.output
+    assert "warning: bounds.max 40 held nomadscale below its forecast in 335 of 335 cycles" in (
+        res.stderr
+    )
+    rows = json.loads(res.stdout)  # the JSON on stdout stays parseable
+    assert rows["nomadscale"]["availability"] == 0.0
+    ok = CliRunner().invoke(backtest, ["--json"])
+    assert ok.exit_code == 0 and "warning" not in ok.stderr

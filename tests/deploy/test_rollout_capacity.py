@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from nomadscale.deploy.preflight import estimate_seconds, forecast_upper
 from nomadscale.deploy.rollout import Rollout
 from nomadscale.deploy.state import RolloutState
 from nomadscale.integrations.memkv import MemoryKV
@@ -38,28 +39,49 @@ def _rollout(twin: Any, nomad: Any, rpm: float, bmax: int = 80) -> Rollout:
                    demand=TraceDemandSource(TRACE), watch_wait_s=0, poll_s=5.0)  # fmt: skip
 
 
-def _upper(twin: Any, nomad: Any) -> float:
-    plan = _rollout(twin, nomad, rpm=1e9).plan(NEW)
-    assert plan.forecast_upper is not None and plan.forecast_upper > 0
-    return plan.forecast_upper
+def _jump_rpm() -> float:
+    return TraceDemandSource(TRACE).rpm_at(JUMP)
+
+
+def _peak_rpm() -> float:
+    """rpm_per_worker that puts the 14:10 jump between 15 and 16 workers: all 16 serve it,
+    15 (one out for its replacement) do not."""
+    return _jump_rpm() / 15.5
+
+
+def _surge_rpm(twin: Any, workers: float, *, fleet: int) -> tuple[float, float]:
+    """rpm_per_worker (and the forecast upper bound the preflight of ``fleet`` workers plans
+    for with it) at which the upper bound is ``workers`` workers. Headroom is calibrated on
+    whole workers, so the bound depends on rpm_per_worker: a fixed-point iteration
+    ``rpm = upper(rpm) / workers`` until the bound is within a quarter worker of ``workers``."""
+    rpm = 1e9
+    for _ in range(12):
+        pol = policy(rpm=rpm, bmax=80)
+        horizon = estimate_seconds(pol, fleet, prefetched=True)  # what the preflight plans
+        upper = forecast_upper(pol, TraceDemandSource(TRACE), now=twin.clock.now(),
+                               horizon_s=horizon)  # fmt: skip
+        if abs(upper / rpm - workers) <= 0.25:
+            return rpm, upper
+        rpm = upper / workers
+    raise AssertionError(f"no rpm_per_worker puts the forecast upper bound at {workers} workers")
 
 
 FORECAST_MISS = (
     "the trace's 14:10 bucket (105001 rpm) is above the forecast upper bound the rollout plans "
-    "for (14.5 workers, 15 of 16 healthy = 103680 rpm). The rollout re-plans before every node "
-    "step and surges from the first step after it can see the jump (14:10:15 at 15 s demand "
-    "steps), but zone a's replacement that went out at 14:09:56 (demand 70266 rpm, forecast "
-    "upper 100224 rpm: safe) is in flight when demand jumps at 14:10:00 and only healthy again "
-    "at 14:10:27: 27 s of 15 healthy no causal rollout can avoid without more headroom than the "
-    "forecast (test_rollout_at_peak_replans_once_the_jump_shows checks everything after it)"
+    "for (92875 rpm, 14 workers at 6774 rpm each) and above what 15 of 16 healthy serve "
+    "(101614 rpm; 16 serve it). The rollout re-plans before every node step and surges from "
+    "the first step after it can see the jump (14:10:15 at 15 s demand steps), but zone a's "
+    "replacement that went out at 14:09:56 (demand 70266 rpm, forecast upper 92875 rpm: safe) "
+    "is in flight when demand jumps at 14:10:00 and only healthy again at 14:10:27: 27 s of 15 "
+    "healthy no causal rollout can avoid without more headroom than the forecast "
+    "(test_rollout_at_peak_replans_once_the_jump_shows checks everything after it)"
 )
 
 
 def test_rollout_at_peak_completes_without_surge(twin_factory: Any) -> None:
     twin, _clock = _twin(twin_factory, nodes=40)
     nomad = setup_job(twin, count=8)
-    upper = _upper(twin, nomad)
-    r = _rollout(twin, nomad, upper / 14.5)
+    r = _rollout(twin, nomad, _peak_rpm())
     assert not r.plan(NEW).surge
     st = r.start(NEW)
     assert st.status == "completed", st.reason
@@ -67,15 +89,19 @@ def test_rollout_at_peak_completes_without_surge(twin_factory: Any) -> None:
 
 
 def _peak_rollout(twin_factory: Any) -> tuple[SamplingClock, float, float, RolloutState]:
-    """Roll 16 workers (8 per zone, 40 nodes) at the peak, planned without surge; returns the
-    samples' clock, rpm_per_worker, the forecast upper bound the rollout planned for and the
-    final rollout record."""
+    """Roll 16 workers (8 per zone, 40 nodes) at the peak, planned without surge, the 14:10
+    jump above the forecast and between 15 and 16 workers; returns the samples' clock,
+    rpm_per_worker, the forecast upper bound the rollout planned for and the final rollout
+    record."""
     twin, clock = _twin(twin_factory, nodes=40)
     nomad = setup_job(twin, count=8)  # 16 workers over 40 nodes
-    upper = _upper(twin, nomad)
-    rpm = upper / 14.5  # 15 needed: taking one of 16 out is safe, no surge
+    rpm = _peak_rpm()
     r = _rollout(twin, nomad, rpm)
-    assert not r.plan(NEW).surge
+    plan = r.plan(NEW)
+    upper = plan.forecast_upper
+    assert upper is not None and upper < 15 * rpm < _jump_rpm() <= 16 * rpm, (upper, rpm)
+    # at most 15 needed: taking one of 16 out is safe, no surge
+    assert not plan.surge and plan.required_workers <= 15, plan.explain()
     clock.samples.clear()
     st = r.start(NEW)
     assert st.status == "completed", st.reason
@@ -123,8 +149,8 @@ def test_rollout_at_peak_replans_once_the_jump_shows(twin_factory: Any) -> None:
 def test_surge_worker_added_per_zone_and_released(twin_factory: Any) -> None:
     twin, clock = _twin(twin_factory, nodes=10)
     nomad = setup_job(twin, count=3)  # 6 workers, 2 free nodes per zone
-    upper = _upper(twin, nomad)
-    rpm = upper / 5.5  # 6 needed: one out leaves 5 < 6, so surge one in the zone rolling
+    # 6 needed: one out leaves 5 < 6, so surge one in the zone rolling
+    rpm, _upper_rpm = _surge_rpm(twin, 5.5, fleet=6)
     r = _rollout(twin, nomad, rpm)
     plan = r.plan(NEW)
     assert plan.surge and plan.required_workers == 6
@@ -144,8 +170,7 @@ def test_surge_worker_added_per_zone_and_released(twin_factory: Any) -> None:
 def test_surge_keeps_capacity_above_forecast(twin_factory: Any) -> None:
     twin, clock = _twin(twin_factory, nodes=10)
     nomad = setup_job(twin, count=3)
-    upper = _upper(twin, nomad)
-    rpm = upper / 5.5
+    rpm, upper = _surge_rpm(twin, 5.5, fleet=6)  # 6 of 6 needed
     clock.samples.clear()
     st = _rollout(twin, nomad, rpm).start(NEW)
     assert st.status == "completed", st.reason

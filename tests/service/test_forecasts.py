@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from nomadscale.core.ports import DemandSeries
-from nomadscale.service.forecasts import LiveForecaster, live_config
+from nomadscale.service.forecasts import LiveForecaster
+from nomadscale.stages.decide import forecast_config_from
 from nomadscale.stages.forecast import forecast
 from tests.service.helpers import make_policy
 
@@ -46,7 +47,7 @@ def test_incremental_forecasts_equal_from_scratch_on_the_same_steps() -> None:
     values = _demand(int(16 * 86400 / STEP))
     src = Recording(values)
     live = LiveForecaster(policy)
-    cfg = live_config(policy)
+    cfg = forecast_config_from(policy)
     first = ORIGIN + timedelta(days=4, seconds=43)  # a slot a little after a step ended
     warm_start = None
     for i in range(0, 2 * 72, 9):  # two days of cycles, checked every 9th
