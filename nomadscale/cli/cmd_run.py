@@ -141,8 +141,11 @@ def run(once: bool, dry_run: bool, policy_files: tuple[str, ...], no_http: bool)
     when NOMADSCALE_WEBHOOK_SECRETS / NOMADSCALE_REPORT_TOKEN are set, resumes interrupted
     runbook runs and rollouts when it becomes the leader, and warms up new nodes with the
     golden image after each cycle."""
-    from nomadscale.service.runtime import build_ports, run_service
+    from nomadscale.service.runtime import StopSignals, build_ports, run_service
 
+    # first: a SIGTERM during start-up then stops the service once it is built (exit 0)
+    # instead of killing it half-started
+    signals = None if once else StopSignals().install()
     settings = get_settings()
     _logging(settings)
     policies = policies_for(settings, policy_files)
@@ -150,7 +153,7 @@ def run(once: bool, dry_run: bool, policy_files: tuple[str, ...], no_http: bool)
     ports = build_ports(settings, policies, clock=clock, dry_run=dry_run)
     if once or dry_run:
         run_service(settings, policies, once=once, dry_run=dry_run, serve_http=not no_http,
-                    ports=ports, clock=clock)  # fmt: skip
+                    ports=ports, clock=clock, signals=signals)  # fmt: skip
         return
     healing = None if no_http else build_healing(settings)
     on_leader: list[Callable[[], object]] = []
@@ -163,7 +166,7 @@ def run(once: bool, dry_run: bool, policy_files: tuple[str, ...], no_http: bool)
     run_service(
         settings, policies, serve_http=not no_http, ports=ports, clock=clock,
         extra_routes=healing.routes if healing else (), on_leader=on_leader,
-        after_cycle=warm_up_gate(settings, ports, clock), on_stop=on_stop,
+        after_cycle=warm_up_gate(settings, ports, clock), on_stop=on_stop, signals=signals,
     )  # fmt: skip
 
 
@@ -173,14 +176,13 @@ def serve() -> None:
 
     For hosts that heal but do not autoscale; `run` serves the same routes itself, so do not
     run both against one Consul prefix."""
-    import signal
-    import threading
-
     from nomadscale.service import systemd
     from nomadscale.service.http import HttpServer, create_app
     from nomadscale.service.ops_metrics import DeployCollector
     from nomadscale.service.records import Metrics
+    from nomadscale.service.runtime import StopSignals
 
+    signals = StopSignals().install()  # never logs or locks in the handler: see there
     settings = get_settings()
     _logging(settings)
     healing = build_healing(settings)
@@ -209,15 +211,15 @@ def serve() -> None:
         create_app(registry=metrics.registry, status=status, extra_routes=healing.routes),
         host=settings.http_host, port=settings.http_port,
     ).start()  # fmt: skip
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_a: stopping.set())
     systemd.notify("READY=1")
     ping = min(systemd.watchdog_interval_s() or 10.0, 10.0)
     try:
-        while not stopping.wait(ping):
+        while not signals.wait(ping):
             systemd.notify("WATCHDOG=1")
+        log.info("received %s: stopping", signals.name)
     finally:
+        if not signals.requested:  # an error: bound the shutdown it starts too
+            signals.request()
         systemd.notify("STOPPING=1")
         engine.stop()
         http.stop()

@@ -55,10 +55,13 @@ def create_app(
 
 
 class HttpServer:
-    """uvicorn in a background thread; ``stop()`` asks it to exit and waits."""
+    """uvicorn in a background thread; ``stop()`` asks it to exit and waits (bounded)."""
 
-    def __init__(self, app: Starlette, *, host: str, port: int) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    def __init__(self, app: Starlette, *, host: str, port: int, grace_s: float = 5.0) -> None:
+        # grace_s: requests still running at stop() are cancelled after that
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=max(1, round(grace_s)))  # fmt: skip
+        self.grace_s = grace_s
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
         self.host, self.port = host, port
@@ -81,4 +84,8 @@ class HttpServer:
 
     def stop(self) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=self.grace_s + 2.0)
+        if self._thread.is_alive():  # a stuck request or a stuck loop: do not wait for it
+            log.warning("http: server still stopping after %.0fs: forcing it", self.grace_s + 2)
+            self._server.force_exit = True
+            self._thread.join(timeout=2.0)

@@ -8,7 +8,9 @@
 * A cycle slot (policy + scheduled time) is claimed in KV before acting, so a failover never
   applies the same slot twice.
 * ``stop()`` (SIGTERM) sets a flag checked before a cycle and between actions, waits for the
-  running cycle, then releases the lock: never half-applied by choice.
+  running cycle, then releases the lock: never half-applied by choice. No job is added once
+  it began: APScheduler's ``shutdown(wait=True)`` holds its job store lock while it waits for
+  the running jobs, so a job adding a job then hangs the process for good (``_run_soon``).
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ class Service:
         self._busy = {name: threading.Lock() for name in self.policies}
         self._kicks: dict[str, str | None] = {}
         self._scheduler: BackgroundScheduler | None = None
+        self._sched_mu = threading.Lock()  # adding a job vs. stop() taking the scheduler
         self._elect_mu = threading.Lock()
         # run in the background when this process becomes the leader (resume interrupted
         # runbook runs and rollouts); wired by the CLI layer
@@ -160,6 +163,8 @@ class Service:
     def elect(self) -> bool:
         """Take or renew the leader lock; False on any error (never act when unsure)."""
         with self._elect_mu:
+            if self.stop_event.is_set():  # stopping: never take the lock again after stop()
+                return self.leader
             try:
                 now_leader = bool(self.ports.lock.acquire())
                 self._lock_reachable()
@@ -170,14 +175,10 @@ class Service:
             if now_leader != self.leader:
                 # forecasters stay: standbys keep theirs up to date (see run_policy)
                 log.info("leadership %s", "acquired" if now_leader else "lost")
-                if now_leader and not self.stop_event.is_set():
+                if now_leader:
                     self._background("on-leader", self._run_on_leader)
-                if now_leader and self._scheduler is not None and not self.stop_event.is_set():
                     for name in self.policies:  # run the current slot if nobody did
-                        self._scheduler.add_job(
-                            self._scheduled, args=[name], id=f"takeover-{name}",
-                            replace_existing=True,
-                        )  # fmt: skip
+                        self._run_soon(self._scheduled, [name], f"takeover-{name}")
             self.leader = now_leader
             self.metrics.is_leader.set(1 if now_leader else 0)
             return now_leader
@@ -191,12 +192,11 @@ class Service:
         if not self._lock_alerted and down_s >= 2 * self.settings.lock_ttl_s:
             self._lock_alerted = True
             self.recorder.alert(
-                LOCK_ALERT,
-                on=True,
+                LOCK_ALERT, on=True,
                 summary=f"nomadscale cannot reach its leader lock for {down_s:.0f}s: "
                 "no autoscaling decisions are applied",
                 details={"error": str(error), "down_s": round(down_s, 1)},
-            )
+            )  # fmt: skip
 
     def _lock_reachable(self) -> None:
         self._lock_down_since = None
@@ -351,10 +351,15 @@ class Service:
                 log.info(
                     "%s: apply-now requested by %s: %s", name, doc.get("who"), doc.get("reason")
                 )
-                if self._scheduler is not None:
-                    self._scheduler.add_job(
-                        self._kicked, args=[name, kid], id=f"kick-{name}", replace_existing=True
-                    )
+                self._run_soon(self._kicked, [name, kid], f"kick-{name}")
+
+    def _run_soon(self, fn: Callable[..., object], args: list[Any], job_id: str) -> None:
+        """Run ``fn(*args)`` in the scheduler now, unless stopping (see the module doc)."""
+        with self._sched_mu:
+            sched = self._scheduler
+            if sched is None or self.stop_event.is_set():
+                return
+            sched.add_job(fn, args=args, id=job_id, replace_existing=True)
 
     def _watch_lock(self) -> None:
         """Standby: block on the lock key and try to take the lock the moment it frees
@@ -411,8 +416,9 @@ class Service:
             misfire_grace_time=int(max(1, self.renew_s)),
             next_run_time=datetime.now().astimezone(),
         )
+        with self._sched_mu:  # before its first lock tick can take over and add a job
+            self._scheduler = sched
         sched.start()
-        self._scheduler = sched
         self._background("warm-up", self.warm_up)
         if self.lock_watch is not None and not self.dry_run:
             self._watcher = threading.Thread(target=self._watch_lock, name="lock-watch",
@@ -431,26 +437,34 @@ class Service:
 
     def stop(self, *, timeout_s: float = 30.0) -> None:
         """Stop scheduling, let the running cycle end at its next safe point, release."""
-        self.stop_event.set()
-        if self._scheduler is not None:
+        with self._sched_mu:  # from here on no job adds a job (see _run_soon)
+            self.stop_event.set()
             sched, self._scheduler = self._scheduler, None
-            done = threading.Event()
+        if sched is not None:
 
             def _shutdown() -> None:
-                try:
-                    if sched.running:
-                        sched.shutdown(wait=True)
-                finally:
-                    done.set()
+                if sched.running:
+                    # emptied first: shutdown() marks it stopped before taking the job
+                    # store lock, and a run-once job removed then raises JobLookupError
+                    sched.pause()
+                    sched.remove_all_jobs()
+                    sched.shutdown(wait=True)
 
-            threading.Thread(target=_shutdown, daemon=True).start()
-            if not done.wait(timeout_s):
+            waiter = threading.Thread(target=_shutdown, name="scheduler-stop", daemon=True)
+            waiter.start()
+            waiter.join(timeout_s)
+            if waiter.is_alive():
                 log.warning("a cycle did not finish within %.0fs of shutdown", timeout_s)
         if not self.dry_run:
+            # after an election in flight (none starts once stopping): a few Consul calls
+            got = self._elect_mu.acquire(timeout=min(timeout_s, 15.0))
             try:
                 self.ports.lock.release()
             except NomadscaleError as e:
                 log.warning("releasing the leader lock failed: %s", e)
+            finally:
+                if got:
+                    self._elect_mu.release()
         self.leader = False
         self.metrics.is_leader.set(0)
         log.info("service stopped")

@@ -4,14 +4,20 @@
 lock (or the in-memory ones for a dry run without Consul), Prometheus or trace demand, GCE
 MIGs and PagerDuty. ``run_service`` logs the effective config, starts the scheduler and the
 HTTP endpoints, tells systemd READY=1, pings the watchdog and stops cleanly on SIGTERM.
+``StopSignals`` turns SIGTERM/SIGINT into a stop request without ever blocking in the signal
+handler, and bounds the whole shutdown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
+import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +36,89 @@ if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
 log = logging.getLogger(__name__)
+
+
+SHUTDOWN_DEADLINE_S = 60.0  # a stop request to process exit, at most (systemd: 90 s)
+EXIT_FORCED = 1  # the exit status when the deadline or a second signal ends the process
+_SIGNAMES = {int(s): s.name for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+class StopSignals:
+    """SIGTERM/SIGINT as a stop request the main thread waits for.
+
+    Python runs a signal handler in the main thread between two bytecodes, possibly while
+    that thread holds a lock that is not reentrant: the log redaction lock while a line is
+    formatted, an ``Event``'s condition while it waits. Logging or ``Event.set()`` from the
+    handler then deadlocks the process for good (later signals cannot run either). So the
+    handler only appends to a list; the C-level handler wakes ``wait()`` through the wakeup
+    fd, and the main thread logs. A second signal exits at once; and a daemon thread ends the
+    process ``deadline_s`` after the first one if it is still alive (a stuck shutdown, or an
+    interpreter exit joining a thread that hangs). Both write one line straight to stderr:
+    logging may be what is stuck."""
+
+    def __init__(self, *, deadline_s: float = SHUTDOWN_DEADLINE_S) -> None:
+        self.deadline_s = deadline_s
+        self.received: list[int] = []  # list.append: atomic and lock-free
+        self._rx, self._tx = socket.socketpair()
+        self._rx.setblocking(False)
+        self._tx.setblocking(False)
+
+    def install(self) -> StopSignals:
+        """Take over SIGTERM/SIGINT (main thread only: elsewhere only ``request()`` stops)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(self._tx.fileno(), warn_on_full_buffer=False)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+        threading.Thread(target=self._deadline, name="stop-deadline", daemon=True).start()
+        return self
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # no logging, no locks, no threads: see the class docstring
+        self.received.append(signum)
+        if len(self.received) > 1:
+            self._force(f"second {_SIGNAMES.get(signum, signum)} while stopping")
+
+    def _force(self, why: str) -> None:
+        try:
+            os.write(2, f"nomadscale: {why}: exiting now (status {EXIT_FORCED})\n".encode())
+        finally:
+            os._exit(EXIT_FORCED)
+
+    def _deadline(self) -> None:
+        while not self.received:
+            time.sleep(0.25)
+        time.sleep(self.deadline_s)
+        self._force(f"shutdown did not finish within {self.deadline_s:g}s of the stop request")
+
+    def request(self, signum: int = 0) -> None:
+        """Ask for a stop from code (what a signal does)."""
+        self.received.append(signum)
+        with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+            self._tx.send(b"\0")
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.received)
+
+    @property
+    def name(self) -> str:
+        """What asked to stop (``SIGTERM``, ``SIGINT`` or ``stop request``)."""
+        return _SIGNAMES.get(self.received[0], "stop request") if self.received else ""
+
+    def wait(self, timeout_s: float) -> bool:
+        """True as soon as a stop was requested, False after ``timeout_s`` without one."""
+        end = time.monotonic() + timeout_s
+        while not self.received:
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([self._rx], [], [], left)
+            if ready:
+                with contextlib.suppress(OSError):
+                    self._rx.recv(4096)
+                # the byte can come before the Python-level handler ran: it runs at the
+                # latest on this loop's next jump back, before the next select
+        return True
 
 
 def lock_key(settings: Settings) -> str:
@@ -185,6 +274,7 @@ def run_service(
     on_leader: Sequence[Callable[[], object]] = (),
     after_cycle: Callable[[Policy], object] | None = None,
     on_stop: Sequence[Callable[[], object]] = (),
+    signals: StopSignals | None = None,
 ) -> Service:
     """Run until SIGTERM/SIGINT (or one cycle of every policy with ``once``).
 
@@ -192,7 +282,8 @@ def run_service(
     run in the background whenever this process becomes the leader (resume interrupted
     runbook runs and rollouts), ``after_cycle`` after each cycle the leader ran (the
     warm-up gate), ``on_stop`` at shutdown. The CLI layer builds them: the service must not
-    import deploy or healing."""
+    import deploy or healing. ``signals``: the stop request, installed as early as the
+    caller could (a stop requested during start-up skips what is not started yet)."""
     clock = clock or SystemClock()
     log.info("effective settings: %s", settings.describe())
     ports = ports or build_ports(settings, policies, clock=clock, dry_run=dry_run)
@@ -206,34 +297,31 @@ def run_service(
         if not dry_run:
             svc.stop()
         return svc
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        stopping.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+    if signals is None:
+        signals = StopSignals().install()
     http = None
-    if serve_http:
+    if serve_http and not signals.requested:
         # rollouts run from `nomadscale deploy` in other processes: /metrics reads their KV state
         svc.metrics.registry.register(DeployCollector(ports.kv, prefix=settings.kv_prefix))
         app = create_app(registry=svc.metrics.registry, status=svc.status,
                          healthy=svc.healthy, extra_routes=extra_routes)  # fmt: skip
         http = HttpServer(app, host=settings.http_host, port=settings.http_port).start()
-    svc.start()
-    systemd.notify("READY=1")
-    ping = min(systemd.watchdog_interval_s() or 10.0, 10.0)
     try:
-        while not stopping.wait(ping):
+        if not signals.requested:
+            svc.start()
+            systemd.notify("READY=1")
+        ping = min(systemd.watchdog_interval_s() or 10.0, 10.0)
+        while not signals.wait(ping):
             # only while the scheduler runs and its lock tick is not stuck: a hung loop
             # stops the pings and systemd restarts the service
             if svc.healthy():
                 systemd.notify("WATCHDOG=1")
             else:
                 log.error("service loop unhealthy: withholding the systemd watchdog ping")
+        log.info("received %s: stopping", signals.name)
     finally:
+        if not signals.requested:  # an error: bound the shutdown it starts too
+            signals.request()
         systemd.notify("STOPPING=1")
         svc.stop()
         for fn in on_stop:
