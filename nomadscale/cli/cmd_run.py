@@ -180,7 +180,7 @@ def serve() -> None:
     from nomadscale.service.http import HttpServer, create_app
     from nomadscale.service.ops_metrics import DeployCollector
     from nomadscale.service.records import Metrics
-    from nomadscale.service.runtime import StopSignals
+    from nomadscale.service.runtime import StopSignals, stopping, watchdog_until_stopped
 
     signals = StopSignals().install()  # never logs or locks in the handler: see there
     settings = get_settings()
@@ -212,15 +212,10 @@ def serve() -> None:
         host=settings.http_host, port=settings.http_port,
     ).start()  # fmt: skip
     systemd.notify("READY=1")
-    ping = min(systemd.watchdog_interval_s() or 10.0, 10.0)
     try:
-        while not signals.wait(ping):
-            systemd.notify("WATCHDOG=1")
-        log.info("received %s: stopping", signals.name)
+        watchdog_until_stopped(signals, healthy=lambda: True)
     finally:
-        if not signals.requested:  # an error: bound the shutdown it starts too
-            signals.request()
-        systemd.notify("STOPPING=1")
+        stopping(signals)
         engine.stop()
         http.stop()
 

@@ -121,6 +121,24 @@ class StopSignals:
         return True
 
 
+def watchdog_until_stopped(signals: StopSignals, *, healthy: Callable[[], bool]) -> None:
+    """Ping the systemd watchdog (while ``healthy()``) until a stop is requested."""
+    ping = min(systemd.watchdog_interval_s() or 10.0, 10.0)
+    while not signals.wait(ping):
+        if healthy():
+            systemd.notify("WATCHDOG=1")
+        else:
+            log.error("service loop unhealthy: withholding the systemd watchdog ping")
+    log.info("received %s: stopping", signals.name)
+
+
+def stopping(signals: StopSignals) -> None:
+    """The start of a shutdown, however it came: a stop left by an error is bounded too."""
+    if not signals.requested:
+        signals.request()
+    systemd.notify("STOPPING=1")
+
+
 def lock_key(settings: Settings) -> str:
     return f"{settings.kv_prefix.strip('/')}/leader"
 
@@ -310,19 +328,11 @@ def run_service(
         if not signals.requested:
             svc.start()
             systemd.notify("READY=1")
-        ping = min(systemd.watchdog_interval_s() or 10.0, 10.0)
-        while not signals.wait(ping):
-            # only while the scheduler runs and its lock tick is not stuck: a hung loop
-            # stops the pings and systemd restarts the service
-            if svc.healthy():
-                systemd.notify("WATCHDOG=1")
-            else:
-                log.error("service loop unhealthy: withholding the systemd watchdog ping")
-        log.info("received %s: stopping", signals.name)
+        # only while the scheduler runs and its lock tick is not stuck: a hung loop stops the
+        # pings and systemd restarts the service
+        watchdog_until_stopped(signals, healthy=svc.healthy)
     finally:
-        if not signals.requested:  # an error: bound the shutdown it starts too
-            signals.request()
-        systemd.notify("STOPPING=1")
+        stopping(signals)
         svc.stop()
         for fn in on_stop:
             try:

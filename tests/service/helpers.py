@@ -81,13 +81,17 @@ def after(clock: Any, seconds: float) -> datetime:
     return clock.now() + timedelta(seconds=seconds)
 
 
+WEBHOOK_SECRET = "whsec-test-0001"
+
+
 def run_process_env(
-    *, consul_addr: str, prefix: str, twin: Any, tmp_path: Path, port: int
+    *, consul_addr: str, prefix: str, twin: Any, tmp_path: Path, port: int, healing: bool = False
 ) -> dict[str, str]:
     """Everything ``python -m nomadscale run`` needs as a real process: the small policy's job
     registered in ``twin``, its policy and settings files under ``tmp_path``, and the
     environment pointing at the twin and Consul (Prometheus is not reached before the first
-    cycle). Callers add what their test is about (webhook secrets, notify socket, ...)."""
+    cycle). ``healing``: with a webhook secret, so the process builds the healing engine and
+    serves its routes. Callers add what their test is about (notify socket, ...)."""
     policy = make_policy()
     twin.cluster.add_namespace("ekyc")
     NomadClient(address=twin.address).register_job(
@@ -96,7 +100,7 @@ def run_process_env(
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "ekyc.yaml").write_text(yaml.safe_dump(policy.to_yaml_dict()))
     (tmp_path / "settings.yaml").write_text("{}\n")
-    return {
+    env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("NOMAD", "CONSUL"))},
         "NOMAD_ADDR": twin.address,
         "CONSUL_HTTP_ADDR": consul_addr,
@@ -109,3 +113,6 @@ def run_process_env(
         "NOMADSCALE_RUNBOOKS": str(ROOT / "runbooks"),
         "PYTHONPATH": str(ROOT),
     }
+    if healing:
+        env["NOMADSCALE_WEBHOOK_SECRETS"] = WEBHOOK_SECRET
+    return env

@@ -44,9 +44,8 @@ def test_run_notifies_systemd_serves_metrics_and_stops_on_sigterm(
     notify_path = str(tmp_path / "notify.sock")
     twin = twin_factory(nodes=4, clock=SystemClock())
     env = run_process_env(consul_addr=consul_agent.addr, prefix=prefix, twin=twin,
-                          tmp_path=tmp_path, port=port)  # fmt: skip
+                          tmp_path=tmp_path, port=port, healing=True)  # fmt: skip
     env["NOTIFY_SOCKET"] = notify_path
-    env["NOMADSCALE_WEBHOOK_SECRETS"] = "whsec-test-0001"
     env["NOMADSCALE_REPORT_TOKEN"] = "report-token-0001"
     code = "from nomadscale.cli.cmd_run import run; run.main([])"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

@@ -41,8 +41,7 @@ def test_run_process_exports_rollout_and_runbook_metrics(
     port = free_port()
     twin = twin_factory(nodes=4, clock=SystemClock())
     env = run_process_env(consul_addr=consul_agent.addr, prefix=prefix, twin=twin,
-                          tmp_path=tmp_path, port=port)  # fmt: skip
-    env["NOMADSCALE_WEBHOOK_SECRETS"] = "whsec-test-0001"
+                          tmp_path=tmp_path, port=port, healing=True)  # fmt: skip
     updated = datetime.now(UTC).replace(microsecond=0)
     state = RolloutState(
         policy="ekyc", image="registry.example.com/ekyc/ml-worker:2", job_id="ml-worker",

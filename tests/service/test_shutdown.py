@@ -187,8 +187,7 @@ def test_sigterm_at_any_moment_exits_0_promptly_and_releases_the_lock(
     port = free_port()
     twin = twin_factory(nodes=4, clock=SystemClock())
     env = run_process_env(consul_addr=consul_agent.addr, prefix=prefix, twin=twin,
-                          tmp_path=tmp_path, port=port)  # fmt: skip
-    env["NOMADSCALE_WEBHOOK_SECRETS"] = "whsec-test-0001"  # the healing engine too
+                          tmp_path=tmp_path, port=port, healing=True)  # fmt: skip
     env["PROMETHEUS_URL"] = slow_prometheus.url
     p = Proc([sys.executable, "-m", "nomadscale", "run"], env)
     within = STOP_S
