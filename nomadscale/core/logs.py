@@ -14,21 +14,23 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
-_SECRETS: set[str] = set()
-_LOCK = threading.Lock()
+# longest first; replaced as a whole (never mutated) so that ``redact`` reads it without a
+# lock: a log line formatted while a signal handler or another thread logs never waits
+_SECRETS: tuple[str, ...] = ()
+_LOCK = threading.Lock()  # serialises writers only
 
 
 def register_secret(value: str | None) -> None:
     """Mask ``value`` wherever it would appear in a log line."""
+    global _SECRETS
     if value and len(value) >= 4:
         with _LOCK:
-            _SECRETS.add(value)
+            if value not in _SECRETS:
+                _SECRETS = tuple(sorted({*_SECRETS, value}, key=len, reverse=True))
 
 
 def redact(text: str) -> str:
-    with _LOCK:
-        secrets = sorted(_SECRETS, key=len, reverse=True)
-    for s in secrets:
+    for s in _SECRETS:
         if s in text:
             text = text.replace(s, "***")
     return text

@@ -90,3 +90,22 @@ def test_decision_explains_itself_in_one_line() -> None:
     with pytest.raises(AttributeError):
         d.desired = 3  # type: ignore[misc]
     assert timedelta(seconds=f.horizon_s) == timedelta(minutes=30)
+
+
+def test_redaction_masks_the_longest_secret_first_and_never_waits_on_a_lock() -> None:
+    """A secret containing another is masked whole; a log line formatted while another
+    thread (or an interrupted frame of this one) registers a secret does not wait."""
+    from nomadscale.core import logs
+
+    logs.register_secret("tok-1234")
+    logs.register_secret("tok-1234-extended")
+    import threading
+
+    out: list[str] = []
+    with logs._LOCK:  # held by a writer: formatting must still go through
+        t = threading.Thread(
+            target=lambda: out.append(logs.redact("a tok-1234-extended b tok-1234"))
+        )
+        t.start()
+        t.join(timeout=5)
+    assert out == ["a *** b ***"]

@@ -150,15 +150,15 @@ def _lock_session(consul: ConsulAgent, prefix: str) -> str | None:
 
 
 def test_a_stop_signal_landing_while_a_log_line_is_formatted_is_handled() -> None:
-    """The old handler logged: with the redaction lock held here (as while any log line is
-    formatted) it deadlocked on it every time."""
+    """The old handler logged: with the redaction lock held here (as while a log line was
+    formatted, before ``redact`` stopped locking) it deadlocked on it every time."""
     code = """if True:
         import logging, os, signal, time
         from nomadscale.core import logs
         from nomadscale.service.runtime import StopSignals
         logs.setup_logging(level="INFO")
         signals = StopSignals(deadline_s=30).install()
-        with logs._LOCK:  # what formatting a log line holds
+        with logs._LOCK:  # a lock the interrupted thread may hold
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.2)  # the handler runs in here, in this thread
         assert signals.wait(5)
