@@ -167,4 +167,4 @@ def backtest(
         f"{Path(path).name}: step {p.step_min:g} min, {len(p.boundaries)} cycles scored, "
         f"capacity/worker {p.capacity_rpm:.2f} req/min"
     )
-    Console().print(_table(report, title))
+    Console(width=max(Console().width, 100)).print(_table(report, title))
