@@ -20,7 +20,7 @@ from typing import Any
 
 from nomadscale.config.policy import Policy
 from nomadscale.core.errors import NomadscaleError
-from nomadscale.core.ports import DemandSource, GroupStatus
+from nomadscale.core.ports import DemandSource, GroupStatus, NodeInfo
 from nomadscale.deploy.preflight import group_datacenter
 
 log = logging.getLogger(__name__)
@@ -115,14 +115,23 @@ def check_step(
     planned_upper: float | None,
     surge_blocked: Callable[[], str | None],
     out: int = 1,
+    surge_must_cover: bool = False,
 ) -> StepCheck:
     """Decide the next node step. ``surge_blocked`` (asked only when the step would leave too
-    little capacity) says why no surge worker can be added in ``group``, or None."""
+    little capacity) says why no surge worker can be added in ``group``, or None. With
+    ``surge_must_cover`` (a zone's start: the surge worker comes with the zone's new job
+    version, whose deployment then runs) a surge that would still leave the step short is a
+    hold instead: it waits before any deployment, every worker serving."""
     known = [x for x in (demand_rpm, planned_upper) if x is not None and math.isfinite(x)]
     need = math.ceil(max(known) / rpm_per_worker - 1e-9) if known else None
     action, why = GO, ""
     if need is not None and serving - out < need:
-        blocked = surge_blocked()
+        short = surge_must_cover and serving + 1 - out < need
+        blocked = (
+            f"one surge worker would still leave {serving + 1 - out} < {need}"
+            if short
+            else surge_blocked()
+        )
         action, why = (SURGE, "") if blocked is None else (HOLD, blocked)
     return StepCheck(group=group, at=at, action=action, serving=serving, out=out,
                      rpm_per_worker=rpm_per_worker, demand_rpm=demand_rpm,
@@ -159,12 +168,24 @@ def surge_blocker(
     zone = next((z for z in policy.zones.items if z.group == group), None)
     if zone is None:
         return f"{group} is not a zone of the policy"
+    usable = zone_nodes(policy, nomad, spec=spec, group=group)
+    if len(usable) <= count:
+        dc = group_datacenter(dict(spec), group, zone.name)
+        return f"no free node in zone {dc} ({len(usable)} usable for {count} workers)"
+    return None
+
+
+def zone_nodes(
+    policy: Policy, nomad: Any, *, spec: Mapping[str, Any], group: str
+) -> list[NodeInfo]:
+    """The nodes a worker of ``group`` can be placed on now: its zone's pool and datacenter,
+    ready, eligible and not draining (none when ``group`` is not a zone of the policy)."""
+    zone = next((z for z in policy.zones.items if z.group == group), None)
+    if zone is None:
+        return []
     dc = group_datacenter(dict(spec), group, zone.name)
-    usable = [
+    return [
         n for n in nomad.list_nodes(node_pool=zone.node_pool)
         if n.datacenter == dc and n.status == "ready" and n.eligibility == "eligible"
         and not n.draining
     ]  # fmt: skip
-    if len(usable) <= count:
-        return f"no free node in zone {dc} ({len(usable)} usable for {count} workers)"
-    return None

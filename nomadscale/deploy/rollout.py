@@ -160,9 +160,10 @@ class Rollout(StepGate):
         if st.current_zone != group or not st.deployment_id:
             st.current_zone, st.deployment_id = group, None
             st.timings[f"{group}_start"] = self._elapsed()
-            if plan.surge and (st.surge is None or st.surge.get("group") != group):
-                self._surge(group)
-            self._zone_gate(group)  # re-plan against current demand: surge or hold first
+            self._top_up(group)  # nodes that joined the zone since the prefetch
+            # re-plan against current demand (and the planned bound): surge or hold first; a
+            # surge worker is part of this zone's new version, so it runs the new image
+            surge_to = self._zone_surge(group)
             job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
             empty = [z.group for z in plan.zones if z.count == 0]
             canary = self.d.canary if first else 0
@@ -170,6 +171,8 @@ class Rollout(StepGate):
                 dict(job.spec), image=st.image, groups=[*st.zones_done, group, *empty],
                 update=jobspec.update_block(self.d, canary=canary), update_group=group,
             )  # fmt: skip
+            if surge_to is not None:
+                spec = jobspec.with_count(spec, group=group, count=surge_to, update=None)
             self._call(lambda: self.nomad.register_job(spec, enforce_index=job.job_modify_index,
                                                        namespace=self.ns))  # fmt: skip
             dep = self._wait_new_deployment(job.version)

@@ -6,11 +6,16 @@ pauses the zone's deployment while a replacement is in flight and, once it is he
 re-reads demand (``replan.check_step``) and then either resumes the deployment, adds a surge
 worker in the zone, or holds (status ``held``, the deployment stays paused, every worker
 serves). The deployment id nomadscale paused is in the KV record (``replan.paused``) so a
-resumed process knows the pause is its own. While a deployment runs Nomad refuses the Scale
-API, so a surge during a zone is a new job version with the zone group's count + 1 (nothing
-an allocation runs changes; Nomad supersedes the deployment and places the surge worker
-before replacing anything else); at a zone's start it is the Scale API as before. Either way
-the surge is released when the zone is done.
+resumed process knows the pause is its own.
+
+A surge worker is always a worker of the new image: at a zone's start it is part of the zone's
+own new job version (the group's count + 1; Nomad places it before it replaces anything, and
+in the canary zone the canary is that extra worker), during a zone it is a new job version
+with the count + 1 (Nomad refuses the Scale API during a deployment; it supersedes the
+deployment). A surge on the old version would run the old image, pull it on a node the
+prefetch filled with the new one, and then be replaced itself. Either way the surge is
+released when the zone is done. Before a zone starts and before a surge, nodes that joined the
+zone since the prefetch get the image first (``_top_up``): nothing the rollout places pulls it.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ from functools import partial
 from nomadscale.core.ports import DeploymentGroup, DeploymentInfo
 from nomadscale.deploy import spec as jobspec
 from nomadscale.deploy.base import RolloutBase
+from nomadscale.deploy.prefetch import has_image, prefetch
 from nomadscale.deploy.replan import (
     GO,
+    HOLD,
     SURGE,
     StepCheck,
     check_step,
     current_demand,
     serving_workers,
     surge_blocker,
+    zone_nodes,
 )
 
 log = logging.getLogger(__name__)
@@ -41,10 +49,10 @@ HEARTBEAT_S = 60.0  # while held; a record older than 120 s may be resumed by th
 class StepGate(RolloutBase):
     # --- the re-plan ------------------------------------------------------------------------
 
-    def _replan(self, group: str, *, canaries: int = 0) -> StepCheck:
+    def _replan(self, group: str, *, canaries: int = 0, zone_start: bool = False) -> StepCheck:
         """Re-read demand and the job's serving workers; decide the next node step.
         ``canaries``: healthy canaries of ``group`` that the step (a promotion) turns into
-        ordinary workers."""
+        ordinary workers. ``zone_start``: before the zone's deployment (a surge must cover)."""
         st = self._st()
         status = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
         groups = {n: g for n, g in status.groups.items() if n in st.zones} or status.groups
@@ -64,6 +72,7 @@ class StepGate(RolloutBase):
             rpm_per_worker=self.policy.capacity.rpm_per_worker,
             demand_rpm=current_demand(self.demand, now=now, step_s=self.demand_step_s),
             planned_upper=st.plan.get("forecast_upper"), surge_blocked=blocked,
+            surge_must_cover=zone_start,
         )  # fmt: skip
         prev = st.replan.get("last") or {}
         st.replan["last"] = chk.to_dict()
@@ -73,20 +82,37 @@ class StepGate(RolloutBase):
         )
         return chk
 
-    def _zone_gate(self, group: str) -> None:
-        """Before a zone's first node step (no deployment yet): surge with the Scale API or
-        hold until the step is safe."""
+    def _zone_gate(self, group: str) -> bool:
+        """Before a zone's first node step (no deployment yet): True when the zone's job
+        version must carry a surge worker; holds (every worker serves) while the step would
+        leave too little capacity and no surge fits, or one would not be enough (a hold
+        inside the deployment would be bounded by its progress deadline)."""
         while True:
-            chk = self._replan(group)
-            if chk.action == GO:
+            chk = self._replan(group, zone_start=True)
+            if chk.action != HOLD:
                 self._unhold(chk)
-                return
-            if chk.action == SURGE:
-                self._save(f"re-plan: {chk.explain()}")
-                self._surge(group)
-                continue
+                if chk.action == SURGE:
+                    self._save(f"re-plan: {chk.explain()}")
+                return chk.action == SURGE
             self._hold(chk)
             self.clock.sleep(self.poll_s)
+
+    def _zone_surge(self, group: str) -> int | None:
+        """The count of ``group`` in the zone's new job version when it carries a surge worker
+        (None: no surge). The re-plan decides it (the planned upper bound is part of it, so a
+        surge the preflight planned is decided here too, with a free node checked now)."""
+        st = self._st()
+        s = st.surge
+        if s and s.get("group") == group and not s.get("released"):
+            return int(s["to"])  # recorded before a crash: the zone's version carries it
+        if not self._zone_gate(group):
+            return None
+        status = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
+        cur = status.groups[group].desired
+        st.surge = {"group": group, "from": cur, "to": cur + 1, "released": False}
+        self._save(f"surge: {group} {cur} -> {cur + 1} in the zone's new job version (the "
+                   f"surge worker runs {st.image})")  # fmt: skip
+        return cur + 1
 
     def _step_gate(self, dep: DeploymentInfo, group: str, *, canaries: int = 0) -> bool:
         """Before a node step inside the zone's deployment: True when it may go. A surge
@@ -166,23 +192,6 @@ class StepGate(RolloutBase):
 
     # --- surge workers ----------------------------------------------------------------------
 
-    def _surge(self, group: str) -> None:
-        """One more worker in ``group`` with the Scale API (no deployment running); wait until
-        it is healthy."""
-        st = self._st()
-        status = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
-        cur = status.groups[group].desired
-        st.surge = {"group": group, "from": cur, "to": cur + 1, "released": False}
-        self._save(f"surge: {group} {cur} -> {cur + 1}")  # recorded first: released after a crash
-        self._call(lambda: self.nomad.scale(self.job_id, group, cur + 1, namespace=self.ns,
-                   message=f"nomadscale deploy {st.id}: surge for rollout"))  # fmt: skip
-        for _ in range(240):  # wait until the surge worker is healthy
-            g = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
-            if g.groups[group].healthy >= cur + 1:
-                return
-            self.clock.sleep(self.poll_s)
-        self._pause(f"surge worker in {group} not healthy")
-
     def _surge_during(self, dep: DeploymentInfo, group: str) -> None:
         """One more worker in ``group`` while its deployment runs: a new job version with the
         group's count + 1 (Nomad refuses the Scale API during a deployment). Its update block
@@ -191,6 +200,8 @@ class StepGate(RolloutBase):
         canary still waits for promotion, that canary already is the extra worker: no canary
         then (Nomad adopts or replaces it and places before it replaces)."""
         st = self._st()
+        # a bounded pull: the zone's deployment waits meanwhile, against its progress deadline
+        self._top_up(group, timeout_s=self.d.progress_deadline.total_seconds() / 2, retries=0)
         job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
         cur = int(job.groups[group])
         canary = 0 if dep.needs_promotion else 1
@@ -244,3 +255,50 @@ class StepGate(RolloutBase):
                        namespace=self.ns, message=f"nomadscale deploy {st.id}: release surge"))  # fmt: skip
         s["released"] = True
         st.note(self.clock.now(), f"surge released: {s['group']} -> {target}")
+
+    # --- nodes that joined since the prefetch -----------------------------------------------
+
+    def _top_up(self, group: str, *, timeout_s: float = 1800.0, retries: int | None = None) -> None:
+        """Prefetch the image on the nodes of ``group``'s zone that the rollout's prefetch did
+        not cover (joined, or eligible again, since): a surge worker or a replacement placed
+        there would pull the ~7 GB image first. A node whose pull fails is made ineligible
+        whatever ``on_prefetch_failure`` says: the rollout is under way, and it places nothing
+        on a node without the image."""
+        st = self._st()
+        if not st.prefetch.get("wanted"):
+            return  # the operator rolls out without prefetch
+        job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
+        nodes = self._call(lambda: zone_nodes(self.policy, self.nomad, spec=job.spec,
+                                              group=group))  # fmt: skip
+        ok = set(st.prefetch.get("ok") or [])
+        fresh = [
+            n for n in nodes
+            if n.id not in ok and not self._call(partial(has_image, self.nomad, n.id, st.image))
+        ]  # fmt: skip
+        ok |= {n.id for n in nodes} - {n.id for n in fresh}  # holding it already (warm-up)
+        st.prefetch["ok"] = sorted(ok)
+        if not fresh:
+            return
+        names = {n.id: n.name for n in fresh}
+        log.info("deploy %s: zone %s: %s node(s) joined since the prefetch: pulling %s on %s",
+                 st.policy, group, len(fresh), st.image,
+                 ", ".join(sorted(names.values())))  # fmt: skip
+        res = self._call(lambda: prefetch(
+            self.nomad, image=st.image, nodes=fresh, job_id=self.prefetch_job, namespace=self.ns,
+            clock=self.clock, timeout_s=timeout_s, poll_s=self.poll_s,
+            retries=self.d.prefetch_retries if retries is None else retries,
+        ))  # fmt: skip
+        st.prefetch["ok"] = sorted(ok | set(res.ok))
+        note = (f"zone {group}: prefetched {st.image} on {len(res.ok)}/{len(fresh)} node(s) "
+                "that joined since")  # fmt: skip
+        if res.ok:
+            note += ": " + ", ".join(sorted(names[i] for i in res.ok))
+        if res.failed:
+            for node_id in res.failed:
+                self._call(partial(self.nomad.set_eligibility, node_id, False))
+            st.prefetch["failed"] = {**(st.prefetch.get("failed") or {}), **res.failed}
+            ineligible = set(st.prefetch.get("ineligible") or []) | set(res.failed)
+            st.prefetch["ineligible"] = sorted(ineligible)
+            bad = ", ".join(f"{names[i]} ({r})" for i, r in sorted(res.failed.items()))
+            note += f"; failed on {bad}: made ineligible"
+        self._save(note)

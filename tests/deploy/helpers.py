@@ -9,7 +9,9 @@ from typing import Any
 
 from nomadscale.config.policy import Policy
 from nomadscale.core.clock import FakeClock
+from nomadscale.deploy.preflight import estimate_seconds, forecast_upper
 from nomadscale.integrations.nomad import NomadClient
+from nomadscale.integrations.tracefile import TraceDemandSource
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACE = "/work/shared/traces/llm_alibaba_servegen_msmall_10min.csv"
@@ -41,6 +43,23 @@ def policy(*, rpm: float = 240.0, bmax: int = 40, sli: dict[str, Any] | None = N
             "deploy": deploy,
         }
     )  # fmt: skip
+
+
+def surge_rpm(twin: Any, workers: float, *, fleet: int) -> tuple[float, float]:
+    """rpm_per_worker (and the forecast upper bound the preflight of ``fleet`` workers plans
+    for with it) at which the upper bound is ``workers`` workers. Headroom is calibrated on
+    whole workers, so the bound depends on rpm_per_worker: a fixed-point iteration
+    ``rpm = upper(rpm) / workers`` until the bound is within a quarter worker of ``workers``."""
+    rpm = 1e9
+    for _ in range(12):
+        pol = policy(rpm=rpm, bmax=80)
+        horizon = estimate_seconds(pol, fleet, prefetched=True)  # what the preflight plans
+        upper = forecast_upper(pol, TraceDemandSource(TRACE), now=twin.clock.now(),
+                               horizon_s=horizon)  # fmt: skip
+        if abs(upper / rpm - workers) <= 0.25:
+            return rpm, upper
+        rpm = upper / workers
+    raise AssertionError(f"no rpm_per_worker puts the forecast upper bound at {workers} workers")
 
 
 class SamplingClock(FakeClock):
