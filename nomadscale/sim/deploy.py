@@ -3,6 +3,7 @@ canary promotion, pause, failure and auto-revert to the last stable job version.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from nomadscale.sim.model import NS, ApiError, Deployment, GroupDeploy, new_uuid
@@ -114,6 +115,31 @@ def set_status(c: Cluster, dep: Deployment, status: str, description: str) -> No
         description=description,
         version=dep.job_version,
     )
+
+
+def max_parallel_left(dep: Deployment | None, max_parallel: int, allocs: Iterable[Alloc]) -> int:
+    """How many destructive updates and placements a group's rollout may start now, before
+    this evaluation's placements: Nomad's computeUnderProvisionedBy (scheduler/reconcile.go).
+    No deployment: max_parallel; a paused deployment: none. Otherwise max_parallel minus the
+    group's allocations *of this deployment* (by DeploymentID, not by job version or spec:
+    allocations of a superseded deployment never count) whose health is not yet set, and none
+    at all once one of them is unhealthy: the deployment then waits for healthy allocations
+    and fails at its progress deadline (auto-reverting if set), or at once if that is 0.
+    ``allocs``: the group's allocations the evaluation keeps (live, or failed ones of the
+    running deployment)."""
+    if dep is None:
+        return max_parallel
+    if dep.status != "running":
+        return 0
+    left = max_parallel
+    for a in allocs:
+        if a.deployment_id != dep.id or a.desired_status != "run":
+            continue
+        if a.healthy is False:
+            return 0  # "An unhealthy allocation means nothing else should happen."
+        if a.healthy is None:
+            left -= 1
+    return max(0, left)
 
 
 def _group_allocs(c: Cluster, dep: Deployment, group: str) -> list[Alloc]:

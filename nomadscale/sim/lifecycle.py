@@ -128,11 +128,11 @@ def handle(c: Cluster, kind: str, key: str, gen: int) -> None:
     if kind == "alloc_start":
         _start(c, a)
     elif kind == "alloc_healthy":
-        if a.client_status == "running" and a.healthy is None:
+        if a.client_status == "running" and a.healthy is None and _watched_for(c, a, 0):
             deploy.on_health(c, a, True)
             _migrated(c, a)
     elif kind == "alloc_deadline":
-        if a.healthy is None and a.desired_status == "run":
+        if a.healthy is None and a.desired_status == "run" and _watched_for(c, a, 1):
             deploy.on_health(c, a, False)
     elif kind == "alloc_fail":
         if a.client_status == "running":
@@ -155,6 +155,32 @@ def handle(c: Cluster, kind: str, key: str, gen: int) -> None:
     elif kind == "alloc_complete" and a.client_status == "running":
         terminate(c, a, desired=None, client_status="complete", description="Exit Code: 0")
         _after_terminal(c, a)
+
+
+def restart_health(c: Cluster, a: Alloc) -> None:
+    """Watch ``a``'s health again from now, with its (new) job's update block: an in-place
+    update moved it to another deployment. Nomad's scheduler sets its DeploymentStatus to
+    nil (generic_sched.go, in-place updates) and the client's health hook clears the health
+    when the DeploymentID changes (client/allocrunner/health_hook.go Update), so the
+    allocation turns healthy again min_healthy_time from now, or unhealthy at a new
+    healthy_deadline."""
+    now = c.now_s()
+    a.healthy = None
+    a.health_time = None
+    a.health_since = now
+    a.modify_index = c.bump("allocs")
+    min_healthy, healthy_deadline = deploy.health_times(_tg(a))
+    c.schedule(now + healthy_deadline, "alloc_deadline", a.id, a.gen)
+    if a.client_status == "running" and not (a.image and c.faults.image_is_bad(a.image)):
+        c.schedule(now + min_healthy, "alloc_healthy", a.id, a.gen)
+
+
+def _watched_for(c: Cluster, a: Alloc, which: int) -> bool:
+    """Whether a health timer (``which``: 0 min_healthy_time, 1 healthy_deadline) is due for
+    the current health watch: timers of a watch that ``restart_health`` replaced are early."""
+    if a.health_since is None:
+        return True
+    return c.now_s() + 1e-6 >= a.health_since + deploy.health_times(_tg(a))[which]
 
 
 def _start(c: Cluster, a: Alloc) -> None:

@@ -195,6 +195,7 @@ class Alloc:
     canary: bool = False
     healthy: bool | None = None
     health_time: float | None = None
+    health_since: float | None = None  # health watch restarted (in-place move to a deployment)
     started_at: float | None = None
     finished_at: float | None = None
     modify_index: int = 0

@@ -320,6 +320,8 @@ def _apply_group(
     failed: dict[str, Any],
     queued: dict[str, int],
 ) -> None:
+    from nomadscale.sim import lifecycle
+
     tg: dict[str, Any] = p["tg"]
     name = tg["Name"]
     new: list[Alloc] = p["new"]
@@ -330,12 +332,18 @@ def _apply_group(
     for a in p["inplace"]:
         a.job_version = job.version
         a.job = job.spec
+        a.modify_index = c.bump("allocs")
         if dep is not None and gs is not None and a.deployment_id != dep.id:
+            # Nomad (generic_sched.go) moves it to the new deployment with its health unset
+            # and the client watches its health again. The twin keeps a healthy alloc
+            # healthy (a known simplification) but never carries an unhealthy or pending
+            # health mark of a superseded deployment into this one
             a.deployment_id = dep.id
             gs.placed_allocs += 1
             if a.healthy:
                 gs.healthy_allocs += 1
-        a.modify_index = c.bump("allocs")
+            else:
+                lifecycle.restart_health(c, a)
     # drained allocations waiting for a replacement
     waiting = [
         a
@@ -403,11 +411,11 @@ def _apply_group(
                 budget = len(old)
             else:
                 # Nomad's reconciler (computeUnderProvisionedBy, then computeReplacements):
-                # max_parallel minus the deployment's allocs not yet healthy, minus this
-                # evaluation's placements (count increase, lost or failed replacements);
-                # destructive updates get what is left
-                in_flight = [a for a in new if a.healthy is not True]
-                budget = max(0, strat["MaxParallel"] - len(in_flight) - placed)
+                # what the deployment's in-flight and unhealthy allocs leave of max_parallel,
+                # minus this evaluation's placements (count increase, lost or failed
+                # replacements); destructive updates get the rest
+                left = deploy.max_parallel_left(dep, strat["MaxParallel"], p["new"] + p["old"])
+                budget = max(0, left - placed)
             for a in sorted(old, key=lambda x: x.name)[:budget]:
                 stop_alloc(c, a, "alloc is being updated due to job update")
                 place(1)
