@@ -87,6 +87,18 @@ class RolloutBase:
         self._pause("the new job version got no deployment after 60 s")
         return None
 
+    def _settle(self) -> None:
+        """Wait until the job has no active deployment (auto-revert or rollback finished, or
+        the short one every count change starts: Nomad refuses the Scale API meanwhile)."""
+        limit = self.d.progress_deadline.total_seconds()
+        t0 = self.clock.now()
+        while (self.clock.now() - t0).total_seconds() < limit:
+            s = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
+            if s.active_deployment is None:
+                return
+            self.clock.sleep(self.poll_s)
+        log.warning("deploy %s: a deployment is still active after %.0fs", self.policy.name, limit)
+
     def _pause(self, reason: str) -> None:
         st = self._st()
         st.status, st.reason = "paused", reason

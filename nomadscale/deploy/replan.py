@@ -54,10 +54,13 @@ def current_demand(
     return None
 
 
-def serving_workers(groups: Mapping[str, GroupStatus]) -> int:
-    """Workers serving now: healthy allocations, at most the desired count, of every group
-    (unpromoted canaries are not counted)."""
-    return sum(min(g.healthy, g.desired) for g in groups.values())
+def serving_workers(groups: Mapping[str, GroupStatus], serving: Mapping[str, int]) -> int:
+    """Workers serving now in ``groups``: each group's serving allocations (``serving``, from
+    ``NomadClient.serving_counts``; unpromoted canaries are not counted), at most its desired
+    count. Not the scale status' ``Healthy``: Nomad clears and re-watches the health of every
+    allocation a new job version updates in place (a surge or zone version, a count change),
+    though those workers keep serving; a fresh replacement serves once it is healthy."""
+    return sum(min(serving.get(name, 0), g.desired) for name, g in groups.items())
 
 
 @dataclass(frozen=True, slots=True)

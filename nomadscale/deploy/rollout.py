@@ -340,17 +340,6 @@ class Rollout(StepGate):
             self._alert(f"rollout of {st.image} rolled back: {reason}", "error")
         self._finish(status, reason)
 
-    def _settle(self) -> None:
-        """Wait until the job has no active deployment (auto-revert or rollback finished)."""
-        limit = self.d.progress_deadline.total_seconds()
-        t0 = self.clock.now()
-        while (self.clock.now() - t0).total_seconds() < limit:
-            s = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
-            if s.active_deployment is None:
-                return
-            self.clock.sleep(self.poll_s)
-        log.warning("deploy %s: a deployment is still active after %.0fs", self.policy.name, limit)
-
     def _resume_nomad_deployment(self, dep_id: str) -> None:
         dep = self.nomad.deployment(dep_id)
         if dep.status == "paused":

@@ -21,10 +21,10 @@ zone since the prefetch get the image first (``_top_up``): nothing the rollout p
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from datetime import datetime
 from functools import partial
 
+from nomadscale.core.errors import ConflictError
 from nomadscale.core.ports import DeploymentGroup, DeploymentInfo
 from nomadscale.deploy import spec as jobspec
 from nomadscale.deploy.base import RolloutBase
@@ -56,9 +56,10 @@ class StepGate(RolloutBase):
         st = self._st()
         status = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
         groups = {n: g for n, g in status.groups.items() if n in st.zones} or status.groups
+        serving = dict(self._call(lambda: self.nomad.serving_counts(self.job_id,
+                                                                    namespace=self.ns)))  # fmt: skip
         if canaries and group in groups:
-            g = groups[group]
-            groups = {**groups, group: replace(g, healthy=g.healthy + canaries)}
+            serving[group] = serving.get(group, 0) + canaries
         desired = {n: g.desired for n, g in status.groups.items()}
         now = self.clock.now()
 
@@ -68,7 +69,7 @@ class StepGate(RolloutBase):
                               group=group, desired=desired, surge=st.surge))  # fmt: skip
 
         chk = check_step(
-            group=group, at=now, serving=serving_workers(groups),
+            group=group, at=now, serving=serving_workers(groups, serving),
             rpm_per_worker=self.policy.capacity.rpm_per_worker,
             demand_rpm=current_demand(self.demand, now=now, step_s=self.demand_step_s),
             planned_upper=st.plan.get("forecast_upper"), surge_blocked=blocked,
@@ -251,10 +252,24 @@ class StepGate(RolloutBase):
         cur = status.groups[s["group"]].desired
         target = max(int(s["from"]), cur - 1)
         if target != cur:
-            self._call(lambda: self.nomad.scale(self.job_id, s["group"], target,
-                       namespace=self.ns, message=f"nomadscale deploy {st.id}: release surge"))  # fmt: skip
+            self._scale_when_idle(s["group"], target, f"nomadscale deploy {st.id}: release surge")
         s["released"] = True
         st.note(self.clock.now(), f"surge released: {s['group']} -> {target}")
+
+    def _scale_when_idle(self, group: str, count: int, message: str) -> None:
+        """The Scale API once no deployment of the job is active: Nomad refuses it meanwhile,
+        and every count change starts one for about min_healthy_time (a runbook's surge may
+        have slipped in after the zone's deployment). One retry when one started since."""
+        for attempt in (1, 2):
+            self._settle()
+            try:
+                self._call(lambda: self.nomad.scale(self.job_id, group, count,
+                                                    namespace=self.ns, message=message))  # fmt: skip
+                return
+            except ConflictError as e:
+                if attempt == 2 or "active deployment" not in str(e):
+                    raise
+                log.info("deploy %s: %s; waiting for that deployment", self.policy.name, e)
 
     # --- nodes that joined since the prefetch -----------------------------------------------
 

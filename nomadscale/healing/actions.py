@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nomadscale.core.errors import PermanentError, SafetyError
-from nomadscale.core.ports import AllocInfo, KVPort, NodeInfo, NodeMetadata, NomadPort
+from nomadscale.core.errors import ConflictError, PermanentError, SafetyError
+from nomadscale.core.ports import AllocInfo, JobStatus, KVPort, NodeInfo, NodeMetadata, NomadPort
 from nomadscale.healing import gpucheck
 from nomadscale.healing.runbook import render
 
@@ -41,6 +41,8 @@ class HealingNomad(NomadPort, Protocol):
     def stop_allocation(self, alloc_id: str) -> str: ...
 
     def job_allocations(self, job_id: str, *, namespace: str | None = None) -> list[AllocInfo]: ...
+
+    def serving_counts(self, job_id: str, *, namespace: str | None = None) -> dict[str, int]: ...
 
 
 class Notes(Protocol):
@@ -132,12 +134,38 @@ def mark_eligibility(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
     return Done(f"node {run['values']['node.name']} marked {word}")
 
 
-def _group(ctx: Ctx, t: ZoneTarget) -> Any:
-    st = ctx.nomad.job_status(t.job, namespace=t.namespace)
+def _group(ctx: Ctx, t: ZoneTarget, status: JobStatus | None = None) -> Any:
+    st = status or ctx.nomad.job_status(t.job, namespace=t.namespace)
     g = st.groups.get(t.group)
     if g is None:
         raise PermanentError(f"job {t.job} has no group {t.group}")
     return g
+
+
+def _serving(ctx: Ctx, job: str, namespace: str, group: str) -> int:
+    """Workers of ``group`` serving now. Not the scale status' ``Healthy``: every count change
+    (the autoscaler's, a surge's) makes Nomad clear and re-watch the health of the workers it
+    updates in place for about min_healthy_time, while they keep serving."""
+    return int(ctx.nomad.serving_counts(job, namespace=namespace).get(group, 0))
+
+
+def _deployment_busy(job: str, deployment: str) -> Waiting:
+    """Nomad refuses the Scale API while a deployment of the job is active, and every count
+    change starts one (for about min_healthy_time at least): wait for it (the step's timeout
+    bounds the wait)."""
+    return Waiting(f"deployment {deployment[:8]} of {job} is active: Nomad refuses to scale "
+                   "until it ends")  # fmt: skip
+
+
+def _scale(ctx: Ctx, job: str, group: str, count: int, **kw: Any) -> Waiting | None:
+    """Scale, or Waiting when Nomad refused because a deployment just started."""
+    try:
+        ctx.nomad.scale(job, group, count, **kw)
+    except ConflictError as e:
+        if "active deployment" not in str(e):
+            raise
+        return Waiting(f"{job}: {e}; waiting for the deployment to end")
+    return None
 
 
 def drain(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
@@ -147,13 +175,13 @@ def drain(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
         return Done(f"drain of {node.name} in progress")
     if step.check_capacity and ctx.policy:
         t = _target(ctx, run)
-        g = _group(ctx, t)
+        _group(ctx, t)  # the job has the zone's group
         on_node = sum(
             1
             for a in ctx.nomad.node_allocations(nid)
             if a.job_id == t.job and a.task_group == t.group and not a.terminal
         )
-        left = g.healthy - on_node
+        left = _serving(ctx, t.job, t.namespace, t.group) - on_node
         if left < t.min_healthy:
             raise SafetyError(
                 f"drain of {node.name} refused: zone {t.zone} would keep {left} healthy "
@@ -180,16 +208,22 @@ def surge(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
     s = run.get("surge")
     if s and s.get("target") is not None:
         if not ctx.dry_run:  # absolute count: repeating after a crash is harmless
-            cur = _group(ctx, t).desired
-            if cur < s["target"]:
-                ctx.nomad.scale(
-                    t.job, t.group, s["target"], message=_msg(run, "surge"), namespace=t.namespace
-                )
+            st = ctx.nomad.job_status(t.job, namespace=t.namespace)
+            if _group(ctx, t, st).desired < s["target"]:
+                if st.active_deployment:
+                    return _deployment_busy(t.job, st.active_deployment)
+                busy = _scale(ctx, t.job, t.group, s["target"], message=_msg(run, "surge"),
+                              namespace=t.namespace)  # fmt: skip
+                if busy is not None:
+                    return busy
         return Done(f"surge of {t.group} to {s['target']} in place")
-    g = _group(ctx, t)
+    st = ctx.nomad.job_status(t.job, namespace=t.namespace)
+    g = _group(ctx, t, st)
     target = g.desired + step.count
     if ctx.dry_run:
         return Done(f"would scale {t.job}/{t.group} {g.desired} -> {target}")
+    if st.active_deployment:
+        return _deployment_busy(t.job, st.active_deployment)
     run["surge"] = {
         "job": t.job,
         "namespace": t.namespace,
@@ -200,14 +234,10 @@ def surge(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
         "target": target,
         "released": False,
     }
-    ctx.nomad.scale(
-        t.job,
-        t.group,
-        target,
-        message=_msg(run, "surge"),
-        namespace=t.namespace,
-        meta={"nomadscale.run": run["id"]},
-    )
+    busy = _scale(ctx, t.job, t.group, target, message=_msg(run, "surge"),
+                  namespace=t.namespace, meta={"nomadscale.run": run["id"]})  # fmt: skip
+    if busy is not None:
+        return busy  # recorded: the next call scales to the same absolute count
     return Done(f"scaled {t.job}/{t.group} {g.desired} -> {target} in zone {t.zone}")
 
 
@@ -217,17 +247,15 @@ def release_surge(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
         return Done("no surge to release")
     if ctx.dry_run:
         return Done(f"would release surge of {s['group']}")
+    st = ctx.nomad.job_status(s["job"], namespace=s["namespace"])
     if s.get("release_target") is None:
-        cur = ctx.nomad.job_status(s["job"], namespace=s["namespace"]).groups[s["group"]].desired
-        s["release_target"] = max(0, cur - int(s["count"]))
-    ctx.nomad.scale(
-        s["job"],
-        s["group"],
-        s["release_target"],
-        message=_msg(run, "release"),
-        namespace=s["namespace"],
-        meta={"nomadscale.run": run["id"]},
-    )
+        s["release_target"] = max(0, st.groups[s["group"]].desired - int(s["count"]))
+    if st.active_deployment:
+        return _deployment_busy(s["job"], st.active_deployment)
+    busy = _scale(ctx, s["job"], s["group"], s["release_target"], message=_msg(run, "release"),
+                  namespace=s["namespace"], meta={"nomadscale.run": run["id"]})  # fmt: skip
+    if busy is not None:
+        return busy
     s["released"] = True
     return Done(f"released surge: {s['job']}/{s['group']} -> {s['release_target']}")
 
@@ -265,10 +293,10 @@ def wait_condition(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
         s = run.get("surge")
         if not s:
             return Done("no surge")
-        g = ctx.nomad.job_status(s["job"], namespace=s["namespace"]).groups[s["group"]]
-        if g.healthy >= s["target"]:
-            return Done(f"{s['group']} has {g.healthy} healthy of {s['target']}")
-        return Waiting(f"{s['group']} {g.healthy}/{s['target']} healthy")
+        n = _serving(ctx, s["job"], s["namespace"], s["group"])
+        if n >= s["target"]:
+            return Done(f"{s['group']} has {n} serving of {s['target']}")
+        return Waiting(f"{s['group']} {n}/{s['target']} serving")
     if c == "node_ready":
         node = ctx.nomad.node(_node_id(run))
         return Done("ready") if node.status == "ready" else Waiting(node.status)

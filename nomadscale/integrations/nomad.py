@@ -28,6 +28,7 @@ from nomadscale.core.ports import (
 )
 from nomadscale.integrations import nomad_parse as parse
 from nomadscale.integrations.nomad_http import SYSTEM, NomadTransport, index_of, json_body, seg
+from nomadscale.integrations.nomad_serving import serving_counts
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,25 @@ class NomadClient:
         active = latest.id if latest is not None and latest.active else None
         return parse.job_status(
             json_body(resp), active_deployment=active, namespace=namespace or self.namespace
+        )
+
+    def serving_counts(self, job_id: str, *, namespace: str | None = None) -> dict[str, int]:
+        """Allocations serving now per task group (unpromoted canaries left out). Not the
+        scale endpoint's ``Healthy``: a worker whose health Nomad clears and watches again
+        after an in-place update (every new job version, a count change too) keeps serving;
+        a fresh placement serves once healthy (see ``nomad_serving``)."""
+        params = self._ns(namespace)
+        job = json_body(self._http.get(self._api.job, seg(job_id), what=f"GET job {job_id}",
+                                       params=params))  # fmt: skip
+        dep = json_body(self._http.get(self._api.job, seg(job_id), "deployment",
+                                       what=f"GET job {job_id} deployment", params=params))  # fmt: skip
+        allocs = json_body(self._http.get(self._api.job, seg(job_id), "allocations",
+                                          what=f"GET job {job_id} allocations", params=params))  # fmt: skip
+        return serving_counts(
+            job if isinstance(job, Mapping) else {},
+            [a for a in parse.items(allocs, "allocations") if isinstance(a, Mapping)],
+            deployment=dep if isinstance(dep, Mapping) else None,
+            now=self._http.clock.now(),
         )
 
     def last_scale_events(

@@ -196,6 +196,7 @@ def check(c: Cluster, dep: Deployment) -> None:
 
 def on_health(c: Cluster, a: Alloc, healthy: bool) -> None:
     a.healthy = healthy
+    a.was_healthy = a.was_healthy or healthy
     a.health_time = c.now_s()
     a.modify_index = c.bump("allocs")
     c.emit(

@@ -196,6 +196,7 @@ class Alloc:
     healthy: bool | None = None
     health_time: float | None = None
     health_since: float | None = None  # health watch restarted (in-place move to a deployment)
+    was_healthy: bool = False  # turned healthy once since it started (a re-watch keeps it)
     started_at: float | None = None
     finished_at: float | None = None
     modify_index: int = 0
@@ -220,6 +221,18 @@ class Alloc:
     def live(self) -> bool:
         """Non-terminal: still wanted and not finished."""
         return self.desired_status == "run" and self.client_status not in TERMINAL_CLIENT
+
+    @property
+    def serving(self) -> bool:
+        """Serves traffic now (the twin's ground truth for capacity): running, turned healthy
+        once, and not marked unhealthy since. A new deployment's health re-watch after an
+        in-place update does not stop a worker that keeps running from serving."""
+        return (
+            self.live
+            and self.client_status == "running"
+            and self.healthy is not False
+            and (self.healthy is True or self.was_healthy)
+        )
 
     @property
     def terminal(self) -> bool:

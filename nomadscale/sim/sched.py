@@ -329,21 +329,35 @@ def _apply_group(
     count = int(tg.get("Count", 0))
     strat = deploy.strategy(tg)
     gs = dep.groups.get(name) if dep is not None else None
+    canaries_pending = (
+        bool(old)
+        and not p.get("old_frozen")
+        and strat is not None
+        and strat["Canary"] > 0
+        and not (gs is not None and gs.promoted)
+    )
+    # Nomad stops a count decrease's excess before it updates the rest in place
+    # (scheduler/reconcile.go computeGroup: computeStop, then computeUpdates)
+    excess = 0 if canaries_pending else len(new) + len(old) - count
+    stopping = {a.id for a in (_newest_first(old) + _newest_first(new))[: max(0, excess)]}
     for a in p["inplace"]:
+        if a.id in stopping:
+            continue
         a.job_version = job.version
         a.job = job.spec
         a.modify_index = c.bump("allocs")
         if dep is not None and gs is not None and a.deployment_id != dep.id:
-            # Nomad (generic_sched.go) moves it to the new deployment with its health unset
-            # and the client watches its health again. The twin keeps a healthy alloc
-            # healthy (a known simplification) but never carries an unhealthy or pending
-            # health mark of a superseded deployment into this one
+            # Nomad's scheduler (generic_sched.go computeJobAllocs, in-place updates) moves
+            # it into the new deployment with DeploymentStatus nil; the state store counts
+            # it as placed (updateDeploymentWithAlloc). The client's health hook then sees
+            # the DeploymentID change, clears its health, healthy or not
+            # (client/allocrunner/health_hook.go Update: "Deployment has changed, reset
+            # status" -> ClearHealth) and watches it again with this update block: healthy
+            # min_healthy_time later, unhealthy at healthy_deadline. So every count change
+            # (Scale API) keeps a deployment active for about min_healthy_time.
             a.deployment_id = dep.id
             gs.placed_allocs += 1
-            if a.healthy:
-                gs.healthy_allocs += 1
-            else:
-                lifecycle.restart_health(c, a)
+            lifecycle.restart_health(c, a)
     # drained allocations waiting for a replacement
     waiting = [
         a
@@ -379,13 +393,6 @@ def _apply_group(
                 hash_=h,
             )
 
-    canaries_pending = (
-        bool(old)
-        and not p.get("old_frozen")
-        and strat is not None
-        and strat["Canary"] > 0
-        and not (gs is not None and gs.promoted)
-    )
     if canaries_pending:
         have = [a for a in new if a.canary]
         if len(old) > count:

@@ -63,8 +63,10 @@ def surge_rpm(twin: Any, workers: float, *, fleet: int) -> tuple[float, float]:
 
 
 class SamplingClock(FakeClock):
-    """Virtual time that samples the twin's healthy ml-worker allocations every simulated
-    second (set ``cluster`` once the twin exists)."""
+    """Virtual time that samples the twin's serving ml-worker allocations every simulated
+    second (set ``cluster`` once the twin exists). Serving, not ``healthy``: like Nomad, the
+    twin clears and re-watches the health of every allocation a new job version updates in
+    place, and those workers keep serving meanwhile (``Alloc.serving``)."""
 
     def __init__(self, start: datetime) -> None:
         super().__init__(start)
@@ -86,12 +88,8 @@ class SamplingClock(FakeClock):
             return
         with self.cluster.lock:
             self.cluster.process_due()
-            healthy = sum(
-                1
-                for a in self.cluster.job_allocs(JOB)
-                if a.live and a.client_status == "running" and a.healthy
-            )
-        self.samples.append((self.now().timestamp(), healthy))
+            serving = sum(1 for a in self.cluster.job_allocs(JOB) if a.serving)
+        self.samples.append((self.now().timestamp(), serving))
 
 
 def sampling_twin(twin_factory: Any, *, nodes: int, start: datetime) -> tuple[Any, SamplingClock]:

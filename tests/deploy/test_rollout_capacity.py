@@ -163,3 +163,22 @@ def test_surge_keeps_capacity_above_forecast(twin_factory: Any) -> None:
     st = _rollout(twin, nomad, rpm).start(NEW)
     assert st.status == "completed", st.reason
     assert min(h for _, h in clock.samples) * rpm >= upper
+
+
+def test_next_zone_replans_right_after_the_surge_release_with_every_worker_serving(
+    twin_factory: Any,
+) -> None:
+    """Zone a's surge is released through the Scale API right before zone b's start re-plans:
+    a new job version, so Nomad clears and re-watches the health of every worker it keeps
+    (for min_healthy_time) while they keep serving. The re-plan counts them as serving and
+    zone b surges at once, instead of holding until Nomad calls them healthy again."""
+    twin, clock = _twin(twin_factory, nodes=10, start=CALM)
+    nomad = setup_job(twin, count=3)
+    rpm, _upper = surge_rpm(twin, 5.5, fleet=6)
+    st = _rollout(twin, nomad, rpm).start(NEW)
+    assert st.status == "completed", st.reason
+    assert not [line for line in st.log if "held" in line], st.log
+    released = next(i for i, line in enumerate(st.log) if "surge released: ml-worker-a" in line)
+    replan_b = next(line for line in st.log[released:] if "re-plan: ml-worker-b" in line)
+    assert replan_b.endswith("6 serving - 1 = 5 -> surge"), replan_b
+    assert min(h for _, h in clock.samples) >= 6
