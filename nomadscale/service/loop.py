@@ -34,6 +34,7 @@ from nomadscale.core.errors import ConfigError, NomadscaleError
 from nomadscale.integrations.consul import update_json, validate_timing
 from nomadscale.service.control import Control
 from nomadscale.service.cycle import CycleResult, CycleRunner, Ports
+from nomadscale.service.kicks import KickRetries
 from nomadscale.service.leaderwatch import LockWatch
 from nomadscale.service.records import CycleRecord, Metrics, Recorder
 
@@ -144,6 +145,7 @@ class Service:
         self.leader = False
         self._busy = {name: threading.Lock() for name in self.policies}
         self._kicks: dict[str, str | None] = {}
+        self.kick_retries = KickRetries(clock=self.clock)
         self._scheduler: BackgroundScheduler | None = None
         self._sched_mu = threading.Lock()  # adding a job vs. stop() taking the scheduler
         self._elect_mu = threading.Lock()
@@ -352,6 +354,8 @@ class Service:
                     "%s: apply-now requested by %s: %s", name, doc.get("who"), doc.get("reason")
                 )
                 self._run_soon(self._kicked, [name, kid], f"kick-{name}")
+        for name, kid in self.kick_retries.due(self._kicks):
+            self._run_soon(self._kicked, [name, kid], f"kick-{name}")
 
     def _run_soon(self, fn: Callable[..., object], args: list[Any], job_id: str) -> None:
         """Run ``fn(*args)`` in the scheduler now, unless stopping (see the module doc)."""
@@ -381,10 +385,12 @@ class Service:
                 self._tick()
 
     def _kicked(self, name: str, kid: str) -> None:
+        result = None
         try:
-            self.run_policy(name, kick=kid)
+            result = self.run_policy(name, kick=kid)
         except Exception:
             log.exception("%s: kicked cycle crashed", name)
+        self.kick_retries.outcome(name, kid, result)
 
     # --- lifecycle ----------------------------------------------------------------------
 
