@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from nomadscale.config.policy import Policy
 from nomadscale.core.clock import FakeClock
+from nomadscale.data import bundled_trace_path
 from nomadscale.deploy.preflight import estimate_seconds, forecast_upper
 from nomadscale.integrations.nomad import NomadClient
 from nomadscale.integrations.tracefile import TraceDemandSource
 
 ROOT = Path(__file__).resolve().parents[2]
-TRACE = "/work/shared/traces/llm_alibaba_servegen_msmall_10min.csv"
+TRACE = str(bundled_trace_path())  # the real alibaba trace shipped as package data
+CALM = datetime(2000, 1, 6, 15, 10, tzinfo=UTC)  # the trace is flat (67729-68135 rpm) until 16:00
 OLD = "us-docker.pkg.dev/acme/ml/worker:2026.01.1"
 JOB = ("default", "ml-worker")
 NEW = "us-docker.pkg.dev/acme/ml/worker:2026.02.1"

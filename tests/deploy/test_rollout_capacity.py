@@ -15,6 +15,7 @@ from nomadscale.deploy.state import RolloutState
 from nomadscale.integrations.memkv import MemoryKV
 from nomadscale.integrations.tracefile import TraceDemandSource
 from tests.deploy.helpers import (
+    CALM,
     NEW,
     TRACE,
     SamplingClock,
@@ -27,7 +28,6 @@ from tests.deploy.helpers import (
 
 PEAK = datetime(2000, 1, 6, 14, 0, tzinfo=UTC)  # the trace's busiest hour
 JUMP = datetime(2000, 1, 6, 14, 10, tzinfo=UTC)  # 70266 -> 105001 rpm
-CALM = datetime(2000, 1, 6, 15, 10, tzinfo=UTC)  # 67729-68135 rpm until 16:00
 NODE_STEP_S = 40.0  # one replacement: start, min_healthy_time 30s, a poll
 
 

@@ -9,7 +9,6 @@ prefetch (a recreated instance) gets the image before anything of the rollout ca
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from nomadscale.deploy.prefetch import IMAGE_META
@@ -19,6 +18,7 @@ from nomadscale.deploy.state import RolloutState
 from nomadscale.integrations.memkv import MemoryKV
 from nomadscale.integrations.tracefile import TraceDemandSource
 from tests.deploy.helpers import (
+    CALM,
     JOB,
     NEW,
     OLD,
@@ -30,7 +30,6 @@ from tests.deploy.helpers import (
     surge_rpm,
 )
 
-CALM = datetime(2000, 1, 6, 15, 10, tzinfo=UTC)  # the trace is flat for the next 50 min
 GROUPS = ("ml-worker-a", "ml-worker-b")
 
 

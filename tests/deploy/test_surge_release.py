@@ -5,7 +5,6 @@ deployment succeeded). The rollout waits for it, then releases its surge worker.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from nomadscale.deploy.rollout import Rollout
@@ -13,6 +12,7 @@ from nomadscale.deploy.state import RolloutState
 from nomadscale.integrations.memkv import MemoryKV
 from nomadscale.integrations.tracefile import TraceDemandSource
 from tests.deploy.helpers import (
+    CALM,
     NEW,
     TRACE,
     images_running,
@@ -21,8 +21,6 @@ from tests.deploy.helpers import (
     setup_job,
     surge_rpm,
 )
-
-CALM = datetime(2000, 1, 6, 15, 10, tzinfo=UTC)  # the trace is flat for the next 50 min
 
 
 def test_surge_release_waits_for_a_deployment_started_meanwhile(twin_factory: Any) -> None:
