@@ -280,3 +280,45 @@ def test_error_replies_are_plain_text(world: World) -> None:
     assert resp.status_code == 404
     assert "not found" in resp.text.lower()
     assert not resp.text.lstrip().startswith("{")
+
+
+def test_a_count_change_re_watches_the_kept_allocations(world: World) -> None:
+    """What nomadscale's serving count and its waits rely on: a Scale API count change is a new
+    job version whose deployment takes in the allocations it keeps (their health cleared and
+    watched again, client/allocrunner/health_hook.go), and Nomad refuses another count change
+    until that deployment ends."""
+    jid = unique("contract-rewatch")
+    job = service_job(jid, groups=("ml-worker-a",), count=1,
+                      datacenters=world.target.datacenters, node_pool=world.target.node_pool)  # fmt: skip
+    job["Update"]["MinHealthyTime"] = 30 * NS  # a window a real cluster can be seen in
+    world.api.call("POST", "/jobs", body={"Job": job})
+    world.cleanup.append(
+        lambda: world.api.call("DELETE", f"/job/{seg(jid)}", params={"purge": "true"}, ok=False)
+    )
+    path = f"/job/{seg(jid)}"
+
+    def deployment(version: int, status: str) -> bool:
+        dep = world.api.call("GET", f"{path}/deployment").json()
+        return bool(dep) and dep["JobVersion"] == version and dep["Status"] == status
+
+    world.wait_for("the first deployment", lambda: deployment(0, "successful"), timeout_s=180)
+    (kept,) = world.api.call("GET", f"{path}/allocations").json()
+    scale = {"Count": 2, "Target": {"Group": "ml-worker-a"}, "Message": "contract"}
+    world.api.call("POST", f"{path}/scale", body=scale)
+    world.wait_for("the count change's deployment", lambda: deployment(1, "running"))
+    dep = world.api.call("GET", f"{path}/deployment").json()
+    again = world.api.call("POST", f"{path}/scale", body={**scale, "Count": 3}, ok=False)
+    assert again.status_code == 400, again.text
+    assert "job scaling blocked due to active deployment" in again.text
+
+    def moved() -> bool:
+        a = world.api.call("GET", f"/allocation/{kept['ID']}").json()
+        return a["DeploymentID"] == dep["ID"] and a["JobVersion"] == 1
+
+    world.wait_for("the kept allocation in the new deployment", moved)
+    world.wait_for("the count change's deployment to end", lambda: deployment(1, "successful"),
+                   timeout_s=180)  # fmt: skip
+    # the kept allocation counts in the new deployment (placed, and healthy again)
+    tg = world.api.call("GET", f"{path}/deployment").json()["TaskGroups"]["ml-worker-a"]
+    assert tg["HealthyAllocs"] == 2 and tg["PlacedAllocs"] == 2, tg
+    world.api.call("POST", f"{path}/scale", body={**scale, "Count": 1})
