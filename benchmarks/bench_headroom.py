@@ -20,13 +20,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from devtraces import cheapest_tuned, scored_traces
 
-from nomadscale.backtest.protocol import Params, counts, make_params, score
+from nomadscale.backtest.protocol import Params, counts, score
 from nomadscale.backtest.runner import run_backtest
 from nomadscale.stages.forecast import ForecastConfig
-from nomadscale.stages.history import load_trace
-
-TRACES = Path("/work/shared/traces")
 
 
 def hindsight_multiplier(
@@ -47,25 +45,16 @@ def hindsight_multiplier(
 
 
 def main() -> None:
-    files = sys.argv[1:] or sorted(str(p) for p in TRACES.glob("*.csv"))
     cfg = ForecastConfig()
     print(
         f"{'trace':40s} {'online':>15s} {'hindsight x':>12s} {'floor':>7s} "
         f"{'cheapest tuned':>30s} {'floor/anchor':>12s}"
     )
-    for path in files:
-        tr = load_trace(path)
-        p = make_params(tr)
-        if len(p.boundaries) < 100:
-            continue
-        rate = tr.series.values
+    for path, rate, p in scored_traces(sys.argv[1:]):
         rep = run_backtest(rate, p, config=cfg, anchors=True)
         base = rep.rows["oracle"].worker_hours
         m = rep.rows["nomadscale"]
-        name, best = min(
-            ((k, r.cost_vs_oracle) for k, r in rep.rows.items() if k.startswith("tuned:")),
-            key=lambda kv: kv[1],
-        )
+        name, best = cheapest_tuned(rep.rows)
         peak = np.maximum(rep.replay.peak, 0.0)
         mult = hindsight_multiplier(rate, p, peak, target=cfg.target)
         if mult is None:

@@ -8,23 +8,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from nomadscale.backtest.protocol import make_params
+from devtraces import cheapest_tuned, scored_traces
+
 from nomadscale.backtest.runner import run_backtest, write_decisions
 from nomadscale.stages.forecast import ForecastConfig
-from nomadscale.stages.history import load_trace
 
-TRACES = Path("/work/shared/traces")
 SCORER = Path("/work/shared/bench/score.py")
 
 
 def main() -> None:
-    files = sys.argv[1:] or sorted(str(p) for p in TRACES.glob("*.csv"))
-    for path in files:
-        tr = load_trace(path)
-        p = make_params(tr)
-        if len(p.boundaries) < 100:
-            continue
-        rate = tr.series.values
+    for path, rate, p in scored_traces(sys.argv[1:]):
         rep = run_backtest(rate, p, config=ForecastConfig(), anchors=True)
         with tempfile.TemporaryDirectory() as td:
             out = Path(td) / "d.csv"
@@ -41,8 +34,7 @@ def main() -> None:
         models: dict[str, int] = {}
         for x in rep.replay.models:
             models[x] = models.get(x, 0) + 1
-        tuned = [(r.cost_vs_oracle, k) for k, r in rep.rows.items() if k.startswith("tuned:")]
-        best, name = min(tuned) if tuned else (float("inf"), "none")
+        name, best = cheapest_tuned(rep.rows)
         ok = m.availability >= 0.99 and m.cost_vs_oracle <= best
         print(
             f"  nomadscale: avail {m.availability * 100:.2f}% cost/oracle {m.cost_vs_oracle:.3f}"

@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+from devtraces import MIN_CYCLES, cheapest_tuned, trace_files
 
 from nomadscale.backtest.protocol import make_params
 from nomadscale.backtest.runner import run_backtest
@@ -24,16 +25,13 @@ from nomadscale.core.errors import InputError
 from nomadscale.stages.forecast import ForecastConfig
 from nomadscale.stages.history import load_trace
 
-TRACES = Path("/work/shared/traces")
-
 
 def main() -> None:
-    files = sys.argv[1:] or sorted(str(p) for p in TRACES.glob("*.csv"))
     cfg = ForecastConfig()
     tally = {"OK": 0, "LOW": 0, "COST": 0}
     avails: list[float] = []
     ratios: list[float] = []
-    for path in files:
+    for path in trace_files(sys.argv[1:]):
         tr = load_trace(path)
         n, day = len(tr.requests), round(86400 / tr.step_s)
         seen: set[tuple[int, int]] = set()
@@ -52,12 +50,12 @@ def main() -> None:
                     p = make_params(sub)
                 except InputError:
                     continue
-                if len(p.boundaries) < 100:
+                if len(p.boundaries) < MIN_CYCLES:
                     continue
                 rate = sub.requests / (tr.step_s / 60.0)
                 rep = run_backtest(rate, p, config=cfg, anchors=True)
                 m = rep.rows["nomadscale"]
-                best = min(r.cost_vs_oracle for k, r in rep.rows.items() if k.startswith("tuned:"))
+                best = cheapest_tuned(rep.rows)[1]
                 ok_a = m.availability >= cfg.target
                 verdict = "OK" if ok_a and m.cost_vs_oracle <= best else "COST" if ok_a else "LOW"
                 tally[verdict] += 1

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,14 +63,6 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, every: float = 
             return got
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-
-
-def metrics_text(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            return str(r.read().decode())
-    except OSError:
-        return ""
 
 
 def service_env(**extra: str) -> dict[str, str]:

@@ -23,13 +23,12 @@ from tests.chaos.conftest import Record
 from tests.chaos.helpers import (
     HoldNthScale,
     level_series,
-    metrics_text,
     service_env,
     start_service,
     stop_process,
     wait_for,
 )
-from tests.harness.services import ConsulAgent, free_port
+from tests.harness.services import ConsulAgent, free_port, metrics_text
 from tests.harness.twin import TwinFactory
 from tests.service.helpers import make_policy
 

@@ -65,6 +65,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def metrics_text(port: int) -> str:
+    """The /metrics page a nomadscale process serves on ``port`` ("" while it does not)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return str(r.read().decode())
+    except OSError:
+        return ""
+
+
 def _http_get(url: str, *, headers: dict[str, str] | None = None, timeout: float = 1.0) -> str:
     req = urllib.request.Request(url, headers=headers or {})
     with urllib.request.urlopen(req, timeout=timeout) as resp:

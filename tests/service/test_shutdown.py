@@ -30,7 +30,7 @@ from nomadscale.integrations.consul import ConsulKV, ConsulLock
 from nomadscale.integrations.nomad import NomadClient
 from nomadscale.service.cycle import Ports
 from nomadscale.service.loop import Service
-from tests.harness.services import ConsulAgent, free_port
+from tests.harness.services import ConsulAgent, free_port, metrics_text
 from tests.harness.twin import TwinFactory
 from tests.service.helpers import constant, make_policy, run_process_env
 
@@ -131,14 +131,6 @@ def slow_prometheus() -> Iterator[SlowPrometheus]:
     srv.close()
 
 
-def _metrics(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            return str(r.read().decode())
-    except OSError:
-        return ""
-
-
 def _lock_session(consul: ConsulAgent, prefix: str) -> str | None:
     try:
         with urllib.request.urlopen(f"{consul.addr}/v1/kv/{prefix}/leader", timeout=2) as r:
@@ -195,9 +187,9 @@ def test_sigterm_at_any_moment_exits_0_promptly_and_releases_the_lock(
         if moment == "starting":  # handlers are installed before anything is logged
             p.wait_for("a log line", lambda: bool(p.lines))
         elif moment == "serving":  # the scheduler may still be starting (and logging)
-            p.wait_for("/metrics", lambda: bool(_metrics(port)))
+            p.wait_for("/metrics", lambda: bool(metrics_text(port)))
         elif moment == "leading":
-            p.wait_for("leadership", lambda: "nomadscale_is_leader 1.0" in _metrics(port))
+            p.wait_for("leadership", lambda: "nomadscale_is_leader 1.0" in metrics_text(port))
         else:  # the start-up warm-up fails slowly, then the takeover cycle's demand query
             p.wait_for("the warm-up", lambda: "forecaster warm-up failed" in p.text)
             p.wait_for("the cycle's query", lambda: slow_prometheus.in_flight > 0)
