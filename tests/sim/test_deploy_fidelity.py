@@ -40,6 +40,17 @@ def _created_at(alloc: dict[str, Any]) -> datetime:
     return datetime.fromtimestamp(alloc["CreateTime"] / S, tz=UTC)
 
 
+def _run_to_success(n: Any, twin: Any, dep_id: str, *, version: int) -> list[dict[str, Any]]:
+    """Let the deployment finish; it must succeed with all 4 live allocs at ``version``."""
+    for _ in range(10):
+        twin.advance(100)
+    dep = n.deployment.get_deployment(dep_id)
+    assert dep["Status"] == "successful", dep["StatusDescription"]
+    live = live_allocs(n, "web")
+    assert len(live) == 4 and {a["JobVersion"] for a in live} == {version}
+    return live
+
+
 @pytest.mark.parametrize(("max_parallel", "destructive_now"), [(1, 0), (3, 1)])
 def test_count_increase_placements_share_max_parallel_with_destructive_updates(
     twin, max_parallel, destructive_now
@@ -74,12 +85,7 @@ def test_count_increase_placements_share_max_parallel_with_destructive_updates(
     assert dep["TaskGroups"]["web"]["PlacedAllocs"] == 2 + destructive_now
     assert dep["TaskGroups"]["web"]["DesiredTotal"] == 4
 
-    for _ in range(10):
-        twin.advance(100)
-    dep = n.deployment.get_deployment(dep["ID"])
-    assert dep["Status"] == "successful", dep["StatusDescription"]
-    live = live_allocs(n, "web")
-    assert len(live) == 4 and {a["JobVersion"] for a in live} == {1}
+    live = _run_to_success(n, twin, dep["ID"], version=1)
     if max_parallel == 1:
         # the first old alloc is only replaced once both new placements are healthy
         v1 = sorted(
@@ -182,10 +188,5 @@ def test_newer_version_stops_unpromoted_canaries_of_superseded_deployment(twin, 
 
     twin.advance(200)
     n.deployment.promote_deployment_all(second["ID"])
-    for _ in range(10):
-        twin.advance(100)
-    second = n.deployment.get_deployment(second["ID"])
-    assert second["Status"] == "successful", second["StatusDescription"]
-    live = live_allocs(n, "web")
-    assert len(live) == 4 and {a["JobVersion"] for a in live} == {2}
+    live = _run_to_success(n, twin, second["ID"], version=2)
     assert old_canary not in {a["ID"] for a in live}
