@@ -98,6 +98,11 @@ class ConflictError(ExternalPermanentError):
     """A write lost a race (CAS failure, modify index conflict, active deployment)."""
 
 
+class DeploymentActiveError(ConflictError):
+    """Nomad refused a count change because a deployment of the job is active (every count
+    change starts one for about min_healthy_time): the same write may work once it ends."""
+
+
 class LockLostError(PermanentError):
     """This process no longer holds the leader lock; it must not write."""
 

@@ -24,7 +24,7 @@ import logging
 from datetime import datetime
 from functools import partial
 
-from nomadscale.core.errors import ConflictError
+from nomadscale.core.errors import DeploymentActiveError
 from nomadscale.core.ports import DeploymentGroup, DeploymentInfo
 from nomadscale.deploy import spec as jobspec
 from nomadscale.deploy.base import RolloutBase
@@ -266,8 +266,8 @@ class StepGate(RolloutBase):
                 self._call(lambda: self.nomad.scale(self.job_id, group, count,
                                                     namespace=self.ns, message=message))  # fmt: skip
                 return
-            except ConflictError as e:
-                if attempt == 2 or "active deployment" not in str(e):
+            except DeploymentActiveError as e:
+                if attempt == 2:
                     raise
                 log.info("deploy %s: %s; waiting for that deployment", self.policy.name, e)
 

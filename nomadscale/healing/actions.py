@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nomadscale.core.errors import ConflictError, PermanentError, SafetyError
+from nomadscale.core.errors import DeploymentActiveError, PermanentError, SafetyError
 from nomadscale.core.ports import AllocInfo, JobStatus, KVPort, NodeInfo, NodeMetadata, NomadPort
 from nomadscale.healing import gpucheck
 from nomadscale.healing.runbook import render
@@ -161,9 +161,7 @@ def _scale(ctx: Ctx, job: str, group: str, count: int, **kw: Any) -> Waiting | N
     """Scale, or Waiting when Nomad refused because a deployment just started."""
     try:
         ctx.nomad.scale(job, group, count, **kw)
-    except ConflictError as e:
-        if "active deployment" not in str(e):
-            raise
+    except DeploymentActiveError as e:
         return Waiting(f"{job}: {e}; waiting for the deployment to end")
     return None
 

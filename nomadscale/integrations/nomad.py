@@ -204,7 +204,7 @@ class NomadClient:
         namespace: str | None = None,
     ) -> str:
         """Set one group's count (Scale API). Returns the evaluation id. Never retried:
-        ``ConflictError`` while a deployment is active, ``ExternalTemporaryError`` on 5xx."""
+        ``DeploymentActiveError`` while a deployment is active, ``ExternalTemporaryError`` on 5xx."""
         target: dict[str, str] = {"Job": job_id, "Group": group}
         if namespace:
             target["Namespace"] = namespace

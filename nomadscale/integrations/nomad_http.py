@@ -26,6 +26,7 @@ import requests
 from nomadscale.core.clock import Clock
 from nomadscale.core.errors import (
     ConflictError,
+    DeploymentActiveError,
     ExternalPermanentError,
     ExternalTemporaryError,
     NomadscaleError,
@@ -61,7 +62,7 @@ _PERMANENT_500: tuple[tuple[re.Pattern[str], type[ExternalPermanentError]], ...]
     ),
     (re.compile(r"job (is )?stopped|stopped job", re.I), ExternalPermanentError),
 )
-_CONFLICT_400 = re.compile(r"active deployment", re.I)
+_DEPLOYMENT_400 = re.compile(r"active deployment", re.I)
 
 
 class ClientMetadata(nomad.api.base.Requester):  # type: ignore[misc]
@@ -183,7 +184,9 @@ class NomadTransport:
         msg = f"nomad: {what}: {status} {body}".rstrip()
         if status == 404:
             return NotFoundError(msg, system=SYSTEM, status=status)
-        if status == 409 or (status == 400 and _CONFLICT_400.search(body)):
+        if status == 400 and _DEPLOYMENT_400.search(body):
+            return DeploymentActiveError(msg, system=SYSTEM, status=status)
+        if status == 409:
             return ConflictError(msg, system=SYSTEM, status=status)
         if 400 <= status < 500 and status != 429:
             return ExternalPermanentError(msg, system=SYSTEM, status=status)

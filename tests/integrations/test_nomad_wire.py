@@ -17,6 +17,7 @@ import pytest
 from nomadscale.core.clock import FakeClock
 from nomadscale.core.errors import (
     ConflictError,
+    DeploymentActiveError,
     ExternalPermanentError,
     ExternalTemporaryError,
     NotFoundError,
@@ -137,7 +138,7 @@ def test_post_500_not_retried(stub: tuple[Script, str]) -> None:
 @pytest.mark.parametrize(
     ("status", "text", "kind"),
     [
-        (400, "job scaling blocked due to active deployment", ConflictError),
+        (400, "job scaling blocked due to active deployment", DeploymentActiveError),
         (400, 'task group "x" specified for scaling does not exist in job', ExternalPermanentError),
         (404, 'job "ml" not found', NotFoundError),
         (500, "deployment not found", NotFoundError),
