@@ -24,62 +24,22 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from nomadscale.config.policy import Policy
 from nomadscale.config.settings import Settings
 from nomadscale.core.clock import Clock
 from nomadscale.core.errors import ConfigError, NomadscaleError
-from nomadscale.integrations.consul import update_json, validate_timing
+from nomadscale.integrations.consul import update_json
 from nomadscale.service.control import Control
 from nomadscale.service.cycle import CycleResult, CycleRunner, Ports
 from nomadscale.service.kicks import KickRetries
 from nomadscale.service.leaderwatch import LockWatch
 from nomadscale.service.records import CycleRecord, Metrics, Recorder
+from nomadscale.service.timing import check_timing, trigger_for
 
 log = logging.getLogger(__name__)
 LOCK_ALERT = "nomadscale/lock-unavailable"
-
-
-def cron_for(cycle_s: float) -> dict[str, str]:
-    """CronTrigger fields firing every ``cycle_s`` aligned to midnight UTC."""
-    if cycle_s < 60:  # tests and demos only: policies allow whole minutes
-        secs = int(cycle_s)
-        if secs <= 0 or 60 % secs:
-            raise ConfigError(f"cycle {cycle_s:g}s: must divide a minute")
-        return {"second": f"*/{secs}"}
-    minutes = int(cycle_s // 60)
-    if minutes <= 0 or 1440 % minutes:
-        raise ConfigError(f"cycle {cycle_s:g}s: must be whole minutes dividing a day")
-    if minutes < 60:
-        return {"minute": f"*/{minutes}", "second": "0"}
-    if minutes % 60 == 0:
-        return {"hour": f"*/{minutes // 60}", "minute": "0", "second": "0"}
-    raise ConfigError(f"cycle {cycle_s:g}s: use minutes below 1h or whole hours")
-
-
-def trigger_for(cycle_s: float) -> CronTrigger:
-    return CronTrigger(timezone="UTC", **cron_for(cycle_s))  # type: ignore[arg-type]
-
-
-def check_timing(
-    policies: Sequence[Policy], *, ttl_s: float, renew_s: float, timeout_s: float = 5.0
-) -> None:
-    """ConfigError unless the lock can be kept and a failover fits within one cycle."""
-    errors: list[str] = []
-    try:
-        validate_timing(ttl_s=ttl_s, renew_every_s=renew_s, timeout_s=timeout_s)
-    except ConfigError as e:
-        errors.extend(e.errors)
-    for p in policies:
-        if p.cycle_s < 2 * ttl_s:
-            errors.append(
-                f"policy {p.name}: cycle {p.cycle_s:g}s must be at least 2 x the lock ttl "
-                f"({2 * ttl_s:g}s) so a failover completes within one cycle"
-            )
-    if errors:
-        raise ConfigError("; ".join(errors), errors=errors)
 
 
 class Service:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-TRACES = Path("/work/shared/traces")
+TRACES = Path(__file__).resolve().parent.parent / "data"  # real traces, see ATTRIBUTION.md
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from tests.harness.services import PrometheusServer, free_port, start_prometheus
 pytestmark = pytest.mark.prometheus
 
 KIMI = TRACES / "llm_kimi_mooncake_conversation_1min.csv"
-ELB = TRACES / "web_aws_elb_requests_5min.csv"
+ELB = TRACES / "web_aws_elb_requests_5min_head.csv"
 ELB_ROWS = slice(0, 1200)  # 2014-04-10..14, holds 3 of the trace's gaps
 
 

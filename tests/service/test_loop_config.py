@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from nomadscale.core.errors import ConfigError
-from nomadscale.service.loop import check_timing, cron_for, trigger_for
+from nomadscale.service.timing import check_timing, cron_for, trigger_for
 from tests.service.helpers import make_policy
 
 
