@@ -66,6 +66,8 @@ class Cluster:
         self.deployments: dict[str, Deployment] = {}
         self.deployments_by_job: dict[JobKey, list[Deployment]] = defaultdict(list)
         self.blocked: dict[JobKey, str] = {}  # job -> blocked eval id
+        self.draining: set[str] = set()  # ids of nodes with a drain strategy (drain.py)
+        self.drain_dirty: set[JobKey] = set()  # jobs the drainer has to look at again
         self.queued: dict[tuple[JobKey, str], int] = {}
         self.namespaces: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
@@ -177,6 +179,8 @@ class Cluster:
                     self._now_override = at
                     try:
                         lifecycle.handle(self, kind, key, gen)
+                        if self.drain_dirty and not (self._timers and self._timers[0][0] <= at):
+                            lifecycle.drain_pending(self)  # once the instant's changes are in
                     finally:
                         self._now_override = None
                     self._unblock()
@@ -185,8 +189,11 @@ class Cluster:
                 self._processing = False
 
     def settle(self) -> None:
-        """Place queued allocations if capacity appeared (called after every write)."""
+        """Let the node drainer see the write's changes and place queued allocations if
+        capacity appeared (called after every write)."""
         with self.lock:
+            if self.drain_dirty:
+                lifecycle.drain_pending(self)
             self._unblock()
 
     def _unblock(self) -> None:

@@ -40,10 +40,25 @@ def strategy(tg: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def health_times(tg: dict[str, Any]) -> tuple[float, float]:
-    """(min_healthy_time, healthy_deadline) for any service allocation of the group."""
-    st = strategy(tg)
-    if st is not None:
+def group_of(a: Alloc) -> dict[str, Any]:
+    """``a``'s task group in the job version it runs."""
+    for tg in a.job.get("TaskGroups") or []:
+        if tg.get("Name") == a.task_group:
+            return tg  # type: ignore[no-any-return]
+    return {}
+
+
+def watch_times(a: Alloc) -> tuple[float, float] | None:
+    """(min_healthy_time, healthy_deadline) the client watches a service allocation's health
+    with, or None when it does not watch it (client/allocrunner/health_hook.go ``init`` and
+    ``getHealthParams``): an allocation of a deployment (DeploymentID set) with its group's
+    update block, and not at all when the group has none (max_parallel 0) or health_check
+    "manual"; any other allocation with the group's migrate block."""
+    tg = group_of(a)
+    if a.deployment_id:
+        st = strategy(tg)
+        if st is None or (tg.get("Update") or {}).get("HealthCheck") == "manual":
+            return None
         return st["MinHealthyTime"], st["HealthyDeadline"]
     m = tg.get("Migrate") or {}
     return _s(m.get("MinHealthyTime"), 10.0), _s(m.get("HealthyDeadline"), 300.0)
@@ -195,10 +210,11 @@ def check(c: Cluster, dep: Deployment) -> None:
 
 
 def on_health(c: Cluster, a: Alloc, healthy: bool) -> None:
+    """The client set ``a``'s health; the deployment watcher reacts."""
     a.healthy = healthy
     a.was_healthy = a.was_healthy or healthy
     a.health_time = c.now_s()
-    a.modify_index = c.bump("allocs")
+    a.modify_index = a.health_index = c.bump("allocs")
     c.emit(
         "alloc_healthy" if healthy else "alloc_unhealthy",
         alloc_id=a.id,
@@ -218,8 +234,8 @@ def on_health(c: Cluster, a: Alloc, healthy: bool) -> None:
     else:
         gs.unhealthy_allocs += 1
     dep.modify_index = c.bump("deployments")
-    if not healthy and gs.progress_deadline_s <= 0:
-        fail(c, dep, DESC_FAILED_ALLOCS)
+    if not healthy:
+        _on_unhealthy(c, dep, a, gs)
         return
     if healthy and dep.status == "running":
         from nomadscale.sim import sched
@@ -230,6 +246,28 @@ def on_health(c: Cluster, a: Alloc, healthy: bool) -> None:
             sched.reconcile(c, job, triggered_by="deployment-watcher", deployment_id=dep.id)
         else:
             check(c, dep)
+
+
+def _on_unhealthy(c: Cluster, dep: Deployment, a: Alloc, gs: GroupDeploy) -> None:
+    """nomad/deploymentwatcher/deployment_watcher.go handleAllocUpdate: without a progress
+    deadline the first unhealthy allocation fails the deployment, and so does one whose
+    reschedule policy has no attempt left (shouldFailEarly, Nomad 1.6+). Otherwise the
+    allocation is marked DesiredTransition.Reschedule ("allowReplacements") and the job
+    evaluated: a failed one is then replaced after its reschedule delay (reschedule.py), while
+    the deployment waits for healthy allocations until its progress deadline."""
+    from nomadscale.sim import reschedule, sched
+
+    pol = reschedule.policy(c, a)
+    if gs.progress_deadline_s <= 0 or not reschedule.eligible(a, pol, c.now_s()):
+        fail(c, dep, DESC_FAILED_ALLOCS)
+        return
+    if a.reschedule_ok:
+        return
+    a.reschedule_ok = True
+    a.modify_index = c.bump("allocs")
+    job = c.jobs.get((dep.namespace, dep.job_id))
+    if job is not None:
+        sched.reconcile(c, job, triggered_by="deployment-watcher", deployment_id=dep.id)
 
 
 def deadline(c: Cluster, key: str) -> None:
@@ -258,8 +296,9 @@ def stop_unneeded_canaries(c: Cluster, job: JobRecord) -> None:
     failed. Nomad's reconciler does this first in every evaluation (reconcile.go
     cancelUnneededDeployments makes it the ``oldDeployment``; cancelUnneededCanaries stops
     the PlacedCanaries of its groups that are not Promoted, and those of a failed current
-    deployment, as "alloc not needed due to job update")."""
-    from nomadscale.sim.sched import stop_alloc
+    deployment, as "alloc not needed due to job update"; failed ones too, so they are not
+    rescheduled)."""
+    from nomadscale.sim.sched import stop_any
 
     history = c.deployments_by_job.get((job.namespace, job.id))
     if not history:
@@ -273,8 +312,8 @@ def stop_unneeded_canaries(c: Cluster, job: JobRecord) -> None:
             continue
         for alloc_id in gs.placed_canaries:
             a = c.allocs.get(alloc_id)
-            if a is not None and a.live:
-                stop_alloc(c, a, "alloc not needed due to job update")
+            if a is not None:
+                stop_any(c, a, "alloc not needed due to job update")
 
 
 def fail(c: Cluster, dep: Deployment, description: str) -> int | None:

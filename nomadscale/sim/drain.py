@@ -1,16 +1,17 @@
-"""Node drains: migrate allocations off a node (replacement first, then stop), force-stop
-at the deadline, and mark the drain complete."""
+"""Node drains: migrate allocations off draining nodes, migrate.max_parallel per group at a
+time once the allocations' health is set (stopped and replaced together by the scheduler),
+force-stop at the deadline, and mark the drain complete."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from nomadscale.sim.model import NS, Node, rfc3339
 
 if TYPE_CHECKING:
     from nomadscale.sim.cluster import Cluster
-    from nomadscale.sim.model import Alloc
+    from nomadscale.sim.model import Alloc, JobRecord
 
 
 def _is_system(a: Alloc) -> bool:
@@ -30,6 +31,7 @@ def start(
     if spec is None:
         if node.drain_strategy is not None:
             node.drain_strategy = None
+            c.draining.discard(node.id)
             if node.last_drain is not None:
                 node.last_drain.update({"Status": "canceled", "UpdatedAt": rfc3339(now)})
             for a in c.allocs_by_node.get(node.id, ()):
@@ -49,6 +51,7 @@ def start(
         "StartedAt": rfc3339(now),
     }
     node.eligibility = "ineligible"
+    c.draining.add(node.id)
     node.last_drain = {
         "StartedAt": rfc3339(now),
         "UpdatedAt": rfc3339(now),
@@ -65,7 +68,7 @@ def start(
         return force(c, node.id)
     if force_at is not None:
         c.schedule(force_at, "drain_deadline", node.id)
-    return step(c, node)
+    return step(c)
 
 
 def _drainable(c: Cluster, node: Node) -> list[Alloc]:
@@ -77,47 +80,70 @@ def _drainable(c: Cluster, node: Node) -> list[Alloc]:
     return out
 
 
-def step(c: Cluster, node: Node) -> list[str]:
-    """Mark the next allocations for migration (migrate.max_parallel per group)."""
+def step(c: Cluster, *, jobs: Collection[tuple[str, str]] | None = None) -> list[str]:
+    """The node drainer's pass over the draining nodes: mark allocations for migration,
+    job-wide, as Nomad's job watcher does (nomad/drainer/watch_jobs.go handleTaskGroup), let
+    the scheduler stop and replace them (scheduler/reconcile.go computeMigrations, in
+    ``counted.py``), then complete the drains with nothing but system allocations left
+    (draining_node.go IsDone; drainer.go handleMigratedAllocs stops those last). ``jobs``:
+    only those jobs' allocations changed (a health set, an allocation finished). Returns
+    evaluation ids."""
     from nomadscale.sim import sched
 
-    if node.drain_strategy is None:
+    nodes = [n for i in sorted(c.draining) if (n := c.nodes[i]).drain_strategy is not None]
+    if not nodes:
         return []
-    remaining = _drainable(c, node)
-    if not remaining:
-        _complete(c, node)
-        return []
-    service = [a for a in remaining if a.job.get("Type", "service") == "service"]
-    if not service and all(_is_system(a) for a in remaining):
-        for a in remaining:  # system jobs go last
-            sched.stop_alloc(c, a, "alloc is being drained")
-        _complete(c, node)
-        return []
-    touched: dict[tuple[str, str], bool] = {}
-    by_group: dict[tuple[str, str, str], list[Alloc]] = {}
-    for a in service:
-        by_group.setdefault((a.namespace, a.job_id, a.task_group), []).append(a)
-    for (ns, job_id, group), allocs in by_group.items():
-        job = c.jobs.get((ns, job_id))
-        tg = job.group(group) if job else None
-        max_par = int(((tg or {}).get("Migrate") or {}).get("MaxParallel") or 1)
-        in_flight = sum(1 for a in allocs if a.migrating)
-        for a in sorted(allocs, key=lambda x: x.create_index):
-            if in_flight >= max_par:
-                break
-            if not a.migrating:
-                a.migrating = True
-                a.modify_index = c.bump("allocs")
-                in_flight += 1
-                touched[(ns, job_id)] = True
+    drainable: dict[tuple[str, str], dict[str, list[Alloc]]] = {}
+    for n in nodes:
+        for a in c.allocs_by_node.get(n.id, ()):
+            key = (a.namespace, a.job_id)
+            if a.live and not a.migrating and not _is_system(a) and (jobs is None or key in jobs):
+                drainable.setdefault(key, {}).setdefault(a.task_group, []).append(a)
     evals = []
-    for key in touched:
+    for key, groups in drainable.items():
         job = c.jobs.get(key)
-        if job is not None:
-            ev = sched.reconcile(c, job, triggered_by="node-drain", node_id=node.id)
+        if job is None or job.type != "service":
+            continue  # batch allocations run on until the deadline; system ones go last
+        marked = False
+        for tg in job.spec.get("TaskGroups") or []:
+            if tg.get("Name") in groups:
+                marked = _mark_group(c, job, tg, groups[tg["Name"]]) or marked
+        if marked:
+            ev = sched.reconcile(c, job, triggered_by="node-drain")
             if ev is not None:
                 evals.append(ev["ID"])
+    for n in nodes:
+        if n.drain_strategy is None:
+            continue
+        remaining = _drainable(c, n)
+        if remaining and all(_is_system(a) for a in remaining):
+            for a in remaining:  # system jobs go last
+                sched.stop_alloc(c, a, "alloc is being drained")
+            remaining = []
+        if not remaining:
+            _complete(c, n)
     return evals
+
+
+def _mark_group(c: Cluster, job: JobRecord, tg: dict[str, Any], drainable: list[Alloc]) -> bool:
+    """handleTaskGroup: every allocation of the group whose health is set counts as healthy
+    for the migration, healthy or not, on any node; the drain may take the group down to
+    count - migrate.max_parallel of them. Marks that many of ``drainable`` (its unmarked
+    allocations on draining nodes: DesiredTransition.Migrate) and says whether it marked
+    any."""
+    mig = tg.get("Migrate") or {}
+    max_parallel = int(mig["MaxParallel"]) if mig.get("MaxParallel") is not None else 1
+    threshold = int(tg.get("Count", 0)) - max_parallel
+    healthy = sum(
+        1
+        for a in c.job_allocs((job.namespace, job.id))
+        if a.task_group == tg.get("Name") and a.healthy is not None and a.live
+    )
+    n = min(len(drainable), healthy - threshold)
+    for a in sorted(drainable, key=lambda x: x.create_index)[: max(0, n)]:
+        a.migrating = True
+        a.modify_index = c.bump("allocs")
+    return n > 0
 
 
 def force(c: Cluster, node_id: str) -> list[str]:
@@ -149,6 +175,7 @@ def _complete(c: Cluster, node: Node) -> None:
     if node.drain_strategy is None:
         return
     node.drain_strategy = None
+    c.draining.discard(node.id)
     if node.last_drain is not None:
         node.last_drain.update({"Status": "complete", "UpdatedAt": rfc3339(c.now_s())})
     node.events.append(c._node_event("Node drain complete"))

@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from nomadscale.core.durations import parse_duration
-from nomadscale.sim import deploy, drain
+from nomadscale.sim import deploy, drain, reschedule
 from nomadscale.sim.model import Alloc, Node
 
 if TYPE_CHECKING:
@@ -40,14 +40,13 @@ def alloc_placed(c: Cluster, a: Alloc, node: Node) -> None:
         c.schedule(now + timeout, "alloc_pull_timeout", a.id, a.gen)
     else:
         c.schedule(now + pull_s + c.start_s, "alloc_start", a.id, a.gen)
-    if a.job.get("Type", "service") == "service":
-        tg = _tg(a)
-        _, healthy_deadline = deploy.health_times(tg)
-        c.schedule(now + healthy_deadline, "alloc_deadline", a.id, a.gen)
+    watch = deploy.watch_times(a) if a.job.get("Type", "service") == "service" else None
+    if watch is not None:
+        c.schedule(now + watch[1], "alloc_deadline", a.id, a.gen)
 
 
 def _pull_timeout(a: Alloc) -> float:
-    for task in _tg(a).get("Tasks") or []:
+    for task in deploy.group_of(a).get("Tasks") or []:
         raw = (task.get("Config") or {}).get("image_pull_timeout")
         if raw:
             try:
@@ -55,13 +54,6 @@ def _pull_timeout(a: Alloc) -> float:
             except ValueError:
                 break
     return DEFAULT_PULL_TIMEOUT_S
-
-
-def _tg(a: Alloc) -> dict:  # type: ignore[type-arg]
-    for tg in a.job.get("TaskGroups") or []:
-        if tg.get("Name") == a.task_group:
-            return tg  # type: ignore[no-any-return]
-    return {}
 
 
 def terminate(
@@ -77,7 +69,6 @@ def terminate(
     if a.started_at is not None or client_status != "lost":
         a.finished_at = now
     a.gen += 1
-    a.migrating = a.migrating and client_status != "complete"
     _task_event(
         c,
         a,
@@ -92,6 +83,7 @@ def terminate(
     if was_live and not a.live and node is not None:
         node.track(a, -1)
     c.capacity_changed()
+    _drainer_wakes(c, a)
     c.emit(
         f"alloc_{'stopped' if client_status == 'complete' else client_status}",
         alloc_id=a.id,
@@ -130,10 +122,11 @@ def handle(c: Cluster, kind: str, key: str, gen: int) -> None:
     elif kind == "alloc_healthy":
         if a.client_status == "running" and a.healthy is None and _watched_for(c, a, 0):
             deploy.on_health(c, a, True)
-            _migrated(c, a)
+            _drainer_wakes(c, a)  # it counts allocations whose health is set
     elif kind == "alloc_deadline":
         if a.healthy is None and a.desired_status == "run" and _watched_for(c, a, 1):
             deploy.on_health(c, a, False)
+            _drainer_wakes(c, a)
     elif kind == "alloc_fail":
         if a.client_status == "running":
             _fail(c, a)
@@ -158,18 +151,24 @@ def handle(c: Cluster, kind: str, key: str, gen: int) -> None:
 
 
 def restart_health(c: Cluster, a: Alloc) -> None:
-    """Watch ``a``'s health again from now, with its (new) job's update block: an in-place
-    update moved it to another deployment. Nomad's scheduler sets its DeploymentStatus to
-    nil (generic_sched.go, in-place updates) and the client's health hook clears the health
-    when the DeploymentID changes (client/allocrunner/health_hook.go Update), so the
-    allocation turns healthy again min_healthy_time from now, or unhealthy at a new
-    healthy_deadline."""
+    """Clear ``a``'s health and watch it again from now: an in-place update moved it to
+    another deployment. Nomad's scheduler sets its DeploymentStatus to nil (generic_sched.go
+    computeJobAllocs, in-place updates) and the client's health hook clears the health when
+    the DeploymentID changes (client/allocrunner/health_hook.go Update: "Deployment has
+    changed, reset status" -> ClearHealth), then watches it as ``init`` does for a new
+    allocation (``deploy.watch_times``): healthy min_healthy_time from now, or unhealthy at a
+    new healthy_deadline; never, when the group has no update block (a deployment allocation
+    of such a group is not watched), so its health stays unset."""
     now = c.now_s()
     a.healthy = None
     a.health_time = None
+    a.health_index = 0
     a.health_since = now
     a.modify_index = c.bump("allocs")
-    min_healthy, healthy_deadline = deploy.health_times(_tg(a))
+    watch = deploy.watch_times(a)
+    if watch is None:
+        return
+    min_healthy, healthy_deadline = watch
     c.schedule(now + healthy_deadline, "alloc_deadline", a.id, a.gen)
     if a.client_status == "running" and not (a.image and c.faults.image_is_bad(a.image)):
         c.schedule(now + min_healthy, "alloc_healthy", a.id, a.gen)
@@ -177,10 +176,14 @@ def restart_health(c: Cluster, a: Alloc) -> None:
 
 def _watched_for(c: Cluster, a: Alloc, which: int) -> bool:
     """Whether a health timer (``which``: 0 min_healthy_time, 1 healthy_deadline) is due for
-    the current health watch: timers of a watch that ``restart_health`` replaced are early."""
+    the current health watch: timers of a watch that ``restart_health`` replaced are early,
+    and an allocation the client does not watch gets no health at all."""
+    watch = deploy.watch_times(a)
+    if watch is None:
+        return False
     if a.health_since is None:
         return True
-    return c.now_s() + 1e-6 >= a.health_since + deploy.health_times(_tg(a))[which]
+    return c.now_s() + 1e-6 >= a.health_since + watch[which]
 
 
 def _start(c: Cluster, a: Alloc) -> None:
@@ -197,22 +200,34 @@ def _start(c: Cluster, a: Alloc) -> None:
     a.modify_index = c.bump("allocs")
     c.emit("alloc_running", alloc_id=a.id, job_id=a.job_id, group=a.task_group, node_id=a.node_id)
     jtype = a.job.get("Type", "service")
+    watch = deploy.watch_times(a) if jtype == "service" else None
     if a.image and c.faults.image_is_bad(a.image):
         c.schedule(now + FAIL_AFTER_START_S, "alloc_fail", a.id, a.gen)
-    elif jtype == "service":
-        min_healthy, _ = deploy.health_times(_tg(a))
-        c.schedule(now + min_healthy, "alloc_healthy", a.id, a.gen)
+    elif watch is not None:
+        c.schedule(now + watch[0], "alloc_healthy", a.id, a.gen)
     elif jtype in ("batch", "sysbatch"):
         c.schedule(now + c.batch_run_s, "alloc_complete", a.id, a.gen)
 
 
 def _fail(c: Cluster, a: Alloc) -> None:
+    """The allocation failed. A deployment's allocation is marked unhealthy (the client's
+    clientAlloc does so for a failed allocation with a DeploymentID; the deployment watcher
+    reacts in ``deploy.on_health``). Like Node.UpdateAlloc, an evaluation follows if its
+    reschedule policy allows another attempt; the reconciler replaces it after the delay
+    (reschedule.py)."""
+    from nomadscale.sim import sched
+
     terminate(c, a, desired=None, client_status="failed", description="Exit Code: 1")
     if a.healthy is None and a.job.get("Type", "service") == "service":
         deploy.on_health(c, a, False)
-    dep = c.deployments.get(a.deployment_id) if a.deployment_id else None
-    if dep is None or not dep.active:
-        c.schedule(c.now_s() + c.reschedule_delay_s, "reschedule", f"{a.namespace}\x00{a.job_id}")
+    job = c.jobs.get((a.namespace, a.job_id))
+    if (
+        job is not None
+        and not job.stopped
+        and a.desired_status == "run"
+        and reschedule.eligible(a, reschedule.policy(c, a), c.now_s())
+    ):
+        sched.reconcile(c, job, triggered_by="alloc-failure")
     _after_terminal(c, a)
 
 
@@ -223,22 +238,21 @@ def _after_terminal(c: Cluster, a: Alloc) -> None:
     if job is not None:
         job.spec["Status"] = sched.job_status(c, job)
         c.bump("jobs")
-    node = c.nodes.get(a.node_id)
-    if node is not None and node.draining:
-        drain.step(c, node)
 
 
-def _migrated(c: Cluster, a: Alloc) -> None:
-    """A drain replacement turned healthy: stop the allocation it replaces."""
-    prev = c.allocs.get(a.previous_allocation) if a.previous_allocation else None
-    if prev is None or not prev.migrating or not prev.live:
-        return
-    terminate(
-        c, prev, desired="stop", client_status="complete", description="alloc is being migrated"
-    )
-    node = c.nodes.get(prev.node_id)
-    if node is not None and node.draining:
-        drain.step(c, node)
+def _drainer_wakes(c: Cluster, a: Alloc) -> None:
+    """An allocation of the job changed in a way the drainer reacts to (terminal, or its
+    health set): look at the job again once this instant's changes are in."""
+    if c.draining:
+        c.drain_dirty.add((a.namespace, a.job_id))
+
+
+def drain_pending(c: Cluster) -> None:
+    """Run the node drainer for the jobs whose allocations changed (a health set, an
+    allocation finished) since its last pass: Nomad's job watcher wakes on allocation
+    changes (nomad/drainer/watch_jobs.go watch); the twin runs it once per instant."""
+    jobs, c.drain_dirty = c.drain_dirty, set()
+    drain.step(c, jobs=jobs)
 
 
 def node_lost(c: Cluster, node: Node) -> None:

@@ -196,6 +196,7 @@ class Alloc:
     healthy: bool | None = None
     health_time: float | None = None
     health_since: float | None = None  # health watch restarted (in-place move to a deployment)
+    health_index: int = 0  # DeploymentStatus.ModifyIndex: the index the health was set at
     was_healthy: bool = False  # turned healthy once since it started (a re-watch keeps it)
     started_at: float | None = None
     finished_at: float | None = None
@@ -203,7 +204,10 @@ class Alloc:
     modify_time: float = 0.0
     previous_allocation: str = ""
     next_allocation: str = ""
-    migrating: bool = False
+    migrating: bool = False  # DesiredTransition.Migrate (set by the node drainer)
+    reschedule_ok: bool = False  # DesiredTransition.Reschedule (set by the deployment watcher)
+    reschedule_events: list[dict[str, Any]] = field(default_factory=list)  # RescheduleTracker
+    followup_at: float | None = None  # when a follow-up evaluation will reschedule it
     task_names: tuple[str, ...] = ()
     task_events: list[dict[str, Any]] = field(default_factory=list)
     gen: int = 0  # bumped on each transition; stale timers are ignored
@@ -265,13 +269,18 @@ class Alloc:
         }
 
     def _deployment_status(self) -> dict[str, Any] | None:
-        if not self.deployment_id and self.healthy is None:
+        """Nil until the client sets the health, except for a canary, which the scheduler
+        places with ``{Canary: true}`` (scheduler/generic_sched.go computePlacements; the
+        client's state only gets a DeploymentStatus in SetHealth, client/allocrunner/
+        health_hook.go and state.SetDeploymentStatus). An in-place move to another deployment
+        sets it back to nil (generic_sched.go computeJobAllocs)."""
+        if self.healthy is None and not self.canary:
             return None
         return {
             "Healthy": self.healthy,
             "Timestamp": rfc3339(self.health_time),
             "Canary": self.canary,
-            "ModifyIndex": self.modify_index,
+            "ModifyIndex": self.health_index,
         }
 
     def stub(self, *, task_states: bool = True) -> dict[str, Any]:
@@ -293,7 +302,11 @@ class Alloc:
             "TaskStates": self._task_states() if task_states else None,
             "DeploymentStatus": self._deployment_status(),
             "FollowupEvalID": "",
-            "RescheduleTracker": None,
+            "RescheduleTracker": (
+                {"Events": [dict(e) for e in self.reschedule_events]}
+                if self.reschedule_events
+                else None
+            ),
             "PreemptedAllocations": None,
             "PreemptedByAllocation": "",
             "CreateIndex": self.create_index,
@@ -310,7 +323,12 @@ class Alloc:
                 "DeploymentID": self.deployment_id,
                 "PreviousAllocation": self.previous_allocation,
                 "NextAllocation": self.next_allocation,
-                "DesiredTransition": {"Migrate": self.migrating or None},
+                "DesiredTransition": {
+                    "Migrate": self.migrating or None,
+                    "Reschedule": self.reschedule_ok or None,
+                    "ForceReschedule": None,
+                    "NoShutdownDelay": None,
+                },
                 "AllocatedResources": {
                     "Tasks": {
                         t: {

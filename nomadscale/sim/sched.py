@@ -1,5 +1,6 @@
-"""The scheduler: reconciles a job's allocations with its spec (service rolling updates and
-canaries, batch, sysbatch/system one-per-node), places allocations and records evaluations."""
+"""The scheduler: reconciles a job's allocations with its spec (service and batch jobs in
+``counted.py``: rolling updates, canaries, reschedules, migrations; sysbatch/system one per
+node here), places allocations and records evaluations."""
 
 from __future__ import annotations
 
@@ -85,6 +86,18 @@ def stop_alloc(c: Cluster, a: Alloc, description: str, *, client_status: str = "
     from nomadscale.sim import lifecycle
 
     lifecycle.terminate(c, a, desired="stop", client_status=client_status, description=description)
+
+
+def stop_any(c: Cluster, a: Alloc, description: str) -> None:
+    """Stop ``a`` as a plan does (plan.AppendStoppedAlloc): a live allocation is killed; a
+    failed one only gets DesiredStatus ``stop``, so it takes no slot any more."""
+    if a.live:
+        stop_alloc(c, a, description)
+    elif a.desired_status == "run":
+        a.desired_status = "stop"
+        a.desired_description = description
+        a.modify_time = c.now_s()
+        a.modify_index = c.bump("allocs")
 
 
 class IndexPool(set[int]):
@@ -207,7 +220,9 @@ def reconcile(
     elif job.type in ("sysbatch", "system"):
         _reconcile_per_node(c, job, ev, failed, queued)
     else:
-        _reconcile_counted(c, job, ev, failed, queued)
+        from nomadscale.sim import counted
+
+        counted.reconcile(c, job, ev, failed, queued)
     ev["QueuedAllocations"] = queued
     for g, n in queued.items():
         c.queued[(key, g)] = n
@@ -252,183 +267,6 @@ def _reconcile_per_node(
         queued[tg["Name"]] = 0
         if missing:
             failed[tg["Name"]] = placer.failure(missing)
-
-
-def _reconcile_counted(
-    c: Cluster, job: JobRecord, ev: dict[str, Any], failed: dict[str, Any], queued: dict[str, int]
-) -> None:
-    key = (job.namespace, job.id)
-    allocs = c.job_allocs(key)
-    dep = c.active_deployment(key)
-    if dep is not None and dep.job_version != job.version:
-        deploy.set_status(c, dep, "cancelled", deploy.DESC_NEWER_JOB)
-        dep = None
-    deploy.stop_unneeded_canaries(c, job)
-    groups = job.spec.get("TaskGroups") or []
-    plans: list[dict[str, Any]] = []
-    updating = False
-    had_running = any(a.job_version == job.version for a in allocs)
-    for tg in groups:
-        name = tg["Name"]
-        h = spec_hash(job.spec, tg)
-        mine = [a for a in allocs if a.task_group == name]
-        live = [a for a in mine if a.live and not a.migrating]
-        if job.type == "batch":
-            live += [a for a in mine if a.client_status == "complete"]
-        if dep is not None:  # failed allocs of the running deployment keep their slot
-            live += [
-                a
-                for a in mine
-                if a.client_status == "failed" and a.deployment_id == dep.id and a not in live
-            ]
-        new = [a for a in live if a.spec_hash == h]
-        old = [a for a in live if a.spec_hash != h]
-        inplace = [a for a in new if a.job_version != job.version and a.live]
-        if old or inplace:
-            updating = True
-        plans.append({"tg": tg, "new": new, "old": old, "inplace": inplace, "mine": mine})
-    history = c.deployments_by_job.get(key, [])
-    failed_here = bool(
-        history and history[-1].job_version == job.version and history[-1].status == "failed"
-    )
-    if (
-        job.type == "service"
-        and dep is None
-        and not failed_here  # a failed version gets no new deployment (register a fix)
-        and (not had_running or updating)
-        and any(deploy.strategy(p["tg"]) for p in plans)
-        and sum(int(p["tg"].get("Count", 0)) for p in plans) > 0
-    ):
-        dep = deploy.create(c, job, plans)
-        ev["DeploymentID"] = dep.id
-    for p in plans:
-        if failed_here and dep is None:
-            p["old_frozen"] = True  # no further destructive updates of a failed version
-        _apply_group(c, job, p, ev, dep, failed, queued)
-
-
-def _newest_first(allocs: list[Alloc]) -> list[Alloc]:
-    return sorted(allocs, key=lambda a: a.create_index, reverse=True)
-
-
-def _apply_group(
-    c: Cluster,
-    job: JobRecord,
-    p: dict[str, Any],
-    ev: dict[str, Any],
-    dep: Deployment | None,
-    failed: dict[str, Any],
-    queued: dict[str, int],
-) -> None:
-    from nomadscale.sim import lifecycle
-
-    tg: dict[str, Any] = p["tg"]
-    name = tg["Name"]
-    new: list[Alloc] = p["new"]
-    old: list[Alloc] = p["old"]
-    count = int(tg.get("Count", 0))
-    strat = deploy.strategy(tg)
-    gs = dep.groups.get(name) if dep is not None else None
-    canaries_pending = (
-        bool(old)
-        and not p.get("old_frozen")
-        and strat is not None
-        and strat["Canary"] > 0
-        and not (gs is not None and gs.promoted)
-    )
-    # Nomad stops a count decrease's excess before it updates the rest in place
-    # (scheduler/reconcile.go computeGroup: computeStop, then computeUpdates)
-    excess = 0 if canaries_pending else len(new) + len(old) - count
-    stopping = {a.id for a in (_newest_first(old) + _newest_first(new))[: max(0, excess)]}
-    for a in p["inplace"]:
-        if a.id in stopping:
-            continue
-        a.job_version = job.version
-        a.job = job.spec
-        a.modify_index = c.bump("allocs")
-        if dep is not None and gs is not None and a.deployment_id != dep.id:
-            # Nomad's scheduler (generic_sched.go computeJobAllocs, in-place updates) moves
-            # it into the new deployment with DeploymentStatus nil; the state store counts
-            # it as placed (updateDeploymentWithAlloc). The client's health hook then sees
-            # the DeploymentID change, clears its health, healthy or not
-            # (client/allocrunner/health_hook.go Update: "Deployment has changed, reset
-            # status" -> ClearHealth) and watches it again with this update block: healthy
-            # min_healthy_time later, unhealthy at healthy_deadline. So every count change
-            # (Scale API) keeps a deployment active for about min_healthy_time.
-            a.deployment_id = dep.id
-            gs.placed_allocs += 1
-            lifecycle.restart_health(c, a)
-    # drained allocations waiting for a replacement
-    waiting = [
-        a
-        for a in p["mine"]
-        if a.live
-        and a.migrating
-        and (not a.next_allocation or not c.allocs[a.next_allocation].live)
-    ]
-    placer: Placer | None = None
-    missing = 0
-
-    def place(n: int, *, canary: bool = False, previous: list[Alloc] | None = None) -> None:
-        nonlocal placer, missing
-        placer = placer or Placer(c, job, tg)
-        used = used_indexes(c, job, name) if n else IndexPool()
-        h = spec_hash(job.spec, tg) if n else ""
-        for i in range(n):
-            prev = previous[i] if previous and i < len(previous) else None
-            node = placer.choose(exclude=prev.node_id if prev else "")
-            if node is None:
-                missing += n - i
-                return
-            create_alloc(
-                c,
-                job,
-                tg,
-                node.id,
-                eval_id=ev["ID"],
-                dep=dep,
-                canary=canary,
-                previous=prev,
-                used=used,
-                hash_=h,
-            )
-
-    if canaries_pending:
-        have = [a for a in new if a.canary]
-        if len(old) > count:
-            for a in _newest_first(old)[: len(old) - count]:
-                stop_alloc(c, a, "alloc not needed due to job update")
-        place(max(0, strat["Canary"] - len(have)) if strat else 0, canary=True)
-    else:
-        diff = count - len(new) - len(old)
-        placed = 0  # placements that share max_parallel with the destructive updates
-        if diff > 0:
-            place(diff, previous=waiting)
-            placed = max(0, diff - len(waiting))  # migrations do not count against it
-        elif diff < 0:
-            excess = -diff
-            for a in (_newest_first(old) + _newest_first(new))[:excess]:
-                if a.live:
-                    stop_alloc(c, a, "alloc not needed due to job update")
-                if a in old:
-                    old.remove(a)
-            old = [a for a in old if a.live]
-        if old and not p.get("old_frozen"):
-            if strat is None or strat["MaxParallel"] <= 0:
-                budget = len(old)
-            else:
-                # Nomad's reconciler (computeUnderProvisionedBy, then computeReplacements):
-                # what the deployment's in-flight and unhealthy allocs leave of max_parallel,
-                # minus this evaluation's placements (count increase, lost or failed
-                # replacements); destructive updates get the rest
-                left = deploy.max_parallel_left(dep, strat["MaxParallel"], p["new"] + p["old"])
-                budget = max(0, left - placed)
-            for a in sorted(old, key=lambda x: x.name)[:budget]:
-                stop_alloc(c, a, "alloc is being updated due to job update")
-                place(1)
-    queued[name] = missing
-    if missing:
-        failed[name] = (placer or Placer(c, job, tg)).failure(missing)
 
 
 def job_status(c: Cluster, job: JobRecord) -> str:

@@ -67,7 +67,11 @@ CASES = [
 
 
 def _rig(consul: ConsulAgent, prefix: str, twin_factory: TwinFactory,
-         pd: PagerDutyServer | None = None) -> tuple[Service, Twin, NomadClient, ConsulKV]:  # fmt: skip
+         pd: PagerDutyServer | None = None, *, pinned: bool = False,
+         ) -> tuple[Service, Twin, NomadClient, ConsulKV]:  # fmt: skip
+    """``pinned``: the groups' migrate max_parallel is 0, so Nomad's drainer never marks an
+    allocation for migration before the drain deadline (nomad/drainer/watch_jobs.go
+    handleTaskGroup keeps count - max_parallel healthy)."""
     clock = FakeClock(T0)
     twin = twin_factory(nodes=12, clock=clock)
     twin.cluster.add_namespace("ekyc")
@@ -76,6 +80,9 @@ def _rig(consul: ConsulAgent, prefix: str, twin_factory: TwinFactory,
     job = worker_job(policy, counts={"zone-a": 4, "zone-b": 4}, image="i",
                      update={"MaxParallel": 0})  # fmt: skip
     job["NodePool"] = "gpu"  # the twin's nodes: allocations get placed
+    if pinned:
+        for tg in job["TaskGroups"]:
+            tg["Migrate"] = {"MaxParallel": 0}
     nomad.register_job(job)
     kv = ConsulKV(addr=consul.addr)
     lock = ConsulLock(addr=consul.addr, key=f"{prefix}leader", ttl_s=15, lock_delay_s=0,
@@ -149,11 +156,12 @@ def test_drain_that_never_finishes_is_bounded(
     twin_factory: TwinFactory,
     fault_table: Record,
 ) -> None:
-    """The twin's clock is frozen, so the drain never completes: the wait ends at deadline
-    + grace on the actuator's (virtual) clock, the node is kept (not deleted) and alerted."""
+    """The twin's clock is frozen and nothing may migrate before the drain deadline, so the
+    drain never completes: the wait ends at deadline + grace on the actuator's (virtual)
+    clock, the node is kept (not deleted) and alerted."""
     pd = PagerDutyServer().start()
     try:
-        svc, twin, nomad, _kv = _rig(consul_agent, consul_prefix, twin_factory, pd)
+        svc, twin, nomad, _kv = _rig(consul_agent, consul_prefix, twin_factory, pd, pinned=True)
         assert svc.elect()
         twin.advance(300)  # allocations placed and running
         node = next(n for n in nomad.list_nodes(with_allocs=True) if n.allocs_running > 0)

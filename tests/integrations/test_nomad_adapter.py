@@ -144,7 +144,23 @@ def _busy_node(client: NomadClient) -> NodeInfo:
     return max(client.list_nodes(with_allocs=True), key=lambda n: n.allocs_running)
 
 
-def test_drain_with_meta_then_cancel(client: NomadClient, target: Target, job_id: str) -> None:
+@pytest.fixture
+def pinned_job_id(client: NomadClient, target: Target) -> str:
+    """A job whose allocations a drain does not migrate before its deadline (migrate
+    max_parallel 0: Nomad's drainer keeps count - 0 healthy, nomad/drainer/watch_jobs.go
+    handleTaskGroup), so a drain of one of its nodes stays in progress."""
+    jid = unique("ml-worker")
+    job = service_job(jid, count=2)
+    for tg in job["TaskGroups"]:
+        tg["Migrate"] = {"MaxParallel": 0}
+    client.register_job(job)
+    settle(client, target, jid)
+    return jid
+
+
+def test_drain_with_meta_then_cancel(
+    client: NomadClient, target: Target, pinned_job_id: str
+) -> None:
     node = _busy_node(client)
     client.drain(node.id, deadline_s=600, meta={"reason": "gce-maintenance"})
     drained = client.node(node.id)
@@ -172,7 +188,7 @@ def test_set_eligibility_both_ways(client: NomadClient) -> None:
     assert client.node(node.id).eligibility == "eligible"
 
 
-def test_eligible_while_draining_is_a_conflict(client: NomadClient, job_id: str) -> None:
+def test_eligible_while_draining_is_a_conflict(client: NomadClient, pinned_job_id: str) -> None:
     node = _busy_node(client)
     client.drain(node.id, deadline_s=60)
     with pytest.raises(ConflictError):

@@ -39,9 +39,17 @@ def _update(
 def _job(*, count: int, image: str, update: dict[str, Any]) -> dict[str, Any]:
     job = service_job("web", count=count, image=image, gpu=False, update=update)
     tg = job["TaskGroups"][0]
-    # a failed allocation stays failed: no reschedule (which a progress-based deployment
-    # would otherwise allow, after the reschedule delay) and no task restarts
-    tg["ReschedulePolicy"] = {"Attempts": 0, "Interval": 0, "Unlimited": False}
+    # a failed allocation stays failed for the test's span: a progress-based deployment
+    # allows its reschedule, but only after an hour's delay; no task restarts. (With no
+    # reschedule attempt at all, Nomad 1.6+ would fail the deployment at once instead:
+    # deploymentwatcher shouldFailEarly.)
+    tg["ReschedulePolicy"] = {
+        "Attempts": 1,
+        "Interval": 24 * 3600 * S,
+        "Delay": 3600 * S,
+        "DelayFunction": "constant",
+        "Unlimited": False,
+    }
     tg["RestartPolicy"] = {"Attempts": 0, "Interval": 1800 * S, "Delay": 15 * S, "Mode": "fail"}
     return job
 

@@ -79,8 +79,11 @@ def test_unhealthy_image_fails_deployment_and_auto_reverts(twin):
     allocs = live_allocs(n, "web")
     assert len(allocs) == 3
     assert all(a["ClientStatus"] == "running" for a in allocs)
+    # the failed canary was rescheduled (after 30 s, then 60 s: the deployment watcher
+    # allows it), each time failing again, until the progress deadline
     failed = [a for a in n.job.get_allocations("web") if a["ClientStatus"] == "failed"]
-    assert len(failed) == 1 and failed[0]["DeploymentStatus"]["Healthy"] is False
+    assert len(failed) > 1 and all(a["DeploymentStatus"]["Healthy"] is False for a in failed)
+    assert all(a["DesiredStatus"] == "stop" for a in failed)
     assert n.job.get_deployment("web")["Status"] == "successful"
 
 

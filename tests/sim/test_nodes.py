@@ -52,7 +52,17 @@ def test_bad_filter_is_400(twin):
     assert r.status_code == 400 and r.text.startswith("failed to parse filter")
 
 
-def test_drain_migrates_replacement_first_then_completes(twin):
+def _no_migration(job):
+    """migrate.max_parallel 0: the drainer never marks an allocation of the group (count -
+    max_parallel = count healthy must stay), so only the deadline moves them."""
+    job["TaskGroups"][0]["Migrate"] = {"MaxParallel": 0}
+    return job
+
+
+def test_drain_stops_and_replaces_then_completes(twin):
+    """Nomad's drainer marks the allocation (DesiredTransition.Migrate); the scheduler stops
+    it and places its replacement in the same plan (scheduler/reconcile.go
+    computeMigrations): no make-before-break. The node, left with nothing, is done."""
     n = twin.nomad()
     n.jobs.register_job({"Job": service_job("web", count=2, gpu=True)})
     twin.advance(200)
@@ -68,44 +78,39 @@ def test_drain_migrates_replacement_first_then_completes(twin):
         },
     )
     assert r.status_code == 200 and r.json()["EvalIDs"]
-    node = n.node.get_node(node_id)
-    assert node["SchedulingEligibility"] == "ineligible" and node["Drain"] is True
-    assert node["LastDrain"]["Status"] == "draining"
-    assert node["LastDrain"]["Meta"] == {"reason": "gce-maintenance"}
-    allocs = live_allocs(n, "web")
-    assert len(allocs) == 3  # replacement placed while the old one still runs
-    replacement = next(
-        a
-        for a in allocs
-        if a["ID"] != victim["ID"] and a["NodeID"] != node_id and a["ClientStatus"] == "pending"
+    stopped = n.allocation.get_allocation(victim["ID"])
+    assert (stopped["DesiredStatus"], stopped["DesiredDescription"]) == (
+        "stop",
+        "alloc is being migrated",
     )
+    assert stopped["DesiredTransition"]["Migrate"] is True
+    allocs = live_allocs(n, "web")
+    assert len(allocs) == 2
+    replacement = next(a for a in allocs if a["ClientStatus"] == "pending")
+    assert replacement["NodeID"] != node_id
     assert n.allocation.get_allocation(replacement["ID"])["PreviousAllocation"] == victim["ID"]
-    twin.advance(200)
-    assert n.allocation.get_allocation(victim["ID"])["DesiredStatus"] == "stop"
     node = n.node.get_node(node_id)
     assert node["Drain"] is False and node["LastDrain"]["Status"] == "complete"
+    assert node["LastDrain"]["Meta"] == {"reason": "gce-maintenance"}
     assert node["SchedulingEligibility"] == "ineligible"
-    assert {a["NodeID"] for a in live_allocs(n, "web")}.isdisjoint({node_id})
     phases = [e["phase"] for e in twin.cluster.events if e["type"] == "drain"]
     assert phases == ["start", "complete"]
-    order = [
-        e["type"]
-        for e in twin.cluster.events
-        if e["type"] in ("alloc_healthy", "alloc_stopped")
-        and e["alloc_id"] in (victim["ID"], replacement["ID"])
-    ]
-    assert order[-2:] == ["alloc_healthy", "alloc_stopped"]
+    twin.advance(200)
+    assert {a["ClientStatus"] for a in live_allocs(n, "web")} == {"running"}
 
 
 def test_drain_deadline_force_stops_when_nothing_fits(twin_factory):
     t = twin_factory(nodes=2)
     n = t.nomad()
-    n.jobs.register_job({"Job": service_job("web", count=2, gpu=True)})
+    n.jobs.register_job({"Job": _no_migration(service_job("web", count=2, gpu=True))})
     t.advance(200)
     node_id = live_allocs(n, "web")[0]["NodeID"]
     n.node.drain_node_with_spec(node_id, {"Deadline": 600 * 1_000_000_000})
+    node = n.node.get_node(node_id)
+    assert node["SchedulingEligibility"] == "ineligible" and node["Drain"] is True
+    assert node["LastDrain"]["Status"] == "draining"
     t.advance(300)
-    assert len(live_allocs(n, "web")) == 2  # no room elsewhere: keeps running
+    assert len(live_allocs(n, "web")) == 2  # not migrated: keeps running
     assert n.node.get_node(node_id)["Drain"] is True
     t.advance(301)
     node = n.node.get_node(node_id)
@@ -123,7 +128,7 @@ def test_drain_deadline_force_stops_when_nothing_fits(twin_factory):
 
 def test_cancel_drain_and_eligibility_rules(twin):
     n = twin.nomad()
-    n.jobs.register_job({"Job": service_job("web", count=6)})  # every GPU busy
+    n.jobs.register_job({"Job": _no_migration(service_job("web", count=6))})  # every GPU busy
     twin.advance(200)
     node_id = n.nodes.get_nodes()[0]["ID"]
     n.node.drain_node_with_spec(node_id, {"Deadline": HOUR_NS})
