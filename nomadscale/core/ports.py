@@ -187,6 +187,48 @@ class DeploymentInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class PlacementFailure:
+    """Why the scheduler could not place a task group's allocations (Nomad's AllocMetric in
+    an evaluation's ``FailedTGAllocs``)."""
+
+    unplaced: int  # CoalescedFailures + 1
+    nodes_evaluated: int = 0
+    nodes_filtered: int = 0
+    nodes_exhausted: int = 0
+    constraint_filtered: Mapping[str, int] = field(default_factory=dict)
+    dimension_exhausted: Mapping[str, int] = field(default_factory=dict)
+
+    def explain(self) -> str:
+        """One line, in the words of ``nomad job status``'s placement failures."""
+        parts = [f"{self.unplaced} allocation(s) not placed"]
+        parts += [f'dimension "{d}" exhausted on {n} node(s)'
+                  for d, n in sorted(self.dimension_exhausted.items())]  # fmt: skip
+        if self.nodes_exhausted and not self.dimension_exhausted:
+            parts.append(f"resources exhausted on {self.nodes_exhausted} node(s)")
+        parts += [f'constraint "{c}" filtered {n} node(s)'
+                  for c, n in sorted(self.constraint_filtered.items())]  # fmt: skip
+        if not self.nodes_evaluated:
+            parts.append("no node evaluated")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class EvalInfo:
+    """One evaluation of a job. A placement that failed leaves ``failed`` (per task group)
+    and a ``blocked`` evaluation (``blocked_eval``) that Nomad re-runs when capacity frees."""
+
+    id: str
+    status: str  # pending / complete / failed / blocked / canceled
+    triggered_by: str
+    job_modify_index: int
+    create_index: int
+    modify_index: int = 0
+    blocked_eval: str = ""
+    deployment_id: str = ""
+    failed: Mapping[str, PlacementFailure] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeMetadata:
     """Dynamic node metadata (``/v1/client/metadata``): merged, dynamic and static maps."""
 

@@ -33,8 +33,11 @@ def status_table(st: RolloutState, info: dict[str, Any] | None = None) -> Table:
     if sli:
         t.add_row("SLI", f"{sli.get('verdict')}: {sli.get('reason')}")
     if st.surge:
-        t.add_row("surge", f"{st.surge['group']} {st.surge['from']} -> {st.surge['to']}"
-                  + (" (released)" if st.surge.get("released") else ""))  # fmt: skip
+        s = st.surge
+        state = (" (dropped: Nomad could not place it)" if s.get("dropped")
+                 else " (released)" if s.get("released")
+                 else f" (not placed: {s['blocked']})" if s.get("blocked") else "")  # fmt: skip
+        t.add_row("surge", f"{s['group']} {s['from']} -> {s['to']}{state}")
     last = st.replan.get("last") or {}
     if last.get("explain") and st.active:
         t.add_row("re-plan", f"{last['explain']} (at {last.get('at', '?')})")

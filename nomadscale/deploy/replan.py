@@ -179,16 +179,19 @@ def surge_blocker(
 
 
 def zone_nodes(
-    policy: Policy, nomad: Any, *, spec: Mapping[str, Any], group: str
+    policy: Policy, nomad: Any, *, spec: Mapping[str, Any], group: str, with_allocs: bool = False
 ) -> list[NodeInfo]:
     """The nodes a worker of ``group`` can be placed on now: its zone's pool and datacenter,
-    ready, eligible and not draining (none when ``group`` is not a zone of the policy)."""
+    ready, eligible and not draining (none when ``group`` is not a zone of the policy).
+    ``with_allocs`` fills each node's ``allocs_running`` (one more call)."""
     zone = next((z for z in policy.zones.items if z.group == group), None)
     if zone is None:
         return []
     dc = group_datacenter(dict(spec), group, zone.name)
+    listed = (nomad.list_nodes(node_pool=zone.node_pool, with_allocs=True) if with_allocs
+              else nomad.list_nodes(node_pool=zone.node_pool))  # fmt: skip
     return [
-        n for n in nomad.list_nodes(node_pool=zone.node_pool)
+        n for n in listed
         if n.datacenter == dc and n.status == "ready" and n.eligibility == "eligible"
         and not n.draining
     ]  # fmt: skip

@@ -88,6 +88,8 @@ class Rollout(StepGate):
             st.status = "rolling" if started else "prefetch"
             if st.deployment_id and st.replan.get("paused") != st.deployment_id:
                 dep_id = st.deployment_id  # paused outside nomadscale (ours: the gate resumes)
+                if st.current_zone:
+                    self._top_up_in_zone(st.current_zone)  # nodes that joined meanwhile
                 self._call(lambda: self._resume_nomad_deployment(dep_id))
         self._save(f"resumed by a new process at {st.status}")
         plan = preflight(self.policy, self.nomad, now=self.clock.now(), demand=None)
@@ -164,6 +166,7 @@ class Rollout(StepGate):
             # re-plan against current demand (and the planned bound): surge or hold first; a
             # surge worker is part of this zone's new version, so it runs the new image
             surge_to = self._zone_surge(group)
+            self._top_up(group)  # nodes that joined while the re-plan held
             job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
             empty = [z.group for z in plan.zones if z.count == 0]
             canary = self.d.canary if first else 0
@@ -235,7 +238,9 @@ class Rollout(StepGate):
                 what = "canary" if g.desired_canaries and not g.promoted else "allocation"
                 self._rollback(f"{what} of {st.image} unhealthy in {group}",
                                status="rolled_back", failed=True)  # fmt: skip
-            if (
+            if g is not None and self._watch_surge(dep, g, group):
+                pass  # its surge worker can't be placed: held, or dropped (a new deployment)
+            elif (
                 dep.needs_promotion
                 and g is not None
                 and (
@@ -249,6 +254,7 @@ class Rollout(StepGate):
                 if self._gate(dep, gate_since, canary=True) and self._step_gate(
                     dep, group, canaries=g.desired_canaries
                 ):
+                    self._top_up_in_zone(group)  # the promotion places the next replacement
                     self._call(partial(self.nomad.promote, dep.id, groups=[group]))
                     st.timings.setdefault(
                         "canary_s", self._elapsed() - st.timings.get(f"{group}_start", 0)

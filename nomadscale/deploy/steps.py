@@ -1,34 +1,28 @@
 """Node steps of a rollout: the re-plan before each one, surge workers and holds.
 
 Nomad replaces one allocation at a time (max_parallel 1) and takes the next one out the moment
-the previous replacement is healthy. To re-plan *before* each next worker goes out, nomadscale
+the previous replacement is healthy. To decide *before* each next worker goes out, nomadscale
 pauses the zone's deployment while a replacement is in flight and, once it is healthy,
 re-reads demand (``replan.check_step``) and then either resumes the deployment, adds a surge
-worker in the zone, or holds (status ``held``, the deployment stays paused, every worker
-serves). The deployment id nomadscale paused is in the KV record (``replan.paused``) so a
-resumed process knows the pause is its own.
+worker in the zone (``surge``), or holds (status ``held``, the deployment stays paused, every
+worker serves). It takes each step itself whenever it re-plans or prefetches: nodes that
+joined the zone since get the image right before the step (``nodes``). The deployment id
+nomadscale paused is in the KV record (``replan.paused``) so a resumed process knows the pause
+is its own.
 
-A surge worker is always a worker of the new image: at a zone's start it is part of the zone's
-own new job version (the group's count + 1; Nomad places it before it replaces anything, and
-in the canary zone the canary is that extra worker), during a zone it is a new job version
-with the count + 1 (Nomad refuses the Scale API during a deployment; it supersedes the
-deployment). A surge on the old version would run the old image, pull it on a node the
-prefetch filled with the new one, and then be replaced itself. Either way the surge is
-released when the zone is done. Before a zone starts and before a surge, nodes that joined the
-zone since the prefetch get the image first (``_top_up``): nothing the rollout places pulls it.
+A surge worker that Nomad can't place (another job took the free node after the re-plan) is
+seen at once: the rollout goes on without it when the step is safe now, else holds with the
+deployment paused until a node is free again (``_watch_surge``).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime
 from functools import partial
 
-from nomadscale.core.errors import DeploymentActiveError
 from nomadscale.core.ports import DeploymentGroup, DeploymentInfo
-from nomadscale.deploy import spec as jobspec
-from nomadscale.deploy.base import RolloutBase
-from nomadscale.deploy.prefetch import has_image, prefetch
 from nomadscale.deploy.replan import (
     GO,
     HOLD,
@@ -38,15 +32,15 @@ from nomadscale.deploy.replan import (
     current_demand,
     serving_workers,
     surge_blocker,
-    zone_nodes,
 )
+from nomadscale.deploy.surge import SurgeWorkers
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 60.0  # while held; a record older than 120 s may be resumed by the service
 
 
-class StepGate(RolloutBase):
+class StepGate(SurgeWorkers):
     # --- the re-plan ------------------------------------------------------------------------
 
     def _replan(self, group: str, *, canaries: int = 0, zone_start: bool = False) -> StepCheck:
@@ -91,7 +85,7 @@ class StepGate(RolloutBase):
         while True:
             chk = self._replan(group, zone_start=True)
             if chk.action != HOLD:
-                self._unhold(chk)
+                self._unhold(chk.explain())
                 if chk.action == SURGE:
                     self._save(f"re-plan: {chk.explain()}")
                 return chk.action == SURGE
@@ -120,7 +114,7 @@ class StepGate(RolloutBase):
         supersedes the deployment (``state.deployment_id`` changes); a hold waits."""
         chk = self._replan(group, canaries=canaries)
         if chk.action == GO:
-            self._unhold(chk)
+            self._unhold(chk.explain())
             return True
         if chk.action == SURGE:
             self._save(f"re-plan: {chk.explain()}")
@@ -131,32 +125,96 @@ class StepGate(RolloutBase):
 
     def _between_steps(self, dep: DeploymentInfo, g: DeploymentGroup, group: str) -> None:
         """Pause the deployment while a replacement is in flight (so Nomad does not take the
-        next worker out on its own); once it is healthy, re-plan and resume."""
+        next worker out on its own); once it is healthy, re-plan, top the zone's nodes up and
+        resume."""
         st = self._st()
         in_flight = g.placed_allocs > g.healthy_allocs + g.unhealthy_allocs
         more = g.placed_allocs < g.desired_total
         ours = st.replan.get("paused") == dep.id
-        if dep.status == "running" and in_flight and more and self._replans():
+        if dep.status == "running" and in_flight and more and self._takes_steps():
             st.replan["paused"] = dep.id  # recorded first: a resumed process knows it is ours
             self._persist()
             self._call(partial(self.nomad.pause_deployment, dep.id, pause=True))
         elif dep.status == "paused" and ours and not in_flight:
-            if more and not self._step_gate(dep, group):
-                return
+            if more:
+                if self._replans() and not self._step_gate(dep, group):
+                    return
+                self._top_up_in_zone(group)  # the next replacement may land on a new node
             self._call(partial(self.nomad.pause_deployment, dep.id, pause=False))
             st.replan["paused"] = None
             self._persist()
 
     def _replans(self) -> bool:
         """False when there is no demand figure to re-plan with (no demand source, nothing
-        planned): every step would go, so the deployment is not paused between them."""
+        planned): every step would go."""
         return self.demand is not None or self._st().plan.get("forecast_upper") is not None
+
+    def _takes_steps(self) -> bool:
+        """True when nomadscale takes each next node step itself (pauses the deployment while
+        a replacement is in flight, resumes it for the next): to re-plan before it, or to
+        prefetch nodes that joined the zone since (the rollout prefetches). Otherwise Nomad
+        goes on alone."""
+        return self._replans() or bool(self._st().prefetch.get("wanted"))
+
+    def _watch_surge(self, dep: DeploymentInfo, g: DeploymentGroup, group: str) -> bool:
+        """While ``group``'s surge worker is not placed: when Nomad can't place it (another
+        job took the free node after the re-plan: a blocked evaluation), act at once instead
+        of waiting for the progress deadline. Nothing was taken out for it (the pending
+        placement uses max_parallel). Re-plan without it: when the step is safe now, go on
+        without it (``_drop_surge``; not for the canary zone's own canary, which needs a node
+        anyway); else hold with the deployment paused (Nomad places nothing for a paused
+        deployment, so nothing lands on a node that joins meanwhile) until a node is free
+        again (top up, resume: Nomad places it), and pause the rollout past the hold limit.
+        True when it held or dropped the surge (no node step this round)."""
+        st = self._st()
+        s = st.surge
+        if s is None or not self._surge_waits(group):
+            return False
+        why = self._unplaced_surge(group)
+        ours = dep.status == "paused" and st.replan.get("paused") == dep.id
+        if s.get("placed"):
+            if s.pop("blocked", None) is not None:  # placed while held
+                if ours:
+                    self._call(partial(self.nomad.pause_deployment, dep.id, pause=False))
+                    st.replan["paused"] = None
+                self._persist()
+                self._unhold(f"the surge worker of {group} is placed")
+            return False
+        if why is None and not s.get("blocked"):
+            return False  # pending, or not evaluated yet
+        s["blocked"] = why = why or s["blocked"]
+        chk = self._replan(group)
+        zone_canary = g.desired_canaries > 0 and not g.promoted and not s.get("superseded")
+        if chk.action == GO and not zone_canary:
+            s.pop("blocked", None)
+            self._unhold(chk.explain())
+            self._drop_surge(dep, group, f"surge worker of {group} not placed ({why}); "
+                             f"going on without it ({chk.explain()})")  # fmt: skip
+            return True
+        if ours and self._free_node(group):
+            self._top_up_in_zone(group)  # a node that joined may be the free one
+            s.pop("blocked", None)
+            self._call(partial(self.nomad.pause_deployment, dep.id, pause=False))
+            st.replan["paused"] = None
+            self._persist()
+            self._unhold(f"a node is free for the surge worker of {group}: resumed")
+            return True
+        if dep.status == "running":
+            st.replan["paused"] = dep.id  # recorded first: a resumed process knows it is ours
+            self._persist()
+            self._call(partial(self.nomad.pause_deployment, dep.id, pause=True))
+        what = "surge worker (the zone's canary)" if zone_canary else "surge worker"
+        self._hold(replace(chk, action=HOLD, why_not_surge=f"its {what} can't be placed: {why}"),
+                   paused=True)  # fmt: skip
+        return True
 
     def _hold(self, chk: StepCheck, *, paused: bool = False) -> None:
         """Capacity would be short and no surge is possible: wait (every worker serves) with
         status ``held``; past the hold limit pause the rollout and alert. ``paused``: the zone's
-        deployment waits paused, and Nomad fails a deployment (auto-revert) that makes no
-        progress for its progress_deadline even while paused: the hold ends a minute before."""
+        deployment waits paused. Nomad before the fix of hashicorp/nomad#27804 (2.0.x, 2026)
+        fails a deployment (auto-revert) that makes no progress for its progress_deadline even
+        while paused; later versions (and the twin) don't. Either way the hold ends a minute
+        before the deadline."""
         st = self._st()
         now = self.clock.now()
         reason = f"held before the next node step: {chk.explain()}"
@@ -181,139 +239,12 @@ class StepGate(RolloutBase):
         if (now - last).total_seconds() >= HEARTBEAT_S:
             self._persist()  # the record's heartbeat: no other process takes the rollout over
 
-    def _unhold(self, chk: StepCheck) -> None:
+    def _unhold(self, why: str) -> None:
         st = self._st()
         if st.status != "held":
             return
         since = st.replan.pop("held_since", None)
         st.status = st.replan.pop("resume_status", None) or "rolling"
         held = (self.clock.now() - datetime.fromisoformat(since)).total_seconds() if since else 0
-        st.reason = f"hold ended after {held:.0f}s: {chk.explain()}"
+        st.reason = f"hold ended after {held:.0f}s: {why}"
         self._save(st.reason)
-
-    # --- surge workers ----------------------------------------------------------------------
-
-    def _surge_during(self, dep: DeploymentInfo, group: str) -> None:
-        """One more worker in ``group`` while its deployment runs: a new job version with the
-        group's count + 1 (Nomad refuses the Scale API during a deployment). Its update block
-        asks for one canary: the surge worker, placed before anything else is replaced and
-        promoted by the gate once it is healthy and the re-plan agrees. When the zone's own
-        canary still waits for promotion, that canary already is the extra worker: no canary
-        then (Nomad adopts or replaces it and places before it replaces)."""
-        st = self._st()
-        # a bounded pull: the zone's deployment waits meanwhile, against its progress deadline
-        self._top_up(group, timeout_s=self.d.progress_deadline.total_seconds() / 2, retries=0)
-        job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
-        cur = int(job.groups[group])
-        canary = 0 if dep.needs_promotion else 1
-        spec = jobspec.with_count(dict(job.spec), group=group, count=cur + 1,
-                                  update=jobspec.update_block(self.d, canary=canary))  # fmt: skip
-        st.surge = {"group": group, "from": cur, "to": cur + 1, "released": False,
-                    "superseded": dep.id}  # fmt: skip
-        self._save(f"surge: {group} {cur} -> {cur + 1} with a new job version (the Scale API "
-                   f"is refused while deployment {dep.id[:8]} runs)")  # fmt: skip
-        self._call(lambda: self.nomad.register_job(spec, enforce_index=job.job_modify_index,
-                                                   namespace=self.ns))  # fmt: skip
-        new = self._wait_new_deployment(job.version)
-        if new is None:
-            self._pause(f"the surge job version of {group} got no deployment")
-            return
-        self._adopt(new, f"zone {group}: deployment {new.id[:8]} with the surge worker")
-
-    def _adopt(self, dep: DeploymentInfo, note: str) -> None:
-        st = self._st()
-        st.deployment_id = dep.id
-        st.replan["paused"] = None
-        if st.status in ("canary", "held"):
-            st.status = "rolling"  # the surge version has no canaries: the canary passed
-        st.replan.pop("held_since", None)
-        st.replan.pop("resume_status", None)
-        self._save(note)
-
-    def _adopt_newer(self, dep: DeploymentInfo) -> bool:
-        """``dep`` was cancelled: when our own surge version superseded it (a process that
-        crashed before recording the new deployment), follow the newer deployment."""
-        st = self._st()
-        s = st.surge or {}
-        if s.get("superseded") != dep.id or s.get("released"):
-            return False
-        latest = self._call(lambda: self.nomad.latest_deployment(self.job_id, namespace=self.ns))
-        if latest is None or not latest.active or latest.job_version <= dep.job_version:
-            return False
-        self._adopt(latest, f"following deployment {latest.id[:8]} of the surge job version")
-        return True
-
-    def _release_surge(self) -> None:
-        st = self._st()
-        s = st.surge
-        if not s or s.get("released"):
-            return
-        status = self._call(lambda: self.nomad.job_status(self.job_id, namespace=self.ns))
-        cur = status.groups[s["group"]].desired
-        target = max(int(s["from"]), cur - 1)
-        if target != cur:
-            self._scale_when_idle(s["group"], target, f"nomadscale deploy {st.id}: release surge")
-        s["released"] = True
-        st.note(self.clock.now(), f"surge released: {s['group']} -> {target}")
-
-    def _scale_when_idle(self, group: str, count: int, message: str) -> None:
-        """The Scale API once no deployment of the job is active: Nomad refuses it meanwhile,
-        and every count change starts one for about min_healthy_time (a runbook's surge may
-        have slipped in after the zone's deployment). One retry when one started since."""
-        for attempt in (1, 2):
-            self._settle()
-            try:
-                self._call(lambda: self.nomad.scale(self.job_id, group, count,
-                                                    namespace=self.ns, message=message))  # fmt: skip
-                return
-            except DeploymentActiveError as e:
-                if attempt == 2:
-                    raise
-                log.info("deploy %s: %s; waiting for that deployment", self.policy.name, e)
-
-    # --- nodes that joined since the prefetch -----------------------------------------------
-
-    def _top_up(self, group: str, *, timeout_s: float = 1800.0, retries: int | None = None) -> None:
-        """Prefetch the image on the nodes of ``group``'s zone that the rollout's prefetch did
-        not cover (joined, or eligible again, since): a surge worker or a replacement placed
-        there would pull the ~7 GB image first. A node whose pull fails is made ineligible
-        whatever ``on_prefetch_failure`` says: the rollout is under way, and it places nothing
-        on a node without the image."""
-        st = self._st()
-        if not st.prefetch.get("wanted"):
-            return  # the operator rolls out without prefetch
-        job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
-        nodes = self._call(lambda: zone_nodes(self.policy, self.nomad, spec=job.spec,
-                                              group=group))  # fmt: skip
-        ok = set(st.prefetch.get("ok") or [])
-        fresh = [
-            n for n in nodes
-            if n.id not in ok and not self._call(partial(has_image, self.nomad, n.id, st.image))
-        ]  # fmt: skip
-        ok |= {n.id for n in nodes} - {n.id for n in fresh}  # holding it already (warm-up)
-        st.prefetch["ok"] = sorted(ok)
-        if not fresh:
-            return
-        names = {n.id: n.name for n in fresh}
-        log.info("deploy %s: zone %s: %s node(s) joined since the prefetch: pulling %s on %s",
-                 st.policy, group, len(fresh), st.image,
-                 ", ".join(sorted(names.values())))  # fmt: skip
-        res = self._call(lambda: prefetch(
-            self.nomad, image=st.image, nodes=fresh, job_id=self.prefetch_job, namespace=self.ns,
-            clock=self.clock, timeout_s=timeout_s, poll_s=self.poll_s,
-            retries=self.d.prefetch_retries if retries is None else retries,
-        ))  # fmt: skip
-        st.prefetch["ok"] = sorted(ok | set(res.ok))
-        note = (f"zone {group}: prefetched {st.image} on {len(res.ok)}/{len(fresh)} node(s) "
-                "that joined since")  # fmt: skip
-        if res.ok:
-            note += ": " + ", ".join(sorted(names[i] for i in res.ok))
-        if res.failed:
-            for node_id in res.failed:
-                self._call(partial(self.nomad.set_eligibility, node_id, False))
-            st.prefetch["failed"] = {**(st.prefetch.get("failed") or {}), **res.failed}
-            ineligible = set(st.prefetch.get("ineligible") or []) | set(res.failed)
-            st.prefetch["ineligible"] = sorted(ineligible)
-            bad = ", ".join(f"{names[i]} ({r})" for i, r in sorted(res.failed.items()))
-            note += f"; failed on {bad}: made ineligible"
-        self._save(note)

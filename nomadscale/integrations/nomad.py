@@ -20,6 +20,7 @@ from nomadscale.core.errors import ConfigError, ExternalPermanentError
 from nomadscale.core.ports import (
     AllocInfo,
     DeploymentInfo,
+    EvalInfo,
     JobInfo,
     JobStatus,
     NodeInfo,
@@ -301,6 +302,14 @@ class NomadClient:
             params=params,
         )
         return [parse.alloc_info(a) for a in parse.items(json_body(resp), "allocations")]
+
+    def job_evaluations(self, job_id: str, *, namespace: str | None = None) -> list[EvalInfo]:
+        """The job's evaluations, oldest first: a placement the scheduler could not make
+        shows as ``failed`` plus a ``blocked`` evaluation."""
+        resp = self._http.get(self._api.job, seg(job_id), "evaluations",
+                              what=f"GET job {job_id} evaluations", params=self._ns(namespace))  # fmt: skip
+        evals = [parse.eval_info(e) for e in parse.items(json_body(resp), "evaluations")]
+        return sorted(evals, key=lambda e: e.create_index)
 
     # --- deployments -----------------------------------------------------------------------
 

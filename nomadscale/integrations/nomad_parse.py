@@ -17,11 +17,13 @@ from nomadscale.core.ports import (
     AllocInfo,
     DeploymentGroup,
     DeploymentInfo,
+    EvalInfo,
     GroupStatus,
     JobInfo,
     JobStatus,
     NodeInfo,
     NodeMetadata,
+    PlacementFailure,
     ScaleEvent,
 )
 
@@ -277,6 +279,38 @@ def deployment_info(data: Mapping[str, Any]) -> DeploymentInfo:
         groups=groups,
         create_index=_int(data.get("CreateIndex"), field="CreateIndex"),
         modify_index=_int(data.get("ModifyIndex"), field="ModifyIndex"),
+    )
+
+
+def _int_map(value: Any, field: str) -> dict[str, int]:
+    return {str(k): _int(v, field=f"{field}.{k}") for k, v in _map(value, field).items()}
+
+
+def placement_failure(data: Any, field: str = "FailedTGAllocs") -> PlacementFailure:
+    m = _map(data, field)
+    return PlacementFailure(
+        unplaced=_int(m.get("CoalescedFailures"), field=f"{field}.CoalescedFailures") + 1,
+        nodes_evaluated=_int(m.get("NodesEvaluated"), field=f"{field}.NodesEvaluated"),
+        nodes_filtered=_int(m.get("NodesFiltered"), field=f"{field}.NodesFiltered"),
+        nodes_exhausted=_int(m.get("NodesExhausted"), field=f"{field}.NodesExhausted"),
+        constraint_filtered=_int_map(m.get("ConstraintFiltered"), f"{field}.ConstraintFiltered"),
+        dimension_exhausted=_int_map(m.get("DimensionExhausted"), f"{field}.DimensionExhausted"),
+    )
+
+
+def eval_info(data: Any) -> EvalInfo:
+    data = _doc(data, "evaluation")
+    failed = _map(data.get("FailedTGAllocs"), "FailedTGAllocs")
+    return EvalInfo(
+        id=_s(data.get("ID"), "ID"),
+        status=_s(data.get("Status"), "Status"),
+        triggered_by=_s(data.get("TriggeredBy"), "TriggeredBy"),
+        job_modify_index=_int(data.get("JobModifyIndex"), field="JobModifyIndex"),
+        create_index=_int(data.get("CreateIndex"), field="CreateIndex"),
+        modify_index=_int(data.get("ModifyIndex"), field="ModifyIndex"),
+        blocked_eval=_s(data.get("BlockedEval"), "BlockedEval"),
+        deployment_id=_s(data.get("DeploymentID"), "DeploymentID"),
+        failed={str(g): placement_failure(m, f"FailedTGAllocs.{g}") for g, m in failed.items()},
     )
 
 

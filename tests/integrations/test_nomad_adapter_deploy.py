@@ -64,6 +64,24 @@ def test_parse_bad_hcl_is_a_permanent_error(client: NomadClient) -> None:
     assert err.value.status == 400
 
 
+def test_job_evaluations_report_a_placement_that_is_blocked(
+    client: NomadClient, target: Target
+) -> None:
+    jid = unique("ml-blocked")
+    job = service_job(jid, groups=("ml-worker-a",), datacenters=("zone-a",), count=4)
+    job["TaskGroups"][0]["Tasks"][0]["Resources"]["Devices"] = [{"Name": "nvidia/gpu", "Count": 1}]
+    client.register_job(job)  # zone a has 3 one-GPU nodes: one allocation can't be placed
+    evals = client.job_evaluations(jid)
+    assert [e.create_index for e in evals] == sorted(e.create_index for e in evals)
+    failed = [e for e in evals if "ml-worker-a" in e.failed]
+    assert failed and failed[-1].triggered_by == "job-register"
+    assert failed[-1].failed["ml-worker-a"].unplaced == 1
+    assert "not placed" in failed[-1].failed["ml-worker-a"].explain()
+    blocked = [e for e in evals if e.status == "blocked"]
+    assert [e.id for e in blocked] == [failed[-1].blocked_eval]
+    assert all(e.job_modify_index == client.get_job(jid).job_modify_index for e in evals)
+
+
 def test_no_deployment_yet_is_none(client: NomadClient) -> None:
     jid = unique("batch")
     client.register_job(prefetch_job(jid))

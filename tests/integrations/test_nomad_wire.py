@@ -325,3 +325,56 @@ def test_job_status_reads_scale_and_active_deployment(stub: tuple[Script, str]) 
     script.on("GET /v1/job/ml/deployment", 200, {"ID": "d1", "Status": "successful"})
     script.replies["GET /v1/job/ml/deployment"].pop(0)
     assert _client(addr).job_status("ml").active_deployment is None
+
+
+_GPU_EXHAUSTED = {
+    "NodesEvaluated": 3,
+    "NodesFiltered": 2,
+    "NodesInPool": 6,
+    "NodesAvailable": {"zone-b": 3},
+    "ClassFiltered": None,
+    "ConstraintFiltered": {"${node.datacenter} = zone-b": 2},
+    "NodesExhausted": 3,
+    "ClassExhausted": {"gpu-l4": 3},
+    "DimensionExhausted": {"devices: nvidia/gpu": 3},
+    "QuotaExhausted": None,
+    "ResourcesExhausted": None,
+    "Scores": None,
+    "AllocationTime": 51000,
+    "CoalescedFailures": 1,
+}
+
+
+def test_job_evaluations_parse_placement_failures(stub: tuple[Script, str]) -> None:
+    """Nomad lists a job's evaluations newest first; a failed placement shows on the eval
+    that tried it (with BlockedEval) and on the blocked eval itself (CreateBlockedEval)."""
+    script, addr = stub
+    blocked = {"ID": "e2", "Status": "blocked", "TriggeredBy": "queued-allocs",
+               "JobModifyIndex": 40, "CreateIndex": 42, "ModifyIndex": 42,
+               "FailedTGAllocs": {"b": _GPU_EXHAUSTED}, "BlockedEval": ""}  # fmt: skip
+    tried = {"ID": "e1", "Status": "complete", "TriggeredBy": "job-register",
+             "JobModifyIndex": 40, "CreateIndex": 41, "ModifyIndex": 43, "BlockedEval": "e2",
+             "FailedTGAllocs": {"b": _GPU_EXHAUSTED}, "QueuedAllocations": {"b": 2},
+             "DeploymentID": "d1"}  # fmt: skip
+    script.on("GET /v1/job/ml/evaluations", 200, [blocked, tried])
+    evals = _client(addr).job_evaluations("ml", namespace="team")
+    assert script.seen[-1].query["namespace"] == ["team"]
+    assert [(e.id, e.status, e.blocked_eval) for e in evals] == [
+        ("e1", "complete", "e2"), ("e2", "blocked", ""),
+    ]  # fmt: skip
+    assert evals[0].deployment_id == "d1" and evals[0].job_modify_index == 40
+    f = evals[0].failed["b"]
+    assert (f.unplaced, f.nodes_evaluated, f.nodes_exhausted) == (2, 3, 3)
+    assert f.explain() == (
+        '2 allocation(s) not placed, dimension "devices: nvidia/gpu" exhausted on 3 node(s), '
+        'constraint "${node.datacenter} = zone-b" filtered 2 node(s)'
+    )
+
+
+def test_job_evaluations_with_malformed_failures_is_a_permanent_error(
+    stub: tuple[Script, str],
+) -> None:
+    script, addr = stub
+    script.on("GET /v1/job/ml/evaluations", 200, [{"ID": "e1", "FailedTGAllocs": ["b"]}])
+    with pytest.raises(ExternalPermanentError, match="FailedTGAllocs"):
+        _client(addr).job_evaluations("ml")
