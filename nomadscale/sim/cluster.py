@@ -20,7 +20,15 @@ from typing import Any
 from nomadscale.core.clock import Clock, FakeClock, SystemClock
 from nomadscale.sim import lifecycle, sched
 from nomadscale.sim.faults import FaultInjector
-from nomadscale.sim.model import Alloc, Deployment, JobRecord, Node, new_uuid, unix_ns
+from nomadscale.sim.model import (
+    ZERO_TIME,
+    Alloc,
+    Deployment,
+    JobRecord,
+    Node,
+    new_uuid,
+    unix_ns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +212,10 @@ class Cluster:
                 self.blocked.pop(key, None)
                 ev = self.evals.get(eval_id)
                 if ev is not None and ev["Status"] == "blocked":
+                    # processed again (here as a new evaluation): complete, its failures
+                    # cleared (generic_sched.go setStatus with no failedTGAllocs left)
                     ev["Status"] = "complete"
+                    ev["FailedTGAllocs"] = None
                     ev["ModifyIndex"] = self.bump("evals")
                 if job is not None:
                     sched.reconcile(self, job, triggered_by="queued-allocs")
@@ -370,12 +381,14 @@ class Cluster:
             "Status": status,
             "StatusDescription": "",
             "Wait": 0,
-            "WaitUntil": None,
+            "WaitUntil": ZERO_TIME,  # a zero time.Time
             "NextEval": "",
             "PreviousEval": previous,
             "BlockedEval": "",
+            "RelatedEvals": None,  # only filled for GET /v1/evaluation/:id?related=true
             "FailedTGAllocs": None,
             "ClassEligibility": None,
+            "QuotaLimitReached": "",
             "EscapedComputedClass": False,
             "AnnotatePlan": False,
             "QueuedAllocations": None,

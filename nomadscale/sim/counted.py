@@ -2,7 +2,10 @@
 scheduler's plan handling, scheduler/generic_sched.go): per group, stop the excess, update in
 place, place canaries or the missing allocations, replace failed allocations per their
 reschedule policy, migrate the allocations the node drainer marked, and make destructive
-updates within what the deployment's max_parallel leaves."""
+updates within what the deployment's max_parallel leaves. New placements (count increases,
+canaries, destructive updates) wait for a deployment that is neither paused, failed nor
+canarying; replacements (lost, rescheduled, migrated) keep the replaced allocation's name and,
+while canarying, the job version Nomad keeps for non-canaries."""
 
 from __future__ import annotations
 
@@ -32,8 +35,15 @@ _NAME_IDX = re.compile(r"\[(\d+)\]$")
 
 
 def reconcile(
-    c: Cluster, job: JobRecord, ev: dict[str, Any], failed: dict[str, Any], queued: dict[str, int]
+    c: Cluster,
+    job: JobRecord,
+    ev: dict[str, Any],
+    failed: dict[str, Any],
+    queued: dict[str, int],
+    *,
+    lost: frozenset[str] = frozenset(),
 ) -> None:
+    """``lost``: ids of allocations a node going down just lost (sched.reconcile)."""
     key = (job.namespace, job.id)
     allocs = c.job_allocs(key)
     dep = c.active_deployment(key)
@@ -79,6 +89,7 @@ def reconcile(
                 "inplace": inplace,
                 "migrate": [a for a in mine if a.live and a.migrating],
                 "due": due,
+                "lost": [a for a in mine if a.id in lost],
             }
         )
     if (
@@ -110,6 +121,45 @@ def _index(a: Alloc) -> int:
     return int(m.group(1)) if m else 0
 
 
+def downgraded_version(
+    c: Cluster, job: JobRecord, group: str, min_version: int
+) -> tuple[int, Deployment | None] | None:
+    """The job version (and its deployment) that replaces a non-canary allocation while the
+    group's canaries are unpromoted: generic_sched.go downgradedJobForPlacement. The latest
+    deployment of this job (DeploymentsByJobID: same JobCreateIndex) whose group state is
+    promoted or had no canaries gives its version; else ``min_version`` (the replaced
+    allocation's) when that version's group has no update block. None: place the current
+    version, as computePlacements does when the version found is older than ``min_version``,
+    gone, or lacks the group."""
+    found: tuple[int, Deployment | None] | None = None
+    history = [
+        d
+        for d in c.deployments_by_job.get((job.namespace, job.id), [])
+        if d.job_create_index == job.create_index
+    ]
+    for d in sorted(history, key=lambda d: (d.job_version, d.create_index), reverse=True):
+        gs = d.groups.get(group)
+        if gs is not None and (gs.promoted or gs.desired_canaries == 0):
+            found = (d.job_version, d)
+            break
+    if found is None:
+        spec = job.versions.get(min_version)
+        if spec is not None and deploy.strategy(_group_in(spec, group)) is None:
+            found = (min_version, None)
+    if found is None or found[0] < min_version or found[0] not in job.versions:
+        return None
+    if not _group_in(job.versions[found[0]], group):
+        return None
+    return found
+
+
+def _group_in(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    for tg in spec.get("TaskGroups") or []:
+        if tg.get("Name") == name:
+            return tg  # type: ignore[no-any-return]
+    return {}
+
+
 class _Group:
     """One task group's share of an evaluation."""
 
@@ -125,23 +175,46 @@ class _Group:
     ) -> None:
         self.c, self.job, self.p, self.ev, self.dep, self.latest = c, job, p, ev, dep, latest
         self.tg: dict[str, Any] = p["tg"]
-        self.placer: Placer | None = None
+        self.placers: dict[int, Placer] = {}
         self.missing = 0
+        self.canarying = False  # isCanarying: unpromoted canaries (set by ``apply``)
+
+    def _placer(self, version: int | None, tg: dict[str, Any]) -> Placer:
+        v = self.job.version if version is None else version
+        if v not in self.placers:
+            spec = None if version is None else self.job.versions[version]
+            self.placers[v] = Placer(self.c, self.job, tg, spec)
+        return self.placers[v]
 
     def place(
-        self, n: int, *, canary: bool = False, previous: list[Alloc] | None = None
+        self,
+        n: int,
+        *,
+        canary: bool = False,
+        previous: list[Alloc] | None = None,
     ) -> list[Alloc]:
-        """Place ``n`` allocations (the i-th replacing ``previous[i]``, if given)."""
-        c, tg = self.c, self.tg
-        self.placer = self.placer or Placer(c, self.job, tg)
-        used = used_indexes(c, self.job, tg["Name"]) if n else IndexPool()
-        h = spec_hash(self.job.spec, tg) if n else ""
+        """Place ``n`` allocations, the i-th replacing ``previous[i]`` if given: under its
+        name (reconcile.go computePlacements/computeMigrations/computeDestructiveUpdates:
+        ``name: alloc.Name``), linked to it, avoiding the node it failed on (generic_sched.go
+        getSelectOptions penalises only a failed allocation's node) and, while canarying, with
+        the job version Nomad keeps for a non-canary (``downgradeNonCanary``)."""
+        c = self.c
+        used = used_indexes(c, self.job, self.tg["Name"]) if n else IndexPool()
         out: list[Alloc] = []
         for i in range(n):
             prev = previous[i] if previous and i < len(previous) else None
-            node = self.placer.choose(exclude=prev.node_id if prev else "")
-            if node is None and prev is not None and prev.node_id in c.nodes:
-                node = self.placer.choose()  # the previous node is only penalised
+            is_canary = canary or (prev is not None and prev.canary)
+            tg, version, dep = self.tg, None, self.dep
+            if prev is not None and self.canarying and not prev.canary:
+                down = downgraded_version(c, self.job, tg["Name"], prev.job_version)
+                if down is not None and down[0] != self.job.version:
+                    version, dep = down
+                    tg = _group_in(self.job.versions[version], tg["Name"])
+            placer = self._placer(version, tg)
+            failed_on = prev.node_id if prev is not None and prev.client_status == "failed" else ""
+            node = placer.choose(exclude=failed_on)
+            if node is None and failed_on and failed_on in c.nodes:
+                node = placer.choose()  # the previous node is only penalised
             if node is None:
                 self.missing += n - i
                 return out
@@ -152,11 +225,12 @@ class _Group:
                     tg,
                     node.id,
                     eval_id=self.ev["ID"],
-                    dep=self.dep,
-                    canary=canary,
+                    dep=dep,
+                    canary=is_canary,
                     previous=prev,
                     used=used,
-                    hash_=h,
+                    name_index=_index(prev) if prev is not None else None,
+                    version=version,
                 )
             )
         return out
@@ -199,16 +273,32 @@ class _Group:
         for a in sorted(due, key=_index):
             events = reschedule.tracker_for(a, reschedule.policy(c, a), c.now_s())
             stop_any(c, a, reschedule.ALLOC_RESCHEDULED)
-            for new in self.place(1, canary=a.canary, previous=[a]):
+            for new in self.place(1, previous=[a]):
                 new.reschedule_events = events
 
     def _migrate(self, migrate: list[Alloc]) -> None:
-        """computeMigrations: stop each allocation the drainer marked and place its
-        replacement in the same plan; the stop stands even when nothing fits (the
-        replacement is then queued)."""
+        """computeMigrations: stop each allocation marked for migration (by the node drainer,
+        or stopped through the API) and place its replacement in the same plan, whatever
+        the deployment's state; the stop stands even when nothing fits (the replacement is
+        then queued)."""
         for a in sorted(migrate, key=_index):
             stop_alloc(self.c, a, ALLOC_MIGRATING)
-            self.place(1, canary=a.canary, previous=[a])
+            self.place(1, previous=[a])
+
+    def _lost_to_replace(self, lost: list[Alloc], existing: int, count: int) -> list[Alloc]:
+        """computePlacements: lost allocations are replaced (under their names) while the
+        group has fewer than ``count``; the current deployment's canaries are not
+        (cancelUnneededCanaries stops them: new canaries take their place)."""
+        dep_id = self.dep.id if self.dep is not None else None
+        out = []
+        for a in sorted(lost, key=_index):
+            if existing >= count:
+                break
+            if a.canary and a.deployment_id == dep_id:
+                continue
+            existing += 1
+            out.append(a)
+        return out
 
     def apply(self, failed: dict[str, Any], queued: dict[str, int]) -> None:
         c, p, tg, dep = self.c, self.p, self.tg, self.dep
@@ -227,6 +317,14 @@ class _Group:
             and strat["Canary"] > 0
             and not (gs is not None and gs.promoted)
         )
+        self.canarying = canaries_pending
+        # reconcile.go computeGroup: ``deploymentPlaceReady := !paused && !failed &&
+        # !isCanarying``. Without it nothing new is placed (no count increase, no destructive
+        # update; computeCanaries places no canary while paused or failed): only lost
+        # allocations, due reschedules (computeReplacements) and migrations.
+        paused = dep is not None and dep.status in ("paused", "pending")
+        dep_failed = bool(p.get("old_frozen"))  # this job version's deployment failed
+        place_ready = not paused and not dep_failed and not canaries_pending
         # Nomad stops a count decrease's excess before it updates the rest in place
         # (scheduler/reconcile.go computeGroup: computeStop, then computeUpdates), the
         # migrating allocations first; failed ones due for rescheduling are not counted
@@ -248,14 +346,22 @@ class _Group:
             if len(old) > count:
                 for a in _newest_first(old)[: len(old) - count]:
                     stop_any(c, a, ALLOC_NOT_NEEDED)
-            self.place(max(0, strat["Canary"] - len(have)) if strat else 0, canary=True)
+                old = [a for a in old if a.live]
+            if strat is not None and not paused:
+                self.place(max(0, strat["Canary"] - len(have)), canary=True)
             self._reschedule(due)
+            kept = [a for a in new + old if not a.canary]
+            lost = self._lost_to_replace(p["lost"], len(kept) + len(migrate) + len(due), count)
+            self.place(len(lost), previous=lost)
         else:
             diff = max(0, count - len(new) - len(old) - len(migrate) - len(due))
+            lost = self._lost_to_replace(p["lost"], count - diff, count)
             self._reschedule(due)
-            self.place(diff)
+            self.place(len(lost), previous=lost)
+            if place_ready:
+                self.place(diff - len(lost))
             placed = len(due) + diff  # placements that share max_parallel with the updates
-            if old and not p.get("old_frozen"):
+            if old and place_ready:
                 if strat is None or strat["MaxParallel"] <= 0:
                     budget = len(old)
                 else:
@@ -263,13 +369,16 @@ class _Group:
                     # computeReplacements): what the deployment's in-flight and unhealthy
                     # allocs leave of max_parallel, minus this evaluation's placements
                     # (count increase, lost or rescheduled replacements); destructive
-                    # updates get the rest
+                    # updates get the rest, each under the name of the allocation it
+                    # replaces (computeDestructiveUpdates: placeName alloc.Name,
+                    # PreviousAllocation the stopped one)
                     left = deploy.max_parallel_left(dep, strat["MaxParallel"], p["new"] + p["old"])
                     budget = max(0, left - placed)
                 for a in sorted(old, key=lambda x: x.name)[:budget]:
                     stop_any(c, a, ALLOC_UPDATING)
-                    self.place(1)
+                    self.place(1, previous=[a])
         self._migrate(migrate)
         queued[name] = self.missing
         if self.missing:
-            failed[name] = (self.placer or Placer(c, self.job, tg)).failure(self.missing)
+            placer = next(iter(self.placers.values()), None) or Placer(c, self.job, tg)
+            failed[name] = placer.failure(self.missing)

@@ -156,8 +156,15 @@ def force(c: Cluster, node_id: str) -> list[str]:
     jobs: dict[tuple[str, str], bool] = {}
     left = _drainable(c, node)
     for a in left:
-        a.migrating = False
-        sched.stop_alloc(c, a, "alloc is being drained (deadline reached)")
+        if _is_system(a):
+            a.migrating = False
+            sched.stop_alloc(c, a, "alloc is being drained (deadline reached)")
+        else:
+            # drainer.go handleDeadlinedNodes -> drainAllocs: DesiredTransition.Migrate for
+            # everything left; the scheduler stops and replaces them (computeMigrations),
+            # whatever the deployment's state
+            a.migrating = True
+            a.modify_index = c.bump("allocs")
         jobs[(a.namespace, a.job_id)] = True
     c.emit("drain", node_id=node.id, phase="deadline", stopped=len(left))
     evals = []
@@ -167,6 +174,9 @@ def force(c: Cluster, node_id: str) -> list[str]:
             ev = sched.reconcile(c, job, triggered_by="node-drain", node_id=node.id)
             if ev is not None:
                 evals.append(ev["ID"])
+    for a in left:
+        if a.live and a.migrating:  # no scheduler took it (the job is gone)
+            sched.stop_alloc(c, a, "alloc is being migrated")
     _complete(c, node)
     return evals
 

@@ -232,6 +232,42 @@ _MIGRATE_DEFAULTS = {
 }
 
 
+# structs.DefaultServiceJobReschedulePolicy / DefaultBatchJobReschedulePolicy, as
+# api/tasks.go NewDefaultReschedulePolicy fills them in
+_RESCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "service": {
+        "Attempts": 0,
+        "Interval": 0,
+        "Delay": 30 * NS,
+        "DelayFunction": "exponential",
+        "MaxDelay": 3600 * NS,
+        "Unlimited": True,
+    },
+    "batch": {
+        "Attempts": 1,
+        "Interval": 24 * 3600 * NS,
+        "Delay": 5 * NS,
+        "DelayFunction": "constant",
+        "MaxDelay": 0,
+        "Unlimited": False,
+    },
+}
+
+
+def _reschedule_policy(job: dict[str, Any], tg: dict[str, Any]) -> dict[str, Any] | None:
+    """api/tasks.go TaskGroup.Canonicalize: the job's ``Reschedule`` merged with the
+    group's, then ReschedulePolicy.Canonicalize fills the job type's defaults (service and
+    batch; system and sysbatch jobs get none unless set)."""
+    merged: dict[str, Any] | None = None
+    for src in (job.get("Reschedule"), tg.get("ReschedulePolicy")):
+        if src is not None:
+            merged = {**(merged or {}), **{k: v for k, v in src.items() if v is not None}}
+    default = _RESCHEDULE_DEFAULTS.get(job["Type"])
+    if default is None:
+        return merged
+    return {**default, **(merged or {})}
+
+
 def canonicalize(job: dict[str, Any]) -> dict[str, Any]:
     """Fill Nomad's defaults (like api.Job.Canonicalize plus server-side defaults)."""
     job = copy.deepcopy(job)
@@ -283,6 +319,7 @@ def canonicalize(job: dict[str, Any]) -> dict[str, Any]:
             tg["Update"] = merged
         else:
             tg["Update"] = None
+        tg["ReschedulePolicy"] = _reschedule_policy(job, tg)
         if job["Type"] == "service":
             mig = dict(_MIGRATE_DEFAULTS)
             mig.update(tg.get("Migrate") or {})

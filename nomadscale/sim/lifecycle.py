@@ -258,7 +258,7 @@ def drain_pending(c: Cluster) -> None:
 def node_lost(c: Cluster, node: Node) -> None:
     from nomadscale.sim import sched
 
-    jobs = {}
+    jobs: dict[tuple[str, str], list[str]] = {}
     for a in list(c.allocs_by_node.get(node.id, ())):
         if a.live:
             terminate(
@@ -268,11 +268,13 @@ def node_lost(c: Cluster, node: Node) -> None:
                 client_status="lost",
                 description="alloc is lost since its node is down",
             )
-            jobs[(a.namespace, a.job_id)] = True
-    for key in jobs:
+            jobs.setdefault((a.namespace, a.job_id), []).append(a.id)
+    for key, lost in jobs.items():
         job = c.jobs.get(key)
         if job is not None:
-            sched.reconcile(c, job, triggered_by="node-update", node_id=node.id)
+            # the reconciler's lost set: replaced under their names whatever the
+            # deployment's state (reconcile.go computePlacements, computeReplacements)
+            sched.reconcile(c, job, triggered_by="node-update", node_id=node.id, lost=lost)
 
 
 def node_ready(c: Cluster, node: Node) -> None:

@@ -113,13 +113,17 @@ def distinct_hosts(job: dict[str, Any], tg: dict[str, Any]) -> bool:
 class Placer:
     """Chooses nodes for one task group during one evaluation (least loaded first)."""
 
-    def __init__(self, c: Cluster, job: JobRecord, tg: dict[str, Any]) -> None:
+    def __init__(
+        self, c: Cluster, job: JobRecord, tg: dict[str, Any], spec: dict[str, Any] | None = None
+    ) -> None:
+        """``spec``: the job version placed (default: the current one)."""
         self.c = c
         self.job = job
         self.tg = tg
+        spec = job.spec if spec is None else spec
         self.gpus = group_gpus(tg)
-        self.distinct = distinct_hosts(job.spec, tg)
-        cons = constraints_of(job.spec, tg)
+        self.distinct = distinct_hosts(spec, tg)
+        cons = constraints_of(spec, tg)
         self.evaluated = 0
         self.filtered = 0
         self.exhausted = 0
@@ -128,7 +132,7 @@ class Placer:
             if not node.schedulable():
                 continue
             self.evaluated += 1
-            if static_fit(node, job.spec, cons):
+            if static_fit(node, spec, cons):
                 self.candidates.append(node)
             else:
                 self.filtered += 1
@@ -182,7 +186,9 @@ class Placer:
             "ClassExhausted": None,
             "DimensionExhausted": dim,
             "QuotaExhausted": None,
+            "ResourcesExhausted": None,
             "Scores": None,
+            "ScoreMetaData": None,
             "AllocationTime": 10000,
             "CoalescedFailures": max(0, missing - 1),
         }

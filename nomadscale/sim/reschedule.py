@@ -51,8 +51,11 @@ class Policy:
 def policy(c: Cluster, a: Alloc) -> Policy:
     """The reschedule policy of ``a``'s group in its job version: Nomad's default for the job
     type (service: unlimited, 30 s exponential up to 1 h; the twin's service delay is
-    ``Cluster.reschedule_delay_s``), then the job's ``Reschedule``, then the group's. System
-    and sysbatch jobs have none: their failed allocations are not rescheduled."""
+    ``Cluster.reschedule_delay_s``), then the job's ``Reschedule``, then the group's. A
+    registered job's groups carry the whole canonical policy (jobspec.canonicalize, as
+    api/tasks.go TaskGroup.Canonicalize), so the defaults here only fill specs stored
+    without one. System and sysbatch jobs have none: their failed allocations are not
+    rescheduled."""
     jtype = a.job.get("Type", "service")
     if jtype in ("system", "sysbatch"):
         return Policy(0, 0.0, 0.0, "constant", 0.0, unlimited=False)

@@ -138,8 +138,15 @@ def stop_alloc(c: Cluster, req: Request) -> Any:
     a = c.allocs.get(req.params[0])
     if a is None:
         raise ApiError(404, "alloc not found")
-    sched.stop_alloc(c, a, "alloc was stopped by the user")
     job = c.jobs.get((a.namespace, a.job_id))
+    if job is not None and job.type in ("service", "batch") and a.live:
+        # nomad/alloc_endpoint.go Stop: DesiredTransition.Migrate and an "alloc-stop"
+        # evaluation; the reconciler stops it and places its replacement under its name
+        # (computeMigrations), whatever the deployment's state
+        a.migrating = True
+        a.modify_index = c.bump("allocs")
+    else:
+        sched.stop_alloc(c, a, "alloc was stopped by the user")
     ev = sched.reconcile(c, job, triggered_by="alloc-stop") if job else None
     return {"EvalID": ev["ID"] if ev else "", "Index": c.index}
 

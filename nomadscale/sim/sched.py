@@ -5,9 +5,11 @@ node here), places allocations and records evaluations."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import re
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from nomadscale.sim import deploy
@@ -134,35 +136,45 @@ def create_alloc(
     previous: Alloc | None = None,
     used: IndexPool | None = None,
     hash_: str = "",
+    name_index: int | None = None,
+    version: int | None = None,
 ) -> Alloc:
     """Place one allocation of ``tg`` on ``node_id``. ``used``: the group's name indexes in
-    use (pass one set for many placements in one evaluation)."""
+    use (pass one set for many placements in one evaluation); ``name_index``: the index to
+    name it with (a replacement keeps its previous allocation's), else the lowest free one.
+    ``version``: an older job version to place (``tg`` is then that version's group;
+    generic_sched.go computePlacements, downgradedJobForPlacement)."""
     from nomadscale.sim import lifecycle
 
     if used is None:
         used = used_indexes(c, job, tg["Name"])
+    if name_index is None:
+        name_index = used.take()
+    else:
+        used.add(name_index)
+    spec = job.spec if version is None else job.versions[version]
     node = c.nodes[node_id]
-    image, size = image_of(tg, job.spec, c.default_image_gb)
-    image = _interp_image(image, job.spec)
+    image, size = image_of(tg, spec, c.default_image_gb)
+    image = _interp_image(image, spec)
     now = c.now_s()
     idx = c.bump("allocs")
     a = Alloc(
         id=new_uuid(),
         eval_id=eval_id,
-        name=f"{job.id}.{tg['Name']}[{used.take()}]",
+        name=f"{job.id}.{tg['Name']}[{name_index}]",
         namespace=job.namespace,
         node_id=node.id,
         node_name=node.name,
         job_id=job.id,
-        job_version=job.version,
+        job_version=job.version if version is None else version,
         task_group=tg["Name"],
-        job=job.spec,
+        job=spec,
         create_index=idx,
         create_time=now,
         image=image,
         image_size_gb=size,
         gpus=group_gpus(tg),
-        spec_hash=hash_ or spec_hash(job.spec, tg),
+        spec_hash=hash_ or spec_hash(spec, tg),
         deployment_id=dep.id if dep else "",
         canary=canary,
         modify_index=idx,
@@ -202,9 +214,12 @@ def reconcile(
     triggered_by: str,
     node_id: str = "",
     deployment_id: str = "",
+    lost: Collection[str] = (),
 ) -> dict[str, Any] | None:
     """Run one evaluation for ``job``; returns the evaluation (None for parameterized or
-    periodic parents, which never get allocations)."""
+    periodic parents, which never get allocations). ``lost``: ids of the allocations a node
+    going down just lost (the reconciler's lost set: replaced under their names, whatever
+    the deployment's state)."""
     if job.parameterized or job.periodic:
         return None
     key = (job.namespace, job.id)
@@ -222,14 +237,17 @@ def reconcile(
     else:
         from nomadscale.sim import counted
 
-        counted.reconcile(c, job, ev, failed, queued)
+        counted.reconcile(c, job, ev, failed, queued, lost=frozenset(lost))
     ev["QueuedAllocations"] = queued
     for g, n in queued.items():
         c.queued[(key, g)] = n
     if failed:
         ev["FailedTGAllocs"] = failed
+        # the blocked evaluation carries the placement failures (generic_sched.go
+        # createBlockedEval -> structs Evaluation.CreateBlockedEval(..., s.failedTGAllocs))
         blocked = c.new_eval(job, triggered_by="queued-allocs", status="blocked", previous=ev["ID"])
         blocked["StatusDescription"] = "created to place remaining allocations"
+        blocked["FailedTGAllocs"] = copy.deepcopy(failed)
         ev["BlockedEval"] = blocked["ID"]
         old = c.blocked.get(key)
         if old and old in c.evals and c.evals[old]["Status"] == "blocked":

@@ -535,3 +535,100 @@ def test_a_drain_stops_and_replaces_its_allocations(world: World) -> None:
     assert a["DesiredDescription"] == "alloc is being migrated"
     nxt = world.api.call("GET", f"/allocation/{a['NextAllocation']}").json()
     assert nxt["PreviousAllocation"] == victim["ID"] and nxt["NodeID"] != nid
+
+
+def test_a_group_shows_the_default_reschedule_policy(world: World) -> None:
+    """Registering canonicalizes the job (api/tasks.go TaskGroup.Canonicalize,
+    NewDefaultReschedulePolicy): a service group without a reschedule block gets
+    structs.DefaultServiceJobReschedulePolicy."""
+    job = world.api.check("GET", "/job/{jobName}", f"/job/{seg(world.job_id)}")
+    for tg in job["TaskGroups"]:
+        assert tg["ReschedulePolicy"] == {
+            "Attempts": 0,
+            "Interval": 0,
+            "Delay": 30 * NS,
+            "DelayFunction": "exponential",
+            "MaxDelay": 3600 * NS,
+            "Unlimited": True,
+        }, tg["ReschedulePolicy"]
+
+
+def test_a_blocked_evaluation_carries_the_placement_failures(world: World) -> None:
+    """An allocation no node can take: the evaluation reports FailedTGAllocs and creates a
+    blocked evaluation that carries them too (generic_sched.go createBlockedEval ->
+    Evaluation.CreateBlockedEval(..., failedTGAllocs)), triggered by "queued-allocs"."""
+    jid = unique("contract-blocked")
+    job = service_job(jid, groups=("ml-worker-a",), count=1,
+                      datacenters=world.target.datacenters, node_pool=world.target.node_pool)  # fmt: skip
+    job["Constraints"] = [
+        {"LTarget": "${meta.nomadscale_contract_nowhere}", "RTarget": "x", "Operand": "="}
+    ]
+    world.api.call("POST", "/jobs", body={"Job": job})
+    world.cleanup.append(
+        lambda: world.api.call("DELETE", f"/job/{seg(jid)}", params={"purge": "true"}, ok=False)
+    )
+    path = f"/job/{seg(jid)}/evaluations"
+
+    def tried() -> list[dict[str, Any]]:
+        evals = world.api.check("GET", "/job/{jobName}/evaluations", path) or []
+        return [e for e in evals if e["BlockedEval"]]
+
+    world.wait_for("the placement failure", lambda: bool(tried()))
+    first = tried()[0]
+    assert set(first["FailedTGAllocs"]) == {"ml-worker-a"}
+    blocked = world.api.check("GET", "/evaluation/{evalID}", f"/evaluation/{first['BlockedEval']}")
+    assert blocked["Status"] == "blocked" and blocked["TriggeredBy"] == "queued-allocs"
+    assert blocked["PreviousEval"] == first["ID"]
+    assert set(blocked["FailedTGAllocs"]) == {"ml-worker-a"}
+    assert (
+        blocked["FailedTGAllocs"]["ml-worker-a"]["NodesEvaluated"]
+        == first["FailedTGAllocs"]["ml-worker-a"]["NodesEvaluated"]
+    )
+
+
+def test_a_paused_deployment_still_replaces_a_stopped_allocation(world: World) -> None:
+    """A stopped allocation is a migration (nomad/alloc_endpoint.go Stop:
+    DesiredTransition.Migrate), which the reconciler places whatever the deployment's state
+    (reconcile.go computeMigrations; only new placements wait for ``deploymentPlaceReady``),
+    under the stopped allocation's name."""
+    jid = unique("contract-paused")
+    kwargs: dict[str, Any] = {
+        "groups": ("ml-worker-a",),
+        "datacenters": world.target.datacenters,
+        "node_pool": world.target.node_pool,
+    }
+    world.api.call("POST", "/jobs", body={"Job": service_job(jid, count=1, **kwargs)})
+    world.cleanup.append(
+        lambda: world.api.call("DELETE", f"/job/{seg(jid)}", params={"purge": "true"}, ok=False)
+    )
+    path = f"/job/{seg(jid)}"
+
+    def deployment(version: int, status: str) -> bool:
+        dep = world.api.call("GET", f"{path}/deployment").json()
+        return bool(dep) and dep["JobVersion"] == version and dep["Status"] == status
+
+    world.wait_for("the first deployment", lambda: deployment(0, "successful"), timeout_s=180)
+    (kept,) = _allocs(world, path)
+    job = service_job(jid, count=2, **kwargs)
+    job["Update"]["MinHealthyTime"] = 60 * NS  # keeps the deployment running a while
+    job["Update"]["HealthyDeadline"] = 120 * NS
+    job["Update"]["ProgressDeadline"] = 600 * NS
+    world.api.call("POST", "/jobs", body={"Job": job})
+    world.wait_for("the count change's deployment", lambda: deployment(1, "running"))
+    dep = world.api.call("GET", f"{path}/deployment").json()
+    world.api.call(
+        "POST", f"/deployment/pause/{dep['ID']}", body={"DeploymentID": dep["ID"], "Pause": True}
+    )
+    world.api.call("POST", f"/allocation/{kept['ID']}/stop", body={})
+
+    def replaced() -> bool:
+        return bool(world.api.call("GET", f"/allocation/{kept['ID']}").json()["NextAllocation"])
+
+    world.wait_for("the stopped allocation's replacement", replaced)
+    a = world.api.call("GET", f"/allocation/{kept['ID']}").json()
+    assert a["DesiredTransition"]["Migrate"] is True
+    assert a["DesiredDescription"] == "alloc is being migrated"
+    nxt = world.api.call("GET", f"/allocation/{a['NextAllocation']}").json()
+    assert nxt["PreviousAllocation"] == kept["ID"] and nxt["Name"] == kept["Name"]
+    assert nxt["DeploymentID"] == dep["ID"]
+    assert world.api.call("GET", f"/deployment/{dep['ID']}").json()["Status"] == "paused"

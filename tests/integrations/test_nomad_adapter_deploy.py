@@ -73,12 +73,15 @@ def test_job_evaluations_report_a_placement_that_is_blocked(
     client.register_job(job)  # zone a has 3 one-GPU nodes: one allocation can't be placed
     evals = client.job_evaluations(jid)
     assert [e.create_index for e in evals] == sorted(e.create_index for e in evals)
-    failed = [e for e in evals if "ml-worker-a" in e.failed]
-    assert failed and failed[-1].triggered_by == "job-register"
-    assert failed[-1].failed["ml-worker-a"].unplaced == 1
-    assert "not placed" in failed[-1].failed["ml-worker-a"].explain()
-    blocked = [e for e in evals if e.status == "blocked"]
-    assert [e.id for e in blocked] == [failed[-1].blocked_eval]
+    # the evaluation that tried, and the blocked one it created: Nomad copies the placement
+    # failures onto it (generic_sched.go createBlockedEval, Evaluation.CreateBlockedEval)
+    tried, blocked = [e for e in evals if "ml-worker-a" in e.failed]
+    assert tried.triggered_by == "job-register"
+    assert tried.failed["ml-worker-a"].unplaced == 1
+    assert "not placed" in tried.failed["ml-worker-a"].explain()
+    assert (blocked.id, blocked.status) == (tried.blocked_eval, "blocked")
+    assert blocked.triggered_by == "queued-allocs"
+    assert blocked.failed == tried.failed
     assert all(e.job_modify_index == client.get_job(jid).job_modify_index for e in evals)
 
 
