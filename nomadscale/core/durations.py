@@ -26,12 +26,12 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
     if isinstance(text, int | float):
         if text < 0:
             raise ValueError(f"duration must not be negative: {text!r}")
-        return timedelta(seconds=float(text))
+        return _seconds(float(text), text)
     s = str(text).strip().lower()
     if not s:
         raise ValueError("empty duration")
     if re.fullmatch(r"\d+(\.\d+)?", s):
-        return timedelta(seconds=float(s))
+        return _seconds(float(s), text)
     pos = 0
     total = 0.0
     for m in _PART.finditer(s):
@@ -41,7 +41,14 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
         pos = m.end()
     if pos != len(s) or pos == 0:
         raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 20m, 1h30m, 2d)")
-    return timedelta(seconds=total)
+    return _seconds(total, text)
+
+
+def _seconds(seconds: float, text: object) -> timedelta:
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:  # beyond timedelta.max (about 2.7 million years)
+        raise ValueError(f"duration too long: {text!r}") from None
 
 
 def format_duration(td: timedelta | float) -> str:
