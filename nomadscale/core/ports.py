@@ -50,6 +50,26 @@ class JobStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class Devices:
+    """Device instances of one kind (Nomad's ``vendor/type/name``): a node's healthy ones
+    (``NodeResources.Devices``) or those an allocation holds (``AllocatedResources``)."""
+
+    vendor: str
+    type: str
+    name: str
+    ids: tuple[str, ...] = ()
+
+    def matches(self, request: str) -> bool:
+        """Nomad's device request names: ``type``, ``vendor/type`` or ``vendor/type/name``."""
+        parts = request.split("/")
+        if len(parts) == 1:
+            return parts[0] == self.type
+        if len(parts) == 2:
+            return (parts[0], parts[1]) == (self.vendor, self.type)
+        return (parts[0], parts[1], "/".join(parts[2:])) == (self.vendor, self.type, self.name)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeInfo:
     id: str
     name: str
@@ -61,6 +81,8 @@ class NodeInfo:
     create_index: int = 0
     meta: Mapping[str, str] = field(default_factory=dict)
     allocs_running: int = 0  # non-terminal allocations of service/batch jobs
+    # healthy device instances; None when the response had no NodeResources (list stubs)
+    devices: tuple[Devices, ...] | None = None
 
 
 class NomadPort(Protocol):
@@ -134,6 +156,9 @@ class AllocInfo:
     failed_tasks: tuple[str, ...] = ()
     create_index: int = 0
     modify_index: int = 0
+    job_type: str = ""  # service / batch / system / sysbatch; "" when not reported
+    # the device instances it holds; None when the response had no AllocatedResources (stubs)
+    devices: tuple[Devices, ...] | None = None
 
     @property
     def terminal(self) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 from nomadscale.config.policy import Policy
 from nomadscale.core.errors import NomadscaleError
 from nomadscale.core.ports import DemandSource, GroupStatus, NodeInfo
+from nomadscale.deploy import room
 from nomadscale.deploy.preflight import group_datacenter
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,8 @@ def surge_blocker(
     surge: Mapping[str, Any] | None,
 ) -> str | None:
     """Why one more worker cannot be added in ``group`` now (None when it can): one surge per
-    zone, ``bounds.max``, the group's scaling max, a free ready node in the zone."""
+    zone, ``bounds.max``, the group's scaling max, more usable nodes in the zone than workers
+    and one of them with room for a worker (its GPU free: ``room``)."""
     count = desired.get(group, 0)
     if (
         surge
@@ -172,9 +174,12 @@ def surge_blocker(
     if zone is None:
         return f"{group} is not a zone of the policy"
     usable = zone_nodes(policy, nomad, spec=spec, group=group)
+    dc = group_datacenter(dict(spec), group, zone.name)
     if len(usable) <= count:
-        dc = group_datacenter(dict(spec), group, zone.name)
         return f"no free node in zone {dc} ({len(usable)} usable for {count} workers)"
+    if room.free_node(nomad, usable, spec=spec, group=group) is None:
+        return (f"no free node in zone {dc} ({len(usable)} usable, none with "
+                f"{room.wants_text(spec, group)} free)")  # fmt: skip
     return None
 
 

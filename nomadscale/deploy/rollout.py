@@ -7,7 +7,8 @@ state lives in KV (``state.StateStore``, CAS) so ``resume`` reattaches after a c
 autoscaler holds the policy meanwhile. Every outcome is one of: completed, rolled_back,
 aborted (nothing changed or stopped on request) or paused (with a reason; ``resume`` goes on).
 Before every node step the rollout re-plans against current demand and surges or holds
-(``steps.StepGate``); ``held`` is the status while it waits.
+(``steps.StepGate``); ``held`` is the status while it waits (``holds``), also while a surge
+worker or the canary can't be placed (``blocked``).
 """
 
 from __future__ import annotations
@@ -22,19 +23,19 @@ from nomadscale.core.errors import ConflictError, TemporaryError
 from nomadscale.core.ports import DeploymentInfo
 from nomadscale.deploy import spec as jobspec
 from nomadscale.deploy.base import Reporter, _Stop
+from nomadscale.deploy.blocked import BlockedWatch
 from nomadscale.deploy.gate import GateResult
 from nomadscale.deploy.image import parse_image
 from nomadscale.deploy.prefetch import ensure_prefetch_job, prefetch
 from nomadscale.deploy.preflight import Plan, preflight
 from nomadscale.deploy.state import RolloutState
-from nomadscale.deploy.steps import StepGate
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Reporter", "Rollout"]
 
 
-class Rollout(StepGate):
+class Rollout(BlockedWatch):
     """``Rollout(policy=, nomad=, kv=, clock=, demand=, ...)`` (see ``base.RolloutBase``):
     ``plan``, ``start``, ``status``, ``resume``, ``abort``."""
 
@@ -238,8 +239,10 @@ class Rollout(StepGate):
                 what = "canary" if g.desired_canaries and not g.promoted else "allocation"
                 self._rollback(f"{what} of {st.image} unhealthy in {group}",
                                status="rolled_back", failed=True)  # fmt: skip
-            if g is not None and self._watch_surge(dep, g, group):
-                pass  # its surge worker can't be placed: held, or dropped (a new deployment)
+            if g is not None and (
+                self._watch_surge(dep, g, group) or self._watch_canary(dep, g, group)
+            ):
+                pass  # its surge worker or canary can't be placed: held, or surge dropped
             elif (
                 dep.needs_promotion
                 and g is not None
@@ -313,6 +316,8 @@ class Rollout(StepGate):
         st.zones_done.append(group)
         st.timings[f"{group}_s"] = self._elapsed() - st.timings.get(f"{group}_start", 0)
         st.deployment_id = None
+        st.replan.pop("canary", None)
+        self._stepped()
         self._release_surge()
         self._save(f"zone {group} done")
 

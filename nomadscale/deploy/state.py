@@ -51,7 +51,9 @@ class RolloutState:
     # what the preflight planned for: {"forecast_upper", "required_workers", "rpm_per_worker"}
     plan: dict[str, Any] = field(default_factory=dict)
     # the re-plan before node steps: {"paused": deployment id nomadscale paused between node
-    # steps, "held_since": ISO time, "last": the last StepCheck.to_dict()}
+    # steps, "held_since": ISO time, "held_s"/"held_step": seconds of the step's earlier holds
+    # and its zone, "canary": {"deployment", "index", "blocked"} while the canary is not
+    # placed, "last": the last StepCheck.to_dict()}
     replan: dict[str, Any] = field(default_factory=dict)
     prefetch: dict[str, Any] = field(default_factory=dict)  # ok / failed / ineligible / ms
     started_at: str = ""

@@ -10,16 +10,13 @@ joined the zone since get the image right before the step (``nodes``). The deplo
 nomadscale paused is in the KV record (``replan.paused``) so a resumed process knows the pause
 is its own.
 
-A surge worker that Nomad can't place (another job took the free node after the re-plan) is
-seen at once: the rollout goes on without it when the step is safe now, else holds with the
-deployment paused until a node is free again (``_watch_surge``).
+Holds (and their limit) are ``holds``; a surge worker or canary that Nomad can't place is
+watched by ``blocked``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
-from datetime import datetime
 from functools import partial
 
 from nomadscale.core.ports import DeploymentGroup, DeploymentInfo
@@ -36,8 +33,6 @@ from nomadscale.deploy.replan import (
 from nomadscale.deploy.surge import SurgeWorkers
 
 log = logging.getLogger(__name__)
-
-HEARTBEAT_S = 60.0  # while held; a record older than 120 s may be resumed by the service
 
 
 class StepGate(SurgeWorkers):
@@ -115,6 +110,7 @@ class StepGate(SurgeWorkers):
         chk = self._replan(group, canaries=canaries)
         if chk.action == GO:
             self._unhold(chk.explain())
+            self._stepped()  # the caller takes the step (resumes, promotes)
             return True
         if chk.action == SURGE:
             self._save(f"re-plan: {chk.explain()}")
@@ -132,6 +128,7 @@ class StepGate(SurgeWorkers):
         more = g.placed_allocs < g.desired_total
         ours = st.replan.get("paused") == dep.id
         if dep.status == "running" and in_flight and more and self._takes_steps():
+            self._stepped()  # a worker was placed: progress
             st.replan["paused"] = dep.id  # recorded first: a resumed process knows it is ours
             self._persist()
             self._call(partial(self.nomad.pause_deployment, dep.id, pause=True))
@@ -155,96 +152,3 @@ class StepGate(SurgeWorkers):
         prefetch nodes that joined the zone since (the rollout prefetches). Otherwise Nomad
         goes on alone."""
         return self._replans() or bool(self._st().prefetch.get("wanted"))
-
-    def _watch_surge(self, dep: DeploymentInfo, g: DeploymentGroup, group: str) -> bool:
-        """While ``group``'s surge worker is not placed: when Nomad can't place it (another
-        job took the free node after the re-plan: a blocked evaluation), act at once instead
-        of waiting for the progress deadline. Nothing was taken out for it (the pending
-        placement uses max_parallel). Re-plan without it: when the step is safe now, go on
-        without it (``_drop_surge``; not for the canary zone's own canary, which needs a node
-        anyway); else hold with the deployment paused (Nomad places nothing for a paused
-        deployment, so nothing lands on a node that joins meanwhile) until a node is free
-        again (top up, resume: Nomad places it), and pause the rollout past the hold limit.
-        True when it held or dropped the surge (no node step this round)."""
-        st = self._st()
-        s = st.surge
-        if s is None or not self._surge_waits(group):
-            return False
-        why = self._unplaced_surge(group)
-        ours = dep.status == "paused" and st.replan.get("paused") == dep.id
-        if s.get("placed"):
-            if s.pop("blocked", None) is not None:  # placed while held
-                if ours:
-                    self._call(partial(self.nomad.pause_deployment, dep.id, pause=False))
-                    st.replan["paused"] = None
-                self._persist()
-                self._unhold(f"the surge worker of {group} is placed")
-            return False
-        if why is None and not s.get("blocked"):
-            return False  # pending, or not evaluated yet
-        s["blocked"] = why = why or s["blocked"]
-        chk = self._replan(group)
-        zone_canary = g.desired_canaries > 0 and not g.promoted and not s.get("superseded")
-        if chk.action == GO and not zone_canary:
-            s.pop("blocked", None)
-            self._unhold(chk.explain())
-            self._drop_surge(dep, group, f"surge worker of {group} not placed ({why}); "
-                             f"going on without it ({chk.explain()})")  # fmt: skip
-            return True
-        if ours and self._free_node(group):
-            self._top_up_in_zone(group)  # a node that joined may be the free one
-            s.pop("blocked", None)
-            self._call(partial(self.nomad.pause_deployment, dep.id, pause=False))
-            st.replan["paused"] = None
-            self._persist()
-            self._unhold(f"a node is free for the surge worker of {group}: resumed")
-            return True
-        if dep.status == "running":
-            st.replan["paused"] = dep.id  # recorded first: a resumed process knows it is ours
-            self._persist()
-            self._call(partial(self.nomad.pause_deployment, dep.id, pause=True))
-        what = "surge worker (the zone's canary)" if zone_canary else "surge worker"
-        self._hold(replace(chk, action=HOLD, why_not_surge=f"its {what} can't be placed: {why}"),
-                   paused=True)  # fmt: skip
-        return True
-
-    def _hold(self, chk: StepCheck, *, paused: bool = False) -> None:
-        """Capacity would be short and no surge is possible: wait (every worker serves) with
-        status ``held``; past the hold limit pause the rollout and alert. ``paused``: the zone's
-        deployment waits paused. Nomad before the fix of hashicorp/nomad#27804 (2.0.x, 2026)
-        fails a deployment (auto-revert) that makes no progress for its progress_deadline even
-        while paused; later versions (and the twin) don't. Either way the hold ends a minute
-        before the deadline."""
-        st = self._st()
-        now = self.clock.now()
-        reason = f"held before the next node step: {chk.explain()}"
-        if st.status != "held":
-            st.replan["held_since"] = now.isoformat()
-            st.replan["resume_status"] = st.status
-            st.status, st.reason = "held", reason
-            self._alert(f"rollout of {st.image} {reason}", "warning")
-            self._save(reason)
-            return
-        limit = self.hold_limit_s
-        if paused:
-            limit = min(limit, max(0.0, self.d.progress_deadline.total_seconds() - 60.0))
-        since = datetime.fromisoformat(st.replan.get("held_since") or now.isoformat())
-        if (now - since).total_seconds() > limit:
-            st.replan.pop("held_since", None)
-            why = " (Nomad's progress deadline is near)" if limit < self.hold_limit_s else ""
-            self._pause(f"held for {limit / 60:.0f} min{why} and capacity is still short: "
-                        f"{chk.explain()}; resume or abort")  # fmt: skip
-        st.reason = reason
-        last = datetime.fromisoformat(st.updated_at) if st.updated_at else since
-        if (now - last).total_seconds() >= HEARTBEAT_S:
-            self._persist()  # the record's heartbeat: no other process takes the rollout over
-
-    def _unhold(self, why: str) -> None:
-        st = self._st()
-        if st.status != "held":
-            return
-        since = st.replan.pop("held_since", None)
-        st.status = st.replan.pop("resume_status", None) or "rolling"
-        held = (self.clock.now() - datetime.fromisoformat(since)).total_seconds() if since else 0
-        st.reason = f"hold ended after {held:.0f}s: {why}"
-        self._save(st.reason)

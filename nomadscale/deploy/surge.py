@@ -25,8 +25,9 @@ from collections.abc import Sequence
 
 from nomadscale.core.errors import DeploymentActiveError
 from nomadscale.core.ports import DeploymentInfo, EvalInfo, PlacementFailure
+from nomadscale.deploy import room
 from nomadscale.deploy import spec as jobspec
-from nomadscale.deploy.nodes import NodeTopUp
+from nomadscale.deploy.holds import Holds
 from nomadscale.deploy.replan import zone_nodes
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def placement_failure(
     return last.failed[group] if waiting else None
 
 
-class SurgeWorkers(NodeTopUp):
+class SurgeWorkers(Holds):
     def _surge_waits(self, group: str) -> bool:
         """``group`` has a surge worker that Nomad has not placed yet (as far as we know)."""
         s = self._st().surge
@@ -73,13 +74,14 @@ class SurgeWorkers(NodeTopUp):
         return None if failure is None else failure.explain()
 
     def _free_node(self, group: str) -> bool:
-        """A node of ``group``'s zone that could take a worker now: ready, eligible, not
-        draining, and running no allocation at all (conservative: another job's allocation
-        may hold the node's GPU)."""
+        """A node of ``group``'s zone could take a worker now: ready, eligible, not draining,
+        with the devices a worker asks for (its GPU) held by no allocation, whatever non-GPU
+        or system allocations run there (``room``)."""
         job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
         nodes = self._call(lambda: zone_nodes(self.policy, self.nomad, spec=job.spec,
-                                              group=group, with_allocs=True))  # fmt: skip
-        return any(n.allocs_running == 0 for n in nodes)
+                                              group=group))  # fmt: skip
+        free = self._call(lambda: room.free_node(self.nomad, nodes, spec=job.spec, group=group))
+        return free is not None
 
     def _surge_during(self, dep: DeploymentInfo, group: str) -> None:
         """One more worker in ``group`` while its deployment runs: a new job version with the
@@ -130,15 +132,17 @@ class SurgeWorkers(NodeTopUp):
         if new is None:
             self._pause(f"the job version of {group} without its surge worker got no deployment")
             return
+        self._stepped()  # its deployment replaces the next worker at once
         self._adopt(new, f"zone {group}: deployment {new.id[:8]} without the surge worker")
 
     def _adopt(self, dep: DeploymentInfo, note: str) -> None:
         st = self._st()
         st.deployment_id = dep.id
         st.replan["paused"] = None
+        if st.status == "held":
+            self._end_hold()  # the step is still to go: its held time counts on
         if st.status in ("canary", "held"):
             st.status = "rolling"  # the surge version has no canaries: the canary passed
-        st.replan.pop("held_since", None)
         st.replan.pop("resume_status", None)
         self._save(note)
 

@@ -17,6 +17,7 @@ from nomadscale.core.ports import (
     AllocInfo,
     DeploymentGroup,
     DeploymentInfo,
+    Devices,
     EvalInfo,
     GroupStatus,
     JobInfo,
@@ -202,6 +203,42 @@ def job_status(
     )
 
 
+def _devices(value: Any, field: str, *, ids: str) -> tuple[Devices, ...]:
+    """Device groups (``Vendor``/``Type``/``Name``) with their instance ids: a node's healthy
+    ``Instances`` (``ids="Instances"``) or an allocation's ``DeviceIDs``."""
+    out = []
+    for i, d in enumerate(_list(value, field)):
+        d = _map(d, f"{field}[{i}]")
+        if ids == "Instances":
+            insts = [_map(x, f"{field}[{i}].Instances") for x in _list(d.get("Instances"))]
+            got = tuple(_s(x.get("ID"), f"{field}[{i}].Instances.ID")
+                        for x in insts if x.get("Healthy") is not False)  # fmt: skip
+        else:
+            got = tuple(_s(x, f"{field}[{i}].DeviceIDs") for x in _list(d.get("DeviceIDs")))
+        out.append(Devices(vendor=_s(d.get("Vendor"), f"{field}[{i}].Vendor"),
+                           type=_s(d.get("Type"), f"{field}[{i}].Type"),
+                           name=_s(d.get("Name"), f"{field}[{i}].Name"), ids=got))  # fmt: skip
+    return tuple(out)
+
+
+def _node_devices(data: Mapping[str, Any]) -> tuple[Devices, ...] | None:
+    res = data.get("NodeResources")
+    if not isinstance(res, Mapping):
+        return None  # a list stub: not reported
+    return _devices(res.get("Devices"), "NodeResources.Devices", ids="Instances")
+
+
+def _alloc_devices(data: Mapping[str, Any]) -> tuple[Devices, ...] | None:
+    res = data.get("AllocatedResources")
+    if not isinstance(res, Mapping):
+        return None  # a list stub: not reported
+    out: list[Devices] = []
+    for name, task in _map(res.get("Tasks"), "AllocatedResources.Tasks").items():
+        at = f"AllocatedResources.Tasks.{name}"
+        out.extend(_devices(_map(task, at).get("Devices"), f"{at}.Devices", ids="DeviceIDs"))
+    return tuple(out)
+
+
 def node_info(data: Mapping[str, Any], *, allocs_running: int = 0) -> NodeInfo:
     data = _doc(data, "node")
     drain = data.get("Drain")
@@ -218,6 +255,7 @@ def node_info(data: Mapping[str, Any], *, allocs_running: int = 0) -> NodeInfo:
         create_index=_int(data.get("CreateIndex"), field="CreateIndex"),
         meta=_str_map(data.get("Meta"), "Meta"),
         allocs_running=allocs_running,
+        devices=_node_devices(data),
     )
 
 
@@ -246,6 +284,10 @@ def alloc_info(data: Mapping[str, Any]) -> AllocInfo:
         failed_tasks=tuple(sorted(k for k, v in states.items() if v.get("Failed"))),
         create_index=_int(data.get("CreateIndex"), field="CreateIndex"),
         modify_index=_int(data.get("ModifyIndex"), field="ModifyIndex"),
+        # a list stub says JobType; a full allocation carries its Job
+        job_type=_s(data.get("JobType"), "JobType")
+        or _s(_map(data.get("Job"), "Job").get("Type"), "Job.Type"),
+        devices=_alloc_devices(data),
     )
 
 
