@@ -234,7 +234,7 @@ _MIGRATE_DEFAULTS = {
 
 # structs.DefaultServiceJobReschedulePolicy / DefaultBatchJobReschedulePolicy, as
 # api/tasks.go NewDefaultReschedulePolicy fills them in
-_RESCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
+RESCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
     "service": {
         "Attempts": 0,
         "Interval": 0,
@@ -262,7 +262,7 @@ def _reschedule_policy(job: dict[str, Any], tg: dict[str, Any]) -> dict[str, Any
     for src in (job.get("Reschedule"), tg.get("ReschedulePolicy")):
         if src is not None:
             merged = {**(merged or {}), **{k: v for k, v in src.items() if v is not None}}
-    default = _RESCHEDULE_DEFAULTS.get(job["Type"])
+    default = RESCHEDULE_DEFAULTS.get(job["Type"])
     if default is None:
         return merged
     return {**default, **(merged or {})}

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from nomadscale.sim.jobspec import RESCHEDULE_DEFAULTS
 from nomadscale.sim.model import NS, unix_ns
 
 if TYPE_CHECKING:
@@ -23,15 +24,6 @@ if TYPE_CHECKING:
 ALLOC_RESCHEDULED = "alloc was rescheduled because it failed"
 WINDOW_S = 1.0  # rescheduleWindowSize: due this close to now counts as now
 MAX_PAST_EVENTS = 5  # maxPastRescheduleEvents kept for an unlimited policy
-
-_BATCH_DEFAULT: dict[str, Any] = {
-    "Attempts": 1,
-    "Interval": 24 * 3600 * NS,
-    "Delay": 5 * NS,
-    "DelayFunction": "constant",
-    "MaxDelay": 0,
-    "Unlimited": False,
-}
 
 
 @dataclass(frozen=True)
@@ -59,17 +51,9 @@ def policy(c: Cluster, a: Alloc) -> Policy:
     jtype = a.job.get("Type", "service")
     if jtype in ("system", "sysbatch"):
         return Policy(0, 0.0, 0.0, "constant", 0.0, unlimited=False)
-    if jtype == "batch":
-        merged = dict(_BATCH_DEFAULT)
-    else:
-        merged = {
-            "Attempts": 0,
-            "Interval": 0,
-            "Delay": round(c.reschedule_delay_s * NS),
-            "DelayFunction": "exponential",
-            "MaxDelay": 3600 * NS,
-            "Unlimited": True,
-        }
+    merged = dict(RESCHEDULE_DEFAULTS["batch" if jtype == "batch" else "service"])
+    if jtype != "batch":
+        merged["Delay"] = round(c.reschedule_delay_s * NS)
     tg: dict[str, Any] = next(
         (g for g in a.job.get("TaskGroups") or [] if g.get("Name") == a.task_group), {}
     )

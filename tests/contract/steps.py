@@ -1,0 +1,29 @@
+"""Steps the contract tests share: register a job that is purged afterwards, list a job's
+allocations (schema-checked), let time pass (simulated on the twin, real on a real Nomad)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tests.contract.conftest import World, seg
+
+
+def register(world: World, jid: str, job: dict[str, Any]) -> None:
+    """Register ``job`` (id ``jid``); it is purged when the test ends."""
+    world.api.call("POST", "/jobs", body={"Job": job})
+    world.cleanup.append(
+        lambda: world.api.call("DELETE", f"/job/{seg(jid)}", params={"purge": "true"}, ok=False)
+    )
+
+
+def job_allocs(world: World, path: str) -> list[dict[str, Any]]:
+    return world.api.check("GET", "/job/{jobName}/allocations", f"{path}/allocations") or []
+
+
+def pause(world: World, seconds: float) -> None:
+    """Let time pass: simulated on the twin, real against a real Nomad."""
+    if world.target.is_twin:
+        world.target.advance(seconds)
+    else:
+        time.sleep(seconds)
