@@ -1,5 +1,5 @@
 """Steps the contract tests share: register a job that is purged afterwards, list a job's
-allocations (schema-checked), let time pass (simulated on the twin, real on a real Nomad)."""
+allocations (schema-checked), whether its latest deployment is a version in a status, let time pass (simulated on the twin, real on a real Nomad)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,9 @@ def pause(world: World, seconds: float) -> None:
         world.target.advance(seconds)
     else:
         time.sleep(seconds)
+
+
+def deployment_is(world: World, path: str, version: int, status: str) -> bool:
+    """The latest deployment of the job at ``path`` is of job ``version`` and in ``status``."""
+    dep = world.api.call("GET", f"{path}/deployment").json()
+    return bool(dep) and dep["JobVersion"] == version and dep["Status"] == status

@@ -5,13 +5,14 @@ Nomad with NOMADSCALE_TEST_NOMAD_ADDR set; each test names the Nomad source it f
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytest
 
 from tests.contract.conftest import World, seg
 from tests.contract.env import service_job, unique
-from tests.contract.steps import job_allocs, pause, register
+from tests.contract.steps import deployment_is, job_allocs, pause, register
 
 NS = 1_000_000_000
 
@@ -28,9 +29,7 @@ def test_a_count_change_re_watches_the_kept_allocations(world: World) -> None:
     register(world, jid, job)
     path = f"/job/{seg(jid)}"
 
-    def deployment(version: int, status: str) -> bool:
-        dep = world.api.call("GET", f"{path}/deployment").json()
-        return bool(dep) and dep["JobVersion"] == version and dep["Status"] == status
+    deployment = partial(deployment_is, world, path)
 
     world.wait_for("the first deployment", lambda: deployment(0, "successful"), timeout_s=180)
     (kept,) = world.api.call("GET", f"{path}/allocations").json()
@@ -160,9 +159,7 @@ def test_a_failed_allocation_of_a_deployment_is_rescheduled(world: World) -> Non
     register(world, jid, service_job(jid, **kwargs))
     path = f"/job/{seg(jid)}"
 
-    def deployment(version: int, status: str) -> bool:
-        dep = world.api.call("GET", f"{path}/deployment").json()
-        return bool(dep) and dep["JobVersion"] == version and dep["Status"] == status
+    deployment = partial(deployment_is, world, path)
 
     world.wait_for("the first deployment", lambda: deployment(0, "successful"), timeout_s=180)
     missing = "nomadscale-contract-missing"  # an image tag no registry has
@@ -303,9 +300,7 @@ def test_a_paused_deployment_still_replaces_a_stopped_allocation(world: World) -
     register(world, jid, service_job(jid, count=1, **kwargs))
     path = f"/job/{seg(jid)}"
 
-    def deployment(version: int, status: str) -> bool:
-        dep = world.api.call("GET", f"{path}/deployment").json()
-        return bool(dep) and dep["JobVersion"] == version and dep["Status"] == status
+    deployment = partial(deployment_is, world, path)
 
     world.wait_for("the first deployment", lambda: deployment(0, "successful"), timeout_s=180)
     (kept,) = job_allocs(world, path)

@@ -9,6 +9,15 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_IMAGE = "us-docker.pkg.dev/acme/ml/worker:2026.01.1"
+# nanoseconds, as Nomad's durations; a one-at-a-time update block for deployment tests
+S = 1_000_000_000
+HOUR = 3600 * S
+UPDATE = {
+    "MaxParallel": 1,
+    "MinHealthyTime": 10 * S,
+    "HealthyDeadline": 120 * S,
+    "ProgressDeadline": 600 * S,
+}
 
 
 def hcl(name: str) -> str:

@@ -28,16 +28,8 @@ from typing import Any
 
 import requests
 
-from tests.sim.helpers import live_allocs, service_job
+from tests.sim.helpers import HOUR, UPDATE, S, live_allocs, service_job
 
-S = 1_000_000_000
-HOUR = 3600 * S
-UPDATE = {
-    "MaxParallel": 1,
-    "MinHealthyTime": 10 * S,
-    "HealthyDeadline": 120 * S,
-    "ProgressDeadline": 600 * S,
-}
 ZERO_TIME = "0001-01-01T00:00:00Z"
 
 
