@@ -1,8 +1,9 @@
 # Pulls a worker image onto every eligible GPU node before a rolling deployment.
-# Dispatch with: nomad job dispatch -meta image=<ref> image-prefetch
+# Dispatch with: nomad job dispatch -namespace ekyc -meta image=<ref> image-prefetch
 job "image-prefetch" {
+  namespace   = "ekyc"
   type        = "sysbatch"
-  node_pool   = "gpu"
+  node_pool   = "gpu-l4"
   datacenters = ["*"]
 
   parameterized {

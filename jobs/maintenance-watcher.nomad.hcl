@@ -3,7 +3,7 @@
 # gpu-host-maintenance runbook (ineligible, surge, drain, wait, GPU check, eligible).
 job "maintenance-watcher" {
   type      = "system"
-  node_pool = "gpu"
+  node_pool = "gpu-l4"
   priority  = 90
 
   group "watcher" {

@@ -1,8 +1,9 @@
 # GPU inference workers: one task group per zone, one worker per one-GPU node.
 # nomadscale scales each group through the Scale API (min/max below bound it).
 job "ml-worker" {
+  namespace   = "ekyc"
   type        = "service"
-  node_pool   = "gpu"
+  node_pool   = "gpu-l4"
   datacenters = ["zone-a", "zone-b"]
 
   update {
@@ -54,7 +55,7 @@ job "ml-worker" {
       driver = "docker"
 
       config {
-        image              = "us-docker.pkg.dev/acme/ml/worker:2026.01.1"
+        image              = "registry.example.com/ekyc/ml-worker:2026.11.1"
         ports              = ["http"]
         image_pull_timeout = "30m"
       }
@@ -112,7 +113,7 @@ job "ml-worker" {
       driver = "docker"
 
       config {
-        image              = "us-docker.pkg.dev/acme/ml/worker:2026.01.1"
+        image              = "registry.example.com/ekyc/ml-worker:2026.11.1"
         ports              = ["http"]
         image_pull_timeout = "30m"
       }

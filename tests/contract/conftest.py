@@ -3,6 +3,7 @@ jobs registered, plus a raw HTTP helper. Prints the validated-endpoint count at 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,7 +14,15 @@ import pytest
 import requests
 
 from tests.contract import spec
-from tests.contract.env import Target, prefetch_job, real_nomad, service_job, twin_target, unique
+from tests.contract.env import (
+    REAL_POOL_ENV,
+    Target,
+    prefetch_job,
+    real_nomad,
+    service_job,
+    twin_target,
+    unique,
+)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -108,7 +117,8 @@ def target() -> Iterator[Target]:
             address=real[0].rstrip("/"),
             token=real[1],
             cluster=None,
-            node_pool=None,
+            # the Vagrant cluster's clients are in node pool gpu-l4, like the shipped jobs
+            node_pool=os.environ.get(REAL_POOL_ENV, "gpu-l4") or None,
             datacenters=("*",),
         )
         return

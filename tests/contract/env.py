@@ -1,6 +1,7 @@
 """Where the Nomad tests point: the twin (default) or a real Nomad.
 
-Set ``NOMADSCALE_TEST_NOMAD_ADDR`` (and optionally ``NOMADSCALE_TEST_NOMAD_TOKEN``) to run the
+Set ``NOMADSCALE_TEST_NOMAD_ADDR`` (and optionally ``NOMADSCALE_TEST_NOMAD_TOKEN``, and
+``NOMADSCALE_TEST_NOMAD_NODE_POOL``, default ``gpu-l4`` as in the Vagrant cluster) to run the
 contract suite against a real cluster; it then registers its own throwaway jobs and purges
 them afterwards. Also holds the small job specs the adapter and contract tests register.
 """
@@ -19,6 +20,7 @@ from nomadscale.core.clock import Clock, FakeClock
 NS = 1_000_000_000
 REAL_ADDR_ENV = "NOMADSCALE_TEST_NOMAD_ADDR"
 REAL_TOKEN_ENV = "NOMADSCALE_TEST_NOMAD_TOKEN"
+REAL_POOL_ENV = "NOMADSCALE_TEST_NOMAD_NODE_POOL"  # where the suite places its jobs
 
 
 def real_nomad() -> tuple[str, str | None] | None:

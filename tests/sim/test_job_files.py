@@ -27,7 +27,9 @@ def test_job_file_parses_and_registers(twin, path: Path) -> None:  # type: ignor
     job = client.parse_hcl(path.read_text())
     assert job["ID"] == path.name.removesuffix(".nomad.hcl")
     assert job["TaskGroups"], "a job needs at least one task group"
+    if job.get("Namespace", "default") != "default":  # `nomad namespace apply` first
+        twin.cluster.add_namespace(job["Namespace"])
     client.register_job(job)
-    stored = client.get_job(job["ID"])
+    stored = client.get_job(job["ID"], namespace=job.get("Namespace"))
     assert stored.spec["ID"] == job["ID"]
     assert [g["Name"] for g in stored.spec["TaskGroups"]] == [g["Name"] for g in job["TaskGroups"]]

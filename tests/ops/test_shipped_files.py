@@ -1,0 +1,108 @@
+"""The shipped example set works together: policies/ekyc-ml.yaml names the job, namespace,
+groups, node pool and prefetch job that jobs/*.nomad.hcl define, and ``nomadscale sim serve
+--job`` brings them up the way ``nomad job run`` would on the Vagrant cluster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from nomadscale.config.policy import load_policy
+from nomadscale.deploy.preflight import group_datacenter, preflight
+from nomadscale.integrations.nomad import NomadClient
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICY = ROOT / "policies" / "ekyc-ml.yaml"
+JOBS = ROOT / "jobs"
+
+
+def _parse(twin, name: str) -> dict:  # type: ignore[no-untyped-def]
+    return NomadClient(address=twin.address).parse_hcl((JOBS / name).read_text())
+
+
+def test_policy_names_what_the_job_files_define(twin) -> None:  # type: ignore[no-untyped-def]
+    pol = load_policy(POLICY)
+    pools = {z.node_pool for z in pol.zones.items}
+    worker = _parse(twin, f"{pol.target.job}.nomad.hcl")
+    assert worker["ID"] == pol.target.job
+    assert worker["Namespace"] == pol.target.namespace
+    assert {worker["NodePool"]} == pools
+    groups = {g["Name"] for g in worker["TaskGroups"]}
+    assert {z.group for z in pol.zones.items} <= groups
+    # each zone's group is pinned to its own datacenter
+    dcs = {group_datacenter(worker, z.group, "") for z in pol.zones.items}
+    assert "" not in dcs and len(dcs) == len(pol.zones.items)
+    assert pol.deploy is not None
+    prefetch = _parse(twin, f"{pol.deploy.prefetch_job}.nomad.hcl")
+    assert prefetch["Type"] == "sysbatch"
+    assert prefetch["Namespace"] == pol.target.namespace
+    assert {prefetch["NodePool"]} == pools
+    assert prefetch["ParameterizedJob"]["MetaRequired"] == ["image"]
+    watcher = _parse(twin, "maintenance-watcher.nomad.hcl")
+    assert watcher["Type"] == "system" and {watcher["NodePool"]} == pools
+
+
+def _start_sim(*args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nomadscale", "sim", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    if "Nomad twin at " not in first:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        pytest.fail(f"sim serve did not start: {first}{err}")
+    return proc, first.split("Nomad twin at ", 1)[1].split(": ", 1)[0]
+
+
+def test_sim_serve_runs_the_shipped_jobs_for_the_shipped_policy() -> None:
+    pol = load_policy(POLICY)
+    files = [str(JOBS / f) for f in ("ml-worker.nomad.hcl", "image-prefetch.nomad.hcl",
+                                     "maintenance-watcher.nomad.hcl")]  # fmt: skip
+    proc, address = _start_sim("--nodes", "8", "--speed", "200",
+                               *[a for f in files for a in ("--job", f)])  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().strip() for _ in files]
+        assert lines[0].startswith("registered ml-worker (service) in namespace ekyc")
+        nomad = NomadClient(address=address, namespace=pol.target.namespace)
+        deadline = time.monotonic() + 30
+        while True:  # image pull and health at 200x: about a second
+            st = nomad.job_status(pol.target.job, namespace=pol.target.namespace)
+            dep = nomad.latest_deployment(pol.target.job, namespace=pol.target.namespace)
+            if dep is not None and dep.status == "successful":
+                break
+            assert time.monotonic() < deadline, f"deployment did not finish: {st}"
+            time.sleep(0.2)
+        assert nomad.serving_counts(pol.target.job, namespace=pol.target.namespace) == {
+            z.group: 2 for z in pol.zones.items
+        }
+        # the rollout's preflight finds both zones' groups and their nodes in the policy's pool
+        plan = preflight(pol, nomad, now=datetime.now(UTC), demand=None)
+        assert [(z.group, z.count) for z in plan.zones] == [(z.group, 2) for z in pol.zones.items]
+        assert all(z.nodes and z.free >= 1 for z in plan.zones)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)  # waits and closes the pipes
+
+
+def test_sim_serve_rejects_a_bad_job_file_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.nomad.hcl"
+    bad.write_text('job "x" {\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "nomadscale", "sim", "serve", "--port", "0", "--job", str(bad)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"error: --job: {bad}: Failed to parse job: ")
