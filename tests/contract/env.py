@@ -111,7 +111,9 @@ def _task(image: str) -> dict[str, Any]:
     return {
         "Name": "worker",
         "Driver": "docker",
-        "Config": {"image": image},
+        # busybox's own command (sh) exits at once: a real Nomad would restart it until the
+        # allocation fails; the workers must keep running
+        "Config": {"image": image, "command": "sleep", "args": ["86400"]},
         "Resources": {"CPU": 100, "MemoryMB": 64},
     }
 
