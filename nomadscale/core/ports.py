@@ -138,6 +138,25 @@ class JobInfo:
     spec: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
+def pinned_datacenter(spec: Mapping[str, Any], group: str) -> str | None:
+    """The datacenter task group ``group`` of Job JSON ``spec`` is pinned to (a group
+    constraint ``${node.datacenter} = X``, or the job's only datacenter); None when it can run
+    in several. A policy zone may be named for the cloud zone (``asia-southeast2-a``) while
+    its group runs in the Nomad datacenter ``zone-a``: this is how one finds the other."""
+    for tg in spec.get("TaskGroups") or []:
+        if tg.get("Name") != group:
+            continue
+        for c in tg.get("Constraints") or []:
+            if (
+                c.get("LTarget") == "${node.datacenter}"
+                and c.get("Operand") in ("=", "==", "is", None, "")
+                and c.get("RTarget")
+            ):
+                return str(c["RTarget"])
+    dcs = [str(d) for d in spec.get("Datacenters") or []]
+    return dcs[0] if len(dcs) == 1 and "*" not in dcs[0] else None
+
+
 @dataclass(frozen=True, slots=True)
 class AllocInfo:
     id: str

@@ -15,7 +15,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from nomadscale.core.errors import DeploymentActiveError, PermanentError, SafetyError
-from nomadscale.core.ports import AllocInfo, JobStatus, KVPort, NodeInfo, NodeMetadata, NomadPort
+from nomadscale.core.ports import (
+    AllocInfo,
+    JobInfo,
+    JobStatus,
+    KVPort,
+    NodeInfo,
+    NodeMetadata,
+    NomadPort,
+    pinned_datacenter,
+)
 from nomadscale.healing import gpucheck
 from nomadscale.healing.runbook import render
 
@@ -27,6 +36,8 @@ class HealingNomad(NomadPort, Protocol):
     """What healing needs from Nomad beyond ``NomadPort`` (``NomadClient`` provides it)."""
 
     def node(self, node_id: str) -> NodeInfo: ...
+
+    def get_job(self, job_id: str, *, namespace: str | None = None) -> JobInfo: ...
 
     def node_allocations(self, node_id: str) -> list[AllocInfo]: ...
 
@@ -117,11 +128,23 @@ def _node_id(run: Mapping[str, Any]) -> str:
 
 
 def _target(ctx: Ctx, run: Mapping[str, Any]) -> ZoneTarget:
+    """The policy zone of the run's node: the zone named like the node's ``zone`` meta or
+    datacenter, else the zone whose task group is pinned to the node's datacenter (a zone
+    named for the cloud zone, its group in Nomad datacenter ``zone-a``)."""
     zone = run["values"].get("zone")
     t = ctx.zones.get((ctx.policy or "", zone or ""))
-    if t is None:
-        raise PermanentError(f"policy {ctx.policy!r} has no zone {zone!r}")
-    return t
+    if t is not None:
+        return t
+    dc = run["values"].get("datacenter")
+    for (policy, _), cand in sorted(ctx.zones.items()):
+        if policy != (ctx.policy or "") or not dc:
+            continue
+        job = ctx.nomad.get_job(cand.job, namespace=cand.namespace)
+        if pinned_datacenter(job.spec, cand.group) == dc:
+            return cand
+    raise PermanentError(
+        f"policy {ctx.policy!r} has no zone {zone!r} and no zone group pinned to datacenter {dc!r}"
+    )
 
 
 def mark_eligibility(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:

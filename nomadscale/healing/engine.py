@@ -237,6 +237,7 @@ class RunbookEngine:
             values["node.id"] = node.id
             values["node.name"] = node.name
             values["zone"] = actions.node_zone(node)
+            values["datacenter"] = node.datacenter
         return values
 
     def _active_duplicate(self, runbook: str, values: Mapping[str, str]) -> str | None:

@@ -37,7 +37,7 @@ REMAP_OK = "00000000:00:04.0, GPU-5f1c2a9e-8d7b-4c3a-9e21-0a1b2c3d4e5f, 0, 0, No
 XID_79 = "kernel: NVRM: Xid (PCI:0000:00:04): 79, pid=2817, GPU has fallen off the bus.\n"
 
 
-def worker_job() -> dict[str, Any]:
+def worker_job(zones: tuple[str, str] = ZONES) -> dict[str, Any]:
     def group(zone: str, suffix: str) -> dict[str, Any]:
         return {
             "Name": f"ml-worker-{suffix}",
@@ -62,9 +62,9 @@ def worker_job() -> dict[str, Any]:
         "Name": "ml-worker",
         "Namespace": "ekyc",
         "Type": "service",
-        "Datacenters": list(ZONES),
+        "Datacenters": list(zones),
         "NodePool": "gpu-l4",
-        "TaskGroups": [group(ZONES[0], "a"), group(ZONES[1], "b")],
+        "TaskGroups": [group(zones[0], "a"), group(zones[1], "b")],
     }
 
 
@@ -138,11 +138,18 @@ def serve(app: Any) -> tuple[str, Any, threading.Thread]:
 def rig_factory(twin_factory: TwinFactory) -> Iterator[Callable[..., Rig]]:
     made: list[Rig] = []
 
-    def make(*, kv: KVPort | None = None, prefix: str = "nomadscale") -> Rig:
-        twin = twin_factory(nodes=8, zones=ZONES, node_pool="gpu-l4")
+    def make(
+        *,
+        kv: KVPort | None = None,
+        prefix: str = "nomadscale",
+        datacenters: tuple[str, str] = ZONES,
+    ) -> Rig:
+        """``datacenters``: the Nomad datacenters of the nodes and the groups' constraints
+        (the policy's zones are always named asia-southeast2-a/b)."""
+        twin = twin_factory(nodes=8, zones=datacenters, node_pool="gpu-l4")
         twin.cluster.add_namespace("ekyc")
         nomad = NomadClient(address=twin.address, clock=twin.clock, max_retries=0)
-        nomad.register_job(worker_job())
+        nomad.register_job(worker_job(datacenters))
         twin.advance(300)
         kv = kv if kv is not None else MemoryKV(clock=twin.clock)
         pd = PagerDutyServer().start()

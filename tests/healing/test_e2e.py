@@ -112,6 +112,26 @@ def test_host_maintenance_incident_heals_and_resolves(rig_factory: Any) -> None:
     assert rig.pd.state.incidents["Q2HMAINT01"]["status"] == "resolved"
 
 
+def test_policy_zone_found_through_the_group_pinned_to_the_node_datacenter(
+    rig_factory: Any,
+) -> None:
+    # the shipped job files and the Vagrant cluster: Nomad datacenters zone-a/zone-b, while the
+    # policy's zones are named for the GCE zones and reach them through their groups
+    rig = rig_factory(datacenters=("zone-a", "zone-b"))
+    rig.engine.start()
+    node = rig.twin.cluster.nodes[rig.node_id("zone-b")]
+    run = rig.engine.submit("gpu-host-maintenance", {"node": node.name}, trigger="manual")
+    rig.engine.enqueue(run["id"])
+    assert run["values"]["datacenter"] == "zone-b"
+    play_host_maintenance(rig, node.id, run["id"])
+    run = rig.wait_run(lambda r: r["id"] == run["id"] and r["finalized"])
+    assert run["status"] == "succeeded", run
+    surge = next(x for x in run["results"] if x["action"] == "surge")
+    assert "ml-worker-b" in surge["detail"], surge
+    assert len(running_in_zone(rig, "zone-b", exclude=node.id)) >= 2
+    assert rig.nomad.job_status("ml-worker", namespace="ekyc").groups["ml-worker-b"].desired == 2
+
+
 def test_unhealthy_gpu_leaves_node_ineligible_and_incident_open(rig_factory: Any) -> None:
     rig = rig_factory()
     rig.gpu.outputs["xid"] = XID_79
