@@ -1,17 +1,25 @@
 """Preflight: the policy, the job and its zone groups, nodes per zone, and whether taking one
-worker out at a time keeps capacity above the forecast's upper bound for the rollout."""
+worker out at a time keeps capacity above the forecast's upper bound for the rollout.
+
+A zone's free nodes are the ones Nomad would place one more worker of its group on, the way
+the rollout decides it later (``room``): the devices a worker asks for (its GPU) held by no
+allocation, whatever system or non-GPU jobs run there; a node with more GPUs than workers
+counts. The group's extra allocations already placed (a canary, when a rollout resumes)
+count too: they already have their node."""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from nomadscale.config.policy import Policy
 from nomadscale.core.errors import PermanentError, SafetyError
-from nomadscale.core.ports import DemandSource, JobInfo, NodeInfo
+from nomadscale.core.ports import DemandSource, JobInfo, NodeInfo, pinned_datacenter
+from nomadscale.deploy import room
 from nomadscale.stages.decide import forecast_config_from, lookback_s
 from nomadscale.stages.forecast import forecast
 
@@ -24,10 +32,13 @@ class ZonePlan:
     datacenter: str
     count: int
     nodes: list[NodeInfo] = field(default_factory=list)  # ready + eligible, not draining
+    spare: int | None = None  # nodes with room for one more worker (``free_nodes``)
 
     @property
     def free(self) -> int:
-        return max(0, len(self.nodes) - self.count)
+        """Nodes that take one more worker each: ``spare`` once counted, else one worker per
+        node and nothing else holding their GPU."""
+        return self.spare if self.spare is not None else max(0, len(self.nodes) - self.count)
 
 
 @dataclass
@@ -51,7 +62,7 @@ class Plan:
             f"{self.total} workers in {len(self.zones)} zones, {f} -> need "
             f"{self.required_workers}, {'surge 1 per zone' if self.surge else 'no surge'}; "
             f"estimated {self.estimate_s / 60:.0f} min"
-        )
+        ) + "".join(f"; {n}" for n in self.notes)
 
 
 def task_images(spec: dict[str, Any], group: str) -> list[str]:
@@ -59,16 +70,6 @@ def task_images(spec: dict[str, Any], group: str) -> list[str]:
         if tg.get("Name") == group:
             return [str((t.get("Config") or {}).get("image") or "") for t in tg.get("Tasks") or []]
     return []
-
-
-def group_datacenter(spec: dict[str, Any], group: str, default: str) -> str:
-    for tg in spec.get("TaskGroups") or []:
-        if tg.get("Name") != group:
-            continue
-        for c in tg.get("Constraints") or []:
-            if c.get("LTarget") == "${node.datacenter}" and c.get("RTarget"):
-                return str(c["RTarget"])
-    return default
 
 
 def estimate_seconds(policy: Policy, workers: int, *, prefetched: bool) -> float:
@@ -82,15 +83,35 @@ def estimate_seconds(policy: Policy, workers: int, *, prefetched: bool) -> float
 
 def forecast_upper(
     policy: Policy, demand: DemandSource, *, now: datetime, horizon_s: float
-) -> float:
+) -> float | None:
     """Upper bound of demand (rpm) over ``horizon_s`` from now (rounded up to whole cycles):
     the live loop's forecast (its config, with headroom calibrated on whole workers, and its
-    lookback), one cycle of it stretched to cover the rollout."""
+    lookback), one cycle of it stretched to cover the rollout. None when the history has no
+    recent data (a Prometheus gap, a wrong query): then nothing is known of demand."""
     cfg = forecast_config_from(policy)
     n = max(1, math.ceil(horizon_s / policy.cycle_s))
     cfg = replace(cfg, cycle_s=policy.cycle_s * n, lead_s=policy.lead_time_s)
     series = demand.history(end=now, lookback_s=lookback_s(policy), step_s=policy.demand.step_s)
-    return float(forecast(series, now=now, config=cfg).upper)
+    fc = forecast(series, now=now, config=cfg)
+    return float(fc.upper) if fc.data_ok else None
+
+
+def free_nodes(nomad: Any, zp: ZonePlan, *, spec: Mapping[str, Any], job: JobInfo) -> int:
+    """How many of ``zp.nodes`` have room for one more allocation of ``zp.group``
+    (``room.has_room``; two calls per node: the node, its allocations), plus the allocations
+    of the group placed on them beyond its count (a canary or surge worker already running)."""
+    wants = room.device_requests(spec, zp.group)
+    distinct = room.distinct_hosts(spec, zp.group)
+    spare = placed = 0
+    for n in zp.nodes:
+        allocs = nomad.node_allocations(n.id)
+        if room.has_room(nomad.node(n.id), allocs, wants=wants, job_id=job.job_id,
+                         distinct=distinct):  # fmt: skip
+            spare += 1
+        placed += sum(1 for a in allocs
+                      if not a.terminal and a.job_id == job.job_id and a.task_group == zp.group
+                      and a.namespace in (job.namespace, ""))  # fmt: skip
+    return spare + max(0, placed - zp.count)
 
 
 def preflight(
@@ -117,26 +138,33 @@ def preflight(
             )
         if z.node_pool not in pool_nodes:
             pool_nodes[z.node_pool] = nomad.list_nodes(node_pool=z.node_pool)
-        dc = group_datacenter(dict(job.spec), z.group, z.name)
+        dc = pinned_datacenter(job.spec, z.group) or z.name
         usable = [
             n for n in pool_nodes[z.node_pool]
             if n.datacenter == dc and n.status == "ready" and n.eligibility == "eligible"
             and not n.draining
         ]  # fmt: skip
-        zones.append(
-            ZonePlan(group=z.group, datacenter=dc, count=job.groups[z.group], nodes=usable)
-        )
+        zp = ZonePlan(group=z.group, datacenter=dc, count=job.groups[z.group], nodes=usable)
+        zp.spare = free_nodes(nomad, zp, spec=job.spec, job=job)
+        zones.append(zp)
     images = task_images(dict(job.spec), zones[0].group)
     previous = images[0] if images else None
     total = sum(z.count for z in zones)
     est = estimate_seconds(policy, total, prefetched=prefetched)
     upper = None
     required = 0
+    notes: list[str] = []
     if demand is not None:
         upper = forecast_upper(policy, demand, now=now, horizon_s=est)
+        if upper is None:
+            # no recent demand data: assume the fleet is sized for it, as the live loop holds
+            # its count on missing data; every node step then needs a surge worker
+            upper = total * policy.capacity.rpm_per_worker
+            notes.append(f"no recent demand data: planning for the {total} workers' capacity")
+            log.warning("deploy %s preflight: %s", policy.name, notes[-1])
         required = math.ceil(upper / policy.capacity.rpm_per_worker - 1e-9)
     plan = Plan(job=job, zones=zones, previous_image=previous, required_workers=required,
-                forecast_upper=upper, surge=False, estimate_s=est)  # fmt: skip
+                forecast_upper=upper, surge=False, estimate_s=est, notes=notes)  # fmt: skip
     if total - 1 < required:
         if total < required:
             raise SafetyError(
@@ -159,9 +187,11 @@ def preflight(
             what += (" and " if what and i == 0 and canary else "") + (
                 f"{canary} canary" if i == 0 and canary else ""
             )
+            gpu = room.device_requests(job.spec, zp.group)
+            with_ = f" (with {room.wants_text(job.spec, zp.group)} free)" if gpu else ""
             raise SafetyError(
                 f"deploy {policy.name}: zone {zp.datacenter} ({zp.group}) has {zp.free} free "
-                f"node(s), {what} needs {need}"
+                f"node(s){with_}, {what} needs {need}"
             )
     log.info("deploy %s preflight: %s", policy.name, plan.explain())
     return plan

@@ -20,9 +20,8 @@ from typing import Any
 
 from nomadscale.config.policy import Policy
 from nomadscale.core.errors import NomadscaleError
-from nomadscale.core.ports import DemandSource, GroupStatus, NodeInfo
+from nomadscale.core.ports import DemandSource, GroupStatus, NodeInfo, pinned_datacenter
 from nomadscale.deploy import room
-from nomadscale.deploy.preflight import group_datacenter
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +173,7 @@ def surge_blocker(
     if zone is None:
         return f"{group} is not a zone of the policy"
     usable = zone_nodes(policy, nomad, spec=spec, group=group)
-    dc = group_datacenter(dict(spec), group, zone.name)
+    dc = pinned_datacenter(spec, group) or zone.name
     if len(usable) <= count:
         return f"no free node in zone {dc} ({len(usable)} usable for {count} workers)"
     if room.free_node(nomad, usable, spec=spec, group=group) is None:
@@ -192,7 +191,7 @@ def zone_nodes(
     zone = next((z for z in policy.zones.items if z.group == group), None)
     if zone is None:
         return []
-    dc = group_datacenter(dict(spec), group, zone.name)
+    dc = pinned_datacenter(spec, group) or zone.name
     listed = (nomad.list_nodes(node_pool=zone.node_pool, with_allocs=True) if with_allocs
               else nomad.list_nodes(node_pool=zone.node_pool))  # fmt: skip
     return [

@@ -105,6 +105,9 @@ def setup_job(twin: Any, *, count: int = 2) -> NomadClient:
     """Register jobs/ml-worker.nomad.hcl with ``count`` per zone; wait until it is healthy."""
     nomad = NomadClient(address=twin.address, clock=twin.clock)
     spec = nomad.parse_hcl((ROOT / "jobs" / "ml-worker.nomad.hcl").read_text())
+    # the rollout tests run in the twin's default namespace and node pool
+    spec["Namespace"] = "default"
+    spec["NodePool"] = next(iter(twin.cluster.nodes.values())).node_pool
     for tg in spec["TaskGroups"]:
         tg["Count"] = count
         if tg.get("Scaling"):

@@ -102,14 +102,15 @@ def _rollout(twin: Any, nomad: Any, rpm: float, **kw: Any) -> Rollout:
 
 
 def _canary_blocked(twin_factory: Any) -> tuple[Any, Any, Any]:
-    """8 nodes, 3 workers per zone: zone a's one free node runs another team's GPU job, so
-    the canary has no node (the preflight counts nodes, not GPUs: it lets the rollout go)."""
+    """8 nodes, 3 workers per zone: after the preflight found zone a's one free node, another
+    team's GPU job takes it just before the canary's job version is registered, so the
+    canary has no node."""
     twin, clock = sampling_twin(twin_factory, nodes=8, start=CALM)
     nomad = setup_job(twin, count=3)
-    [free] = _free_nodes(twin, "zone-a")
-    trainer = _run(twin, nomad, _gpu_job("trainer", dc="zone-a"))
-    assert [a.node_name for a in trainer] == [free]
-    return twin, clock, nomad
+    assert len(_free_nodes(twin, "zone-a")) == 1
+    proxy = TakesOnRegister(nomad, twin, dc="zone-a")
+    proxy.armed = True
+    return twin, clock, proxy
 
 
 def _marker(twin: Any, marks: dict[str, Any], *, release_after_s: float | None) -> Any:
@@ -186,17 +187,17 @@ def test_a_blocked_canary_held_past_the_limit_pauses_then_resumes(twin_factory: 
 
 class TakesOnRegister:
     """A NomadClient whose next registration of the ml-worker job (once ``armed``) is preceded
-    by another team's job taking zone b's free node: the node came free, and is taken again
-    before Nomad places the surge worker."""
+    by another team's job taking the free node of datacenter ``dc``: the node was free, and is
+    taken before Nomad places the surge worker or canary."""
 
-    def __init__(self, nomad: Any, twin: Any) -> None:
-        self._nomad, self._twin = nomad, twin
+    def __init__(self, nomad: Any, twin: Any, *, dc: str = "zone-b") -> None:
+        self._nomad, self._twin, self._dc = nomad, twin, dc
         self.armed = False
 
     def register_job(self, spec: Any, **kw: Any) -> Any:
         if self.armed and spec.get("ID") == "ml-worker":
             self.armed = False
-            taken = _run(self._twin, self._nomad, _gpu_job("trainer", dc="zone-b"), settle_s=0)
+            taken = _run(self._twin, self._nomad, _gpu_job("trainer", dc=self._dc), settle_s=0)
             assert len(taken) == 1, taken
         return self._nomad.register_job(spec, **kw)
 

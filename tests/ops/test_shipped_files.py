@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from nomadscale.config.policy import load_policy
-from nomadscale.deploy.preflight import group_datacenter, preflight
+from nomadscale.core.ports import pinned_datacenter
+from nomadscale.deploy.preflight import preflight
 from nomadscale.integrations.nomad import NomadClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,8 +37,8 @@ def test_policy_names_what_the_job_files_define(twin) -> None:  # type: ignore[n
     groups = {g["Name"] for g in worker["TaskGroups"]}
     assert {z.group for z in pol.zones.items} <= groups
     # each zone's group is pinned to its own datacenter
-    dcs = {group_datacenter(worker, z.group, "") for z in pol.zones.items}
-    assert "" not in dcs and len(dcs) == len(pol.zones.items)
+    dcs = {pinned_datacenter(worker, z.group) for z in pol.zones.items}
+    assert None not in dcs and len(dcs) == len(pol.zones.items)
     assert pol.deploy is not None
     prefetch = _parse(twin, f"{pol.deploy.prefetch_job}.nomad.hcl")
     assert prefetch["Type"] == "sysbatch"

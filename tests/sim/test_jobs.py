@@ -25,6 +25,9 @@ def test_parse_and_register_repo_job_files(twin):
     assert prefetch["ParameterizedJob"]["MetaRequired"] == ["image"]
     assert prefetch["TaskGroups"][0]["Tasks"][0]["Config"]["image_pull_timeout"] == "30m"
 
+    assert (worker["Namespace"], worker["NodePool"]) == ("ekyc", "gpu-l4")
+    for job in (worker, prefetch):  # the twin fixture's namespace and pool
+        job["Namespace"], job["NodePool"] = "default", "gpu"
     reply = n.jobs.register_job({"Job": worker})
     assert reply["EvalID"]
     assert n.jobs.register_job({"Job": prefetch})["EvalID"] == ""  # parameterized

@@ -11,7 +11,9 @@ from tests.sim.helpers import WORKER_IMAGE, hcl
 
 
 def _register_prefetch(n) -> None:
-    n.jobs.register_job({"Job": n.jobs.parse(hcl("image-prefetch.nomad.hcl"))})
+    job = n.jobs.parse(hcl("image-prefetch.nomad.hcl"))
+    job["Namespace"], job["NodePool"] = "default", "gpu"  # the twin fixture's namespace and pool
+    n.jobs.register_job({"Job": job})
 
 
 def test_dispatch_pulls_image_on_each_eligible_node(twin):
