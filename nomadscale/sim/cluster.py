@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nomadscale.core.clock import Clock, FakeClock, SystemClock
-from nomadscale.sim import lifecycle, sched
+from nomadscale.sim import blocked, lifecycle
 from nomadscale.sim.faults import FaultInjector
 from nomadscale.sim.model import (
     ZERO_TIME,
@@ -73,7 +73,8 @@ class Cluster:
         self.evals_by_job: dict[JobKey, list[dict[str, Any]]] = defaultdict(list)
         self.deployments: dict[str, Deployment] = {}
         self.deployments_by_job: dict[JobKey, list[Deployment]] = defaultdict(list)
-        self.blocked: dict[JobKey, str] = {}  # job -> blocked eval id
+        self.blocked: dict[JobKey, str] = {}  # job -> its tracked blocked eval (blocked.py)
+        self.awaiting_previous: dict[str, str] = {}  # alloc id -> its waiting replacement
         self.draining: set[str] = set()  # ids of nodes with a drain strategy (drain.py)
         self.drain_dirty: set[JobKey] = set()  # jobs the drainer has to look at again
         self.queued: dict[tuple[JobKey, str], int] = {}
@@ -207,18 +208,7 @@ class Cluster:
     def _unblock(self) -> None:
         while self._capacity_changed and self.blocked:
             self._capacity_changed = False
-            for key, eval_id in list(self.blocked.items()):
-                job = self.jobs.get(key)
-                self.blocked.pop(key, None)
-                ev = self.evals.get(eval_id)
-                if ev is not None and ev["Status"] == "blocked":
-                    # processed again (here as a new evaluation): complete, its failures
-                    # cleared (generic_sched.go setStatus with no failedTGAllocs left)
-                    ev["Status"] = "complete"
-                    ev["FailedTGAllocs"] = None
-                    ev["ModifyIndex"] = self.bump("evals")
-                if job is not None:
-                    sched.reconcile(self, job, triggered_by="queued-allocs")
+            blocked.unblock(self)
         self._capacity_changed = False
 
     def advance(self, seconds: float) -> None:

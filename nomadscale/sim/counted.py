@@ -121,6 +121,30 @@ def _index(a: Alloc) -> int:
     return int(m.group(1)) if m else 0
 
 
+def next_canaries(
+    n: int, count: int, existing: set[int], destructive: list[Alloc], used: IndexPool
+) -> list[int]:
+    """Name indexes for ``n`` new canaries: reconcile allocNameIndex.NextCanaries. First
+    those of the allocations the canaries will replace (destructive updates, below
+    ``count``) that no existing canary has, then free indexes below ``count``, then
+    ``count`` and up."""
+    out: list[int] = []
+    for idx in sorted({_index(a) for a in destructive if _index(a) < count}):
+        if len(out) == n:
+            return out
+        if idx not in existing:
+            out.append(idx)
+            used.add(idx)
+    for idx in range(count):
+        if len(out) == n:
+            return out
+        if idx not in used and idx not in existing:
+            out.append(idx)
+            used.add(idx)
+    out.extend(range(count, count + n - len(out)))
+    return out
+
+
 def downgraded_version(
     c: Cluster, job: JobRecord, group: str, min_version: int
 ) -> tuple[int, Deployment | None] | None:
@@ -192,16 +216,29 @@ class _Group:
         *,
         canary: bool = False,
         previous: list[Alloc] | None = None,
+        stop_previous: str = "",
+        names: list[int] | None = None,
     ) -> list[Alloc]:
         """Place ``n`` allocations, the i-th replacing ``previous[i]`` if given: under its
         name (reconcile.go computePlacements/computeMigrations/computeDestructiveUpdates:
         ``name: alloc.Name``), linked to it, avoiding the node it failed on (generic_sched.go
         getSelectOptions penalises only a failed allocation's node) and, while canarying, with
-        the job version Nomad keeps for a non-canary (``downgradeNonCanary``)."""
+        the job version Nomad keeps for a non-canary (``downgradeNonCanary``). ``names``: the
+        name indexes to use (canaries: ``next_canaries``), else the lowest free ones.
+
+        ``stop_previous`` (a destructive update): the previous allocation is stopped with
+        this description only if its replacement is placed. generic_sched.go
+        computePlacements appends the stop to the plan before selecting a node (so its room
+        is free for the replacement) and pops it when no node fits (``s.plan.PopUpdate``).
+        Once a placement of the group failed, the evaluation's further placements of the
+        group are not tried (``s.failedTGAllocs[tg.Name]``: ``CoalescedFailures += 1``)."""
         c = self.c
         used = used_indexes(c, self.job, self.tg["Name"]) if n else IndexPool()
         out: list[Alloc] = []
         for i in range(n):
+            if self.missing:
+                self.missing += n - i
+                return out
             prev = previous[i] if previous and i < len(previous) else None
             is_canary = canary or (prev is not None and prev.canary)
             tg, version, dep = self.tg, None, self.dep
@@ -212,12 +249,22 @@ class _Group:
                     tg = _group_in(self.job.versions[version], tg["Name"])
             placer = self._placer(version, tg)
             failed_on = prev.node_id if prev is not None and prev.client_status == "failed" else ""
-            node = placer.choose(exclude=failed_on)
-            if node is None and failed_on and failed_on in c.nodes:
-                node = placer.choose()  # the previous node is only penalised
+            stopping = prev if stop_previous and prev is not None and prev.live else None
+            freed = c.nodes.get(stopping.node_id) if stopping is not None else None
+            if stopping is not None and freed is not None:
+                freed.track(stopping, -1)
+            try:
+                node = placer.choose(exclude=failed_on)
+                if node is None and failed_on and failed_on in c.nodes:
+                    node = placer.choose()  # the previous node is only penalised
+            finally:
+                if stopping is not None and freed is not None:
+                    freed.track(stopping, +1)
             if node is None:
                 self.missing += n - i
                 return out
+            if stop_previous and prev is not None:
+                stop_any(c, prev, stop_previous)
             out.append(
                 create_alloc(
                     c,
@@ -229,7 +276,11 @@ class _Group:
                     canary=is_canary,
                     previous=prev,
                     used=used,
-                    name_index=_index(prev) if prev is not None else None,
+                    name_index=(
+                        _index(prev)
+                        if prev is not None
+                        else (names[i] if names and i < len(names) else None)
+                    ),
                     version=version,
                 )
             )
@@ -329,10 +380,19 @@ class _Group:
         # (scheduler/reconcile.go computeGroup: computeStop, then computeUpdates), the
         # migrating allocations first; failed ones due for rescheduling are not counted
         excess = 0 if canaries_pending else len(new) + len(old) + len(migrate) - count
+        # computeStop: "Prefer stopping any alloc that has the same name as the canaries if
+        # we are promoted" (the deployment's PlacedCanaries, cancelUnneededCanaries)
+        canary_ids = set(gs.placed_canaries) if gs is not None else set()
+        canary_names = {a.name for a in new if a.id in canary_ids}
+        shadowed = [a for a in old + new if a.id not in canary_ids and a.name in canary_names]
+        shadowed = shadowed[: max(0, excess)]
+        excess -= len(shadowed)
         unneeded = sorted(migrate, key=_index, reverse=True)[: max(0, excess)]
         migrate = [a for a in migrate if a not in unneeded]
         excess -= len(unneeded)
-        stopping = (_newest_first(old) + _newest_first(new))[: max(0, excess)]
+        rest_old = [a for a in old if a not in shadowed]
+        rest_new = [a for a in new if a not in shadowed]
+        stopping = shadowed + (_newest_first(rest_old) + _newest_first(rest_new))[: max(0, excess)]
         self._move_in_place({a.id for a in stopping})
         for a in unneeded + stopping:
             stop_any(c, a, ALLOC_NOT_NEEDED)
@@ -348,7 +408,10 @@ class _Group:
                     stop_any(c, a, ALLOC_NOT_NEEDED)
                 old = [a for a in old if a.live]
             if strat is not None and not paused:
-                self.place(max(0, strat["Canary"] - len(have)), canary=True)
+                want = max(0, strat["Canary"] - len(have))
+                used = used_indexes(c, self.job, name)
+                names = next_canaries(want, count, {_index(a) for a in have}, old, used)
+                self.place(want, canary=True, names=names)
             self._reschedule(due)
             kept = [a for a in new + old if not a.canary]
             lost = self._lost_to_replace(p["lost"], len(kept) + len(migrate) + len(due), count)
@@ -356,10 +419,6 @@ class _Group:
         else:
             diff = max(0, count - len(new) - len(old) - len(migrate) - len(due))
             lost = self._lost_to_replace(p["lost"], count - diff, count)
-            self._reschedule(due)
-            self.place(len(lost), previous=lost)
-            if place_ready:
-                self.place(diff - len(lost))
             placed = len(due) + diff  # placements that share max_parallel with the updates
             if old and place_ready:
                 if strat is None or strat["MaxParallel"] <= 0:
@@ -374,9 +433,14 @@ class _Group:
                     # PreviousAllocation the stopped one)
                     left = deploy.max_parallel_left(dep, strat["MaxParallel"], p["new"] + p["old"])
                     budget = max(0, left - placed)
+                # generic_sched.go computePlacements places the destructive updates first
+                # ("we need to discount their resources"), then the other placements
                 for a in sorted(old, key=lambda x: x.name)[:budget]:
-                    stop_any(c, a, ALLOC_UPDATING)
-                    self.place(1, previous=[a])
+                    self.place(1, previous=[a], stop_previous=ALLOC_UPDATING)
+            self._reschedule(due)
+            self.place(len(lost), previous=lost)
+            if place_ready:
+                self.place(diff - len(lost))
         self._migrate(migrate)
         queued[name] = self.missing
         if self.missing:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
-from nomadscale.sim.model import NS, Node, rfc3339
+from nomadscale.sim.model import NS, TERMINAL_CLIENT, Node, rfc3339
 
 if TYPE_CHECKING:
     from nomadscale.sim.cluster import Cluster
@@ -113,16 +113,21 @@ def step(c: Cluster, *, jobs: Collection[tuple[str, str]] | None = None) -> list
             if ev is not None:
                 evals.append(ev["ID"])
     for n in nodes:
-        if n.drain_strategy is None:
+        if n.drain_strategy is None or not _done(c, n):
             continue
-        remaining = _drainable(c, n)
-        if remaining and all(_is_system(a) for a in remaining):
-            for a in remaining:  # system jobs go last
-                sched.stop_alloc(c, a, "alloc is being drained")
-            remaining = []
-        if not remaining:
-            _complete(c, n)
+        for a in _drainable(c, n):  # system jobs go last
+            sched.stop_alloc(c, a, "alloc is being drained")
+        _complete(c, n)
     return evals
+
+
+def _done(c: Cluster, node: Node) -> bool:
+    """draining_node.go IsDone: every allocation on the node but system ones is terminal on
+    its client (a stopped one still being killed keeps the drain going)."""
+    return all(
+        _is_system(a) or a.client_status in TERMINAL_CLIENT
+        for a in c.allocs_by_node.get(node.id, ())
+    )
 
 
 def _mark_group(c: Cluster, job: JobRecord, tg: dict[str, Any], drainable: list[Alloc]) -> bool:

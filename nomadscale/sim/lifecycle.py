@@ -1,5 +1,5 @@
-"""Timed state changes: image pull and start, health, failure, completion, reschedules,
-node boots, deployment progress deadlines and drain deadlines."""
+"""Timed state changes: image pull and start, health, failure, completion, stops (the task's
+kill time), reschedules, node boots, deployment progress deadlines and drain deadlines."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from nomadscale.core.durations import parse_duration
 from nomadscale.sim import deploy, drain, reschedule
-from nomadscale.sim.model import Alloc, Node
+from nomadscale.sim.model import NS, TERMINAL_CLIENT, Alloc, Node
 
 if TYPE_CHECKING:
     from nomadscale.sim.cluster import Cluster
@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 FAIL_AFTER_START_S = 3.0
 DEFAULT_PULL_TIMEOUT_S = 300.0  # docker driver image_pull_timeout default
+DEFAULT_KILL_TIMEOUT_S = 5.0  # structs.DefaultKillTimeout
+MAX_KILL_TIMEOUT_S = 30.0  # the client's max_kill_timeout default
 
 
 def _task_event(c: Cluster, a: Alloc, type_: str, msg: str = "") -> None:
@@ -24,8 +26,23 @@ def _task_event(c: Cluster, a: Alloc, type_: str, msg: str = "") -> None:
 
 
 def alloc_placed(c: Cluster, a: Alloc, node: Node) -> None:
-    now = c.now_s()
+    """The client received ``a``. A replacement waits for its previous allocation to be
+    terminal on its client before anything else runs (client/allocwatcher NewAllocWatcher:
+    a watcher for any PreviousAllocation, local or remote, whose Wait returns once it is
+    Terminated(); client/allocrunner/alloc_runner_hooks.go initRunnerHooks runs that
+    upstream allocs hook before the health watcher hook and the tasks): ``setup`` runs when
+    that allocation exits (``_release_successor``)."""
     _task_event(c, a, "Received", "Task received by client")
+    prev = c.allocs.get(a.previous_allocation) if a.previous_allocation else None
+    if prev is not None and prev.client_status not in TERMINAL_CLIENT:
+        c.awaiting_previous[prev.id] = a.id
+        return
+    setup(c, a, node)
+
+
+def setup(c: Cluster, a: Alloc, node: Node) -> None:
+    """Task setup, image pull and start, and the health watch's deadline, from now."""
+    now = c.now_s()
     _task_event(c, a, "Task Setup", "Building Task Directory")
     pull_s = 0.0
     pull_fails = False
@@ -57,8 +74,18 @@ def _pull_timeout(a: Alloc) -> float:
 
 
 def terminate(
-    c: Cluster, a: Alloc, *, desired: str | None, client_status: str, description: str
+    c: Cluster,
+    a: Alloc,
+    *,
+    desired: str | None,
+    client_status: str,
+    description: str,
+    event: tuple[str, str] | None = None,
 ) -> None:
+    """``a`` is terminal on its client (``desired``: the server's stop with it, as for a
+    lost allocation). Blocked evaluations run again when a client reports an allocation
+    complete or failed (nomad/fsm.go applyAllocClientUpdate -> blockedEvals.Unblock), not
+    when the server stops one; a replacement waiting for ``a`` starts."""
     now = c.now_s()
     was_live = a.live
     if desired is not None:
@@ -69,20 +96,17 @@ def terminate(
     if a.started_at is not None or client_status != "lost":
         a.finished_at = now
     a.gen += 1
-    _task_event(
-        c,
-        a,
-        {"complete": "Killed", "failed": "Terminated", "lost": "Killing"}.get(
-            client_status, "Killed"
-        ),
-        description,
-    )
+    if event is None:
+        kind = {"complete": "Killed", "failed": "Terminated", "lost": "Killing"}
+        event = (kind.get(client_status, "Killed"), description)
+    _task_event(c, a, *event)
     a.modify_time = now
     a.modify_index = c.bump("allocs")
     node = c.nodes.get(a.node_id)
     if was_live and not a.live and node is not None:
         node.track(a, -1)
-    c.capacity_changed()
+    if client_status in ("complete", "failed"):
+        c.capacity_changed()
     _drainer_wakes(c, a)
     c.emit(
         f"alloc_{'stopped' if client_status == 'complete' else client_status}",
@@ -92,6 +116,91 @@ def terminate(
         node_id=a.node_id,
         reason=description,
     )
+    _release_successor(c, a)
+
+
+def kill_time(a: Alloc) -> tuple[float, float]:
+    """(seconds from a stop to the client reporting the allocation complete, the first
+    task's kill timeout): the group's shutdown_delay (the group service hook's PreKill), then
+    every task's shutdown_delay and kill_timeout (capped by the client's max_kill_timeout),
+    the tasks killed together (client/allocrunner alloc_runner.go killTasks: TaskKilling
+    with SetKillTimeout(task.KillTimeout, MaxKillTimeout); taskrunner Kill). The twin's tasks
+    take their whole kill_timeout to exit."""
+    tg = deploy.group_of(a)
+    longest, first = 0.0, 0.0
+    for task in tg.get("Tasks") or []:
+        kill = min(_seconds(task.get("KillTimeout"), DEFAULT_KILL_TIMEOUT_S), MAX_KILL_TIMEOUT_S)
+        first = first or kill
+        longest = max(longest, _seconds(task.get("ShutdownDelay"), 0.0) + kill)
+    first = first or DEFAULT_KILL_TIMEOUT_S
+    return _seconds(tg.get("ShutdownDelay"), 0.0) + (longest or first), first
+
+
+def _seconds(v: object, default: float) -> float:
+    return default if not isinstance(v, int | float) or isinstance(v, bool) else float(v) / NS
+
+
+def _go_duration(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def stop(c: Cluster, a: Alloc, description: str) -> None:
+    """The server stops ``a`` (DesiredStatus ``stop``). The scheduler counts its room free
+    from now on (structs.Allocation.TerminalStatus includes a stop DesiredStatus;
+    scheduler/context.go ProposedAllocs reads AllocsByNodeTerminal(false)), while its client
+    kills the tasks: ClientStatus stays ``running`` until they exit (``kill_time``), then
+    ``complete``. An allocation whose tasks have not started is done at once."""
+    if not a.live:
+        return
+    now = c.now_s()
+    a.desired_status = "stop"
+    a.desired_description = description
+    a.gen += 1  # no start, health or failure any more
+    a.modify_time = now
+    a.modify_index = c.bump("allocs")
+    node = c.nodes.get(a.node_id)
+    if node is not None:
+        node.track(a, -1)
+    _drainer_wakes(c, a)
+    c.emit(
+        "alloc_stopping",
+        alloc_id=a.id,
+        job_id=a.job_id,
+        group=a.task_group,
+        node_id=a.node_id,
+        reason=description,
+    )
+    if a.client_status != "running":
+        _exit(c, a)
+        return
+    wait, kill = kill_time(a)
+    _task_event(
+        c, a, "Killing", f"Sent interrupt. Waiting {_go_duration(kill)} before force killing"
+    )
+    c.schedule(now + wait, "alloc_exit", a.id, a.gen)
+
+
+def _exit(c: Cluster, a: Alloc) -> None:
+    terminate(
+        c,
+        a,
+        desired=None,
+        client_status="complete",
+        description=a.desired_description,
+        event=("Killed", "Task successfully killed"),
+    )
+    a.client_description = "All tasks have completed"
+    _after_terminal(c, a)
+
+
+def _release_successor(c: Cluster, a: Alloc) -> None:
+    """``a`` is terminal on its client: the replacement waiting for it starts."""
+    succ = c.allocs.get(c.awaiting_previous.pop(a.id, ""))
+    if succ is None or not succ.live or succ.client_status != "pending":
+        return
+    node = c.nodes.get(succ.node_id)
+    if node is not None and node.status == "ready":
+        setup(c, succ, node)
 
 
 def handle(c: Cluster, kind: str, key: str, gen: int) -> None:
@@ -145,6 +254,9 @@ def handle(c: Cluster, kind: str, key: str, gen: int) -> None:
                 f"Failed to pull `{a.image}`: error pulling image layers: unexpected EOF",
             )
             _fail(c, a)
+    elif kind == "alloc_exit":
+        if a.desired_status != "run" and a.client_status == "running":
+            _exit(c, a)
     elif kind == "alloc_complete" and a.client_status == "running":
         terminate(c, a, desired=None, client_status="complete", description="Exit Code: 0")
         _after_terminal(c, a)
@@ -269,6 +381,15 @@ def node_lost(c: Cluster, node: Node) -> None:
                 description="alloc is lost since its node is down",
             )
             jobs.setdefault((a.namespace, a.job_id), []).append(a.id)
+        elif a.client_status in ("pending", "running"):
+            # stopping: lost with its node (generic_sched.go updateNonTerminalAllocsToLost)
+            terminate(
+                c,
+                a,
+                desired=None,
+                client_status="lost",
+                description="alloc is lost since its node is down",
+            )
     for key, lost in jobs.items():
         job = c.jobs.get(key)
         if job is not None:

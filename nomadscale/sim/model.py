@@ -240,9 +240,8 @@ class Alloc:
 
     @property
     def terminal(self) -> bool:
-        return self.client_status in TERMINAL_CLIENT or (
-            self.desired_status != "run" and self.client_status != "running"
-        )
+        """structs.Allocation.TerminalStatus: stopped by the server, or done on its client."""
+        return self.desired_status != "run" or self.client_status in TERMINAL_CLIENT
 
     def _task_states(self) -> dict[str, Any]:
         if self.client_status == "pending":

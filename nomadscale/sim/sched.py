@@ -5,15 +5,14 @@ node here), places allocations and records evaluations."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import re
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-from nomadscale.sim import deploy
-from nomadscale.sim.model import NS, Alloc, Deployment, new_uuid
+from nomadscale.sim import blocked, deploy
+from nomadscale.sim.model import NS, Alloc, Deployment, new_uuid, unix_ns
 from nomadscale.sim.placement import Placer, group_gpus
 
 if TYPE_CHECKING:
@@ -82,12 +81,13 @@ def _interp_image(image: str, job: dict[str, Any]) -> str:
     )
 
 
-def stop_alloc(c: Cluster, a: Alloc, description: str, *, client_status: str = "complete") -> None:
+def stop_alloc(c: Cluster, a: Alloc, description: str) -> None:
+    """The server stops a live allocation; its client kills it (``lifecycle.stop``)."""
     if not a.live:
         return
     from nomadscale.sim import lifecycle
 
-    lifecycle.terminate(c, a, desired="stop", client_status=client_status, description=description)
+    lifecycle.stop(c, a, description)
 
 
 def stop_any(c: Cluster, a: Alloc, description: str) -> None:
@@ -215,15 +215,22 @@ def reconcile(
     node_id: str = "",
     deployment_id: str = "",
     lost: Collection[str] = (),
+    blocked_eval: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Run one evaluation for ``job``; returns the evaluation (None for parameterized or
     periodic parents, which never get allocations). ``lost``: ids of the allocations a node
     going down just lost (the reconciler's lost set: replaced under their names, whatever
-    the deployment's state)."""
+    the deployment's state). ``blocked_eval``: a blocked evaluation run again (blocked.py):
+    the placements carry its ID, and it completes or stays blocked."""
     if job.parameterized or job.periodic:
         return None
     key = (job.namespace, job.id)
-    ev = c.new_eval(job, triggered_by=triggered_by, node_id=node_id, deployment_id=deployment_id)
+    if blocked_eval is not None:
+        ev = blocked_eval
+    else:
+        ev = c.new_eval(
+            job, triggered_by=triggered_by, node_id=node_id, deployment_id=deployment_id
+        )
     failed: dict[str, Any] = {}
     queued: dict[str, int] = {}
     if job.stopped:
@@ -238,21 +245,18 @@ def reconcile(
         from nomadscale.sim import counted
 
         counted.reconcile(c, job, ev, failed, queued, lost=frozenset(lost))
-    ev["QueuedAllocations"] = queued
     for g, n in queued.items():
-        c.queued[(key, g)] = n
-    if failed:
-        ev["FailedTGAllocs"] = failed
-        # the blocked evaluation carries the placement failures (generic_sched.go
-        # createBlockedEval -> structs Evaluation.CreateBlockedEval(..., s.failedTGAllocs))
-        blocked = c.new_eval(job, triggered_by="queued-allocs", status="blocked", previous=ev["ID"])
-        blocked["StatusDescription"] = "created to place remaining allocations"
-        blocked["FailedTGAllocs"] = copy.deepcopy(failed)
-        ev["BlockedEval"] = blocked["ID"]
-        old = c.blocked.get(key)
-        if old and old in c.evals and c.evals[old]["Status"] == "blocked":
-            c.evals[old]["Status"] = "canceled"
-        c.blocked[key] = blocked["ID"]
+        c.queued[(key, g)] = n  # the summary's Queued, less what the plan placed
+    if blocked_eval is not None and failed:
+        blocked.reblock(c, key, ev)
+    else:
+        ev["QueuedAllocations"] = queued
+        if failed:
+            ev["FailedTGAllocs"] = failed
+            blocked.block(c, job, ev, failed)
+        else:
+            blocked.complete(c, key, ev)
+    ev["ModifyTime"] = unix_ns(c.now_s())
     ev["ModifyIndex"] = c.bump("evals", "jobs")
     job.spec["Status"] = job_status(c, job)
     dep = c.active_deployment(key)

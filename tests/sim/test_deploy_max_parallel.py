@@ -17,6 +17,9 @@ from tests.sim.helpers import live_allocs, service_job
 S = 1_000_000_000
 # 7 GB images at the twin's 800 Mbit/s: a 70 s pull, healthy 2 s + min_healthy_time later
 PULL_S = 70
+# a replacement starts once the allocation it replaces exited: the default kill_timeout
+# (client/allocwatcher: the upstream allocs hook waits for the previous allocation)
+KILL_S = 5
 
 
 def _update(
@@ -87,7 +90,7 @@ def test_unhealthy_alloc_of_the_deployment_stops_further_destructive_updates(twi
     dep = n.job.get_deployment("web")
     assert dep["JobVersion"] == 1 and _by_version(n) == {0: 2, 1: 2}
 
-    twin.advance(PULL_S + 2 + 10 + 1)  # one failed half way through its pull, one healthy
+    twin.advance(KILL_S + PULL_S + 2 + 10 + 1)  # one failed half way through its pull, one healthy
     healthy_at = twin.cluster.now_s() - 1
     dep = n.deployment.get_deployment(dep["ID"])
     g = dep["TaskGroups"]["web"]

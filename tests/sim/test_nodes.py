@@ -89,6 +89,9 @@ def test_drain_stops_and_replaces_then_completes(twin):
     replacement = next(a for a in allocs if a["ClientStatus"] == "pending")
     assert replacement["NodeID"] != node_id
     assert n.allocation.get_allocation(replacement["ID"])["PreviousAllocation"] == victim["ID"]
+    assert stopped["ClientStatus"] == "running"  # killed within its kill_timeout (5 s)
+    assert n.node.get_node(node_id)["Drain"] is True
+    twin.advance(5)  # it exited: the drain is done (drainer/draining_node.go IsDone)
     node = n.node.get_node(node_id)
     assert node["Drain"] is False and node["LastDrain"]["Status"] == "complete"
     assert node["LastDrain"]["Meta"] == {"reason": "gce-maintenance"}

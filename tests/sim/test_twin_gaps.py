@@ -34,6 +34,9 @@ import requests
 from tests.sim.helpers import HOUR, UPDATE, S, live_allocs, service_job
 
 PULL_S = 70  # a 7 GB image at the twin's 800 Mbit/s
+# a stopped allocation runs until its task is killed (the default kill_timeout); its
+# replacement starts (and its health is watched) once it exited (client/allocwatcher)
+KILL_S = 5
 
 
 def _successful(twin: Any, n: Any, job: dict[str, Any], *, wait_s: int = 300) -> dict[str, Any]:
@@ -143,6 +146,8 @@ def test_drain_migrates_max_parallel_job_wide_and_waits_for_health(twin):
     assert len(live) == 4  # 2 untouched + the waiting one + the replacement
     (repl,) = [a for a in live if a["ClientStatus"] == "pending"]
     assert _alloc(n, repl["ID"])["PreviousAllocation"] == migrated[0]["ID"]
+    assert n.node.get_node(migrated[0]["NodeID"])["LastDrain"]["Status"] == "draining"
+    twin.advance(KILL_S)  # the migrated allocation exited: its node's drain is done
     assert n.node.get_node(migrated[0]["NodeID"])["LastDrain"]["Status"] == "complete"
     assert n.node.get_node(waiting["NodeID"])["Drain"] is True
 
@@ -175,7 +180,7 @@ def test_drain_moves_on_once_a_replacement_is_unhealthy(twin):
     moved = [a for a in (first, second) if _alloc(n, a["ID"])["DesiredStatus"] == "stop"]
     assert len(moved) == 1
     (waiting,) = [a for a in (first, second) if a is not moved[0]]
-    twin.advance(29)
+    twin.advance(KILL_S + 29)  # the replacement's health watch began once its previous exited
     assert _alloc(n, waiting["ID"])["DesiredStatus"] == "run"
     twin.advance(2)  # the replacement is unhealthy: health set
     repl = _alloc(n, _alloc(n, moved[0]["ID"])["NextAllocation"])
@@ -185,7 +190,7 @@ def test_drain_moves_on_once_a_replacement_is_unhealthy(twin):
 
 def test_drain_at_capacity_stops_the_allocation_and_queues_its_replacement(twin_factory):
     """Nothing fits elsewhere: the marked allocation is stopped anyway, its replacement queued
-    (a blocked evaluation), and the node's drain completes at once."""
+    (a blocked evaluation), and the node's drain completes once it exited."""
     t = twin_factory(nodes=2)
     n = t.nomad()
     _successful(t, n, service_job("web", count=2, update=UPDATE))
@@ -193,10 +198,12 @@ def test_drain_at_capacity_stops_the_allocation_and_queues_its_replacement(twin_
     _drain(n, victim["NodeID"])
     assert _alloc(n, victim["ID"])["DesiredDescription"] == "alloc is being migrated"
     assert len(live_allocs(n, "web")) == 1
-    node = n.node.get_node(victim["NodeID"])
-    assert node["Drain"] is False and node["LastDrain"]["Status"] == "complete"
     summary = n.job.get_summary("web")["Summary"]["web"]
     assert summary["Queued"] == 1
+    assert n.node.get_node(victim["NodeID"])["Drain"] is True
+    t.advance(KILL_S)
+    node = n.node.get_node(victim["NodeID"])
+    assert node["Drain"] is False and node["LastDrain"]["Status"] == "complete"
 
 
 def test_drain_completes_once_its_last_allocation_stops_for_any_reason(twin):
@@ -213,6 +220,8 @@ def test_drain_completes_once_its_last_allocation_stops_for_any_reason(twin):
     assert _alloc(n, victim["ID"])["DesiredStatus"] == "run"
     r = requests.post(f"{twin.address}/v1/allocation/{victim['ID']}/stop", json={}, timeout=10)
     assert r.status_code == 200, r.text
+    assert n.node.get_node(victim["NodeID"])["Drain"] is True  # being killed
+    twin.advance(KILL_S)
     node = n.node.get_node(victim["NodeID"])
     assert node["Drain"] is False and node["LastDrain"]["Status"] == "complete"
 
@@ -231,7 +240,7 @@ def _rollout_with_failing_pull(twin: Any, n: Any, *, reschedule: dict[str, Any] 
     v1["TaskGroups"][0]["Tasks"][0]["Config"]["image"] = "registry/web:2"
     n.jobs.register_job({"Job": v1})
     (placed,) = [a for a in live_allocs(n, "web") if a["JobVersion"] == 1]
-    twin.advance(PULL_S / 2 + 1)
+    twin.advance(KILL_S + PULL_S / 2 + 1)
     failed = _alloc(n, placed["ID"])
     assert failed["ClientStatus"] == "failed" and _health(failed) is False
     return str(placed["ID"])
