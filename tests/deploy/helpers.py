@@ -159,3 +159,34 @@ class RecordingAlerts:
 
     def resolve(self, **kw: Any) -> None:
         return None
+
+
+def other_team_job(name: str, *, dc: str, job_type: str = "service", gpu: bool = True,
+             node: str | None = None) -> str:  # fmt: skip
+    """Another team's job in ``dc``: one GPU per allocation (``gpu``), pinned to ``node``."""
+    pin = (f'constraint {{\n attribute = "${{node.unique.name}}"\n value = "{node}"\n }}'
+           if node else "")  # fmt: skip
+    device = 'device "nvidia/gpu" {\n count = 1\n }' if gpu else ""
+    count = "" if job_type == "system" else "count = 1"
+    return f"""
+job "{name}" {{
+  type        = "{job_type}"
+  node_pool   = "gpu"
+  datacenters = ["{dc}"]
+  group "g" {{
+    {count}
+    {pin}
+    task "t" {{
+      driver = "docker"
+      config {{
+        image = "us-docker.pkg.dev/acme/other/{name}:1"
+      }}
+      resources {{
+        cpu    = 200
+        memory = 256
+        {device}
+      }}
+    }}
+  }}
+}}
+"""

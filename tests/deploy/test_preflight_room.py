@@ -16,36 +16,18 @@ from nomadscale.core.clock import FakeClock
 from nomadscale.core.errors import SafetyError
 from nomadscale.deploy.preflight import Plan, preflight
 from nomadscale.integrations.tracefile import TraceDemandSource
-from tests.deploy.helpers import CALM, JOB, NEW, OLD, ROOT, TRACE, policy, setup_job, surge_rpm
-
-
-def _other_job(name: str, *, dc: str, gpu: bool = True, node: str | None = None) -> str:
-    """Another team's service job in ``dc``: one allocation, one GPU (``gpu``), on ``node``."""
-    pin = (f'constraint {{\n attribute = "${{node.unique.name}}"\n value = "{node}"\n }}'
-           if node else "")  # fmt: skip
-    device = 'device "nvidia/gpu" {\n count = 1\n }' if gpu else ""
-    return f"""
-job "{name}" {{
-  type        = "service"
-  node_pool   = "gpu"
-  datacenters = ["{dc}"]
-  group "g" {{
-    count = 1
-    {pin}
-    task "t" {{
-      driver = "docker"
-      config {{
-        image = "us-docker.pkg.dev/acme/other/{name}:1"
-      }}
-      resources {{
-        cpu    = 200
-        memory = 256
-        {device}
-      }}
-    }}
-  }}
-}}
-"""
+from tests.deploy.helpers import (
+    CALM,
+    JOB,
+    NEW,
+    OLD,
+    ROOT,
+    TRACE,
+    other_team_job,
+    policy,
+    setup_job,
+    surge_rpm,
+)
 
 
 def _run(twin: Any, nomad: Any, hcl: str) -> list[str]:
@@ -89,7 +71,7 @@ def test_a_node_running_only_system_and_non_gpu_jobs_counts_as_free(twin_factory
     watcher = nomad.parse_hcl((ROOT / "jobs" / "maintenance-watcher.nomad.hcl").read_text())
     watcher["NodePool"] = "gpu"  # the twin's GPU nodes are in pool "gpu"
     nomad.register_job(watcher)
-    shipper = _run(twin, nomad, _other_job("shipper", dc="zone-a", gpu=False,
+    shipper = _run(twin, nomad, other_team_job("shipper", dc="zone-a", gpu=False,
                                            node=spares["zone-a"]))  # fmt: skip
     assert shipper == [spares["zone-a"]]
     on_spare = {a.job_id for a in twin.cluster.allocs.values()
@@ -106,7 +88,7 @@ def test_a_node_whose_gpu_another_job_holds_is_not_free(twin_factory: Any) -> No
     twin = twin_factory(nodes=6, clock=FakeClock(CALM))
     nomad = setup_job(twin, count=2)
     spare_a = _spare(twin, "zone-a")
-    assert _run(twin, nomad, _other_job("trainer", dc="zone-a")) == [spare_a]
+    assert _run(twin, nomad, other_team_job("trainer", dc="zone-a")) == [spare_a]
 
     # one worker per node would leave zone a one free node: its GPU is the trainer's
     why = _refusal(twin, nomad)
@@ -121,7 +103,7 @@ def test_a_surge_refused_when_its_zones_free_gpu_is_taken(twin_factory: Any) -> 
     rpm, _upper = surge_rpm(twin, 3.5, fleet=4)  # 4 of 4 needed: a surge worker per zone
     assert _plan(twin, nomad, rpm=rpm, canary=0).surge  # room for it while zone b's GPU is free
     spare_b = _spare(twin, "zone-b")
-    assert _run(twin, nomad, _other_job("trainer", dc="zone-b")) == [spare_b]
+    assert _run(twin, nomad, other_team_job("trainer", dc="zone-b")) == [spare_b]
 
     why = _refusal(twin, nomad, rpm=rpm, canary=0)
 
@@ -143,7 +125,7 @@ def test_a_two_gpu_node_running_one_worker_has_room(twin_factory: Any) -> None:
     # one node running one worker: one worker per node would leave zone a no free node
     assert _free(_plan(twin, nomad)) == {"zone-a": 1, "zone-b": 1}
 
-    assert _run(twin, nomad, _other_job("trainer", dc="zone-a", node=big)) == [big]
+    assert _run(twin, nomad, other_team_job("trainer", dc="zone-a", node=big)) == [big]
     why = _refusal(twin, nomad)  # both of its GPUs held now
     assert "zone zone-a (ml-worker-a) has 0 free node(s)" in why, why
 

@@ -27,6 +27,7 @@ from tests.deploy.helpers import (
     TRACE,
     RecordingAlerts,
     images_running,
+    other_team_job,
     policy,
     sampling_twin,
     setup_job,
@@ -34,37 +35,6 @@ from tests.deploy.helpers import (
 )
 
 POLL_S = 5.0
-
-
-def _gpu_job(name: str, *, dc: str, job_type: str = "service", gpu: bool = True,
-             node: str | None = None) -> str:  # fmt: skip
-    """Another team's job in ``dc``: one GPU per allocation (``gpu``), pinned to ``node``."""
-    pin = (f'constraint {{\n attribute = "${{node.unique.name}}"\n value = "{node}"\n }}'
-           if node else "")  # fmt: skip
-    device = 'device "nvidia/gpu" {\n count = 1\n }' if gpu else ""
-    count = "" if job_type == "system" else "count = 1"
-    return f"""
-job "{name}" {{
-  type        = "{job_type}"
-  node_pool   = "gpu"
-  datacenters = ["{dc}"]
-  group "g" {{
-    {count}
-    {pin}
-    task "t" {{
-      driver = "docker"
-      config {{
-        image = "us-docker.pkg.dev/acme/other/{name}:1"
-      }}
-      resources {{
-        cpu    = 200
-        memory = 256
-        {device}
-      }}
-    }}
-  }}
-}}
-"""
 
 
 def _run(twin: Any, nomad: Any, hcl: str, *, settle_s: float = 60.0) -> list[Any]:
@@ -197,7 +167,9 @@ class TakesOnRegister:
     def register_job(self, spec: Any, **kw: Any) -> Any:
         if self.armed and spec.get("ID") == "ml-worker":
             self.armed = False
-            taken = _run(self._twin, self._nomad, _gpu_job("trainer", dc=self._dc), settle_s=0)
+            taken = _run(
+                self._twin, self._nomad, other_team_job("trainer", dc=self._dc), settle_s=0
+            )
             assert len(taken) == 1, taken
         return self._nomad.register_job(spec, **kw)
 
@@ -283,7 +255,7 @@ def test_a_node_with_its_gpu_free_counts_as_free_whatever_else_runs_there(
     watcher = nomad.parse_hcl((ROOT / "jobs" / "maintenance-watcher.nomad.hcl").read_text())
     watcher["NodePool"] = "gpu"  # the twin's GPU nodes are in pool "gpu"
     nomad.register_job(watcher)
-    shipper = _run(twin, nomad, _gpu_job("shipper", dc="zone-b", gpu=False, node=spare))
+    shipper = _run(twin, nomad, other_team_job("shipper", dc="zone-b", gpu=False, node=spare))
     twin.advance(60)
     on_spare = {a.job_id for a in twin.cluster.allocs.values()
                 if a.live and a.node_name == spare}  # fmt: skip
@@ -293,7 +265,7 @@ def test_a_node_with_its_gpu_free_counts_as_free_whatever_else_runs_there(
     assert blocker() is None
 
     _stop(twin, "shipper")
-    agent = _run(twin, nomad, _gpu_job("gpu-agent", dc="zone-b", job_type="system"))
+    agent = _run(twin, nomad, other_team_job("gpu-agent", dc="zone-b", job_type="system"))
     assert [a.node_name for a in agent] == [spare]  # the only GPU left in zone b
     assert not r._free_node("ml-worker-b"), "a system job holds the spare node's GPU"
     why = blocker()

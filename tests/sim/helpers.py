@@ -70,3 +70,21 @@ def live_allocs(n: Any, job_id: str) -> list[dict[str, Any]]:
         for a in n.job.get_allocations(job_id)
         if a["DesiredStatus"] == "run" and a["ClientStatus"] in ("pending", "running")
     ]
+
+
+def alloc(n: Any, alloc_id: str) -> dict[str, Any]:
+    return n.allocation.get_allocation(alloc_id)  # type: ignore[no-any-return]
+
+
+def successful(twin: Any, n: Any, job: dict[str, Any]) -> dict[str, Any]:
+    n.jobs.register_job({"Job": job})
+    twin.advance(300)
+    dep = n.job.get_deployment(job["ID"])
+    assert dep["Status"] == "successful", dep["StatusDescription"]
+    return dep  # type: ignore[no-any-return]
+
+
+def fill(twin: Any, n: Any, count: int) -> None:
+    """Another job takes ``count`` GPUs (one per node)."""
+    n.jobs.register_job({"Job": service_job("filler", count=count, image="registry/filler:1")})
+    twin.advance(100)

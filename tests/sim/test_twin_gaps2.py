@@ -28,27 +28,9 @@ from typing import Any
 
 import requests
 
-from tests.sim.helpers import HOUR, UPDATE, S, live_allocs, service_job
+from tests.sim.helpers import HOUR, UPDATE, S, alloc, fill, live_allocs, service_job, successful
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
-
-
-def _alloc(n: Any, alloc_id: str) -> dict[str, Any]:
-    return n.allocation.get_allocation(alloc_id)  # type: ignore[no-any-return]
-
-
-def _successful(twin: Any, n: Any, job: dict[str, Any]) -> dict[str, Any]:
-    n.jobs.register_job({"Job": job})
-    twin.advance(300)
-    dep = n.job.get_deployment(job["ID"])
-    assert dep["Status"] == "successful", dep["StatusDescription"]
-    return dep  # type: ignore[no-any-return]
-
-
-def _fill(twin: Any, n: Any, count: int) -> None:
-    """Another job takes ``count`` GPUs (one per node)."""
-    n.jobs.register_job({"Job": service_job("filler", count=count, image="registry/filler:1")})
-    twin.advance(100)
 
 
 def _free(n: Any) -> None:
@@ -72,8 +54,8 @@ def _stop(twin: Any, alloc_id: str) -> None:
 def _blocked_count_increase(twin: Any, n: Any) -> dict[str, Any]:
     """web (2 allocations) is healthy; the filler takes the other 4 GPUs; web's count goes to
     4 and its 2 new placements fail. Returns the new deployment, now paused."""
-    _successful(twin, n, service_job("web", count=2, update=UPDATE))
-    _fill(twin, n, 4)
+    successful(twin, n, service_job("web", count=2, update=UPDATE))
+    fill(twin, n, 4)
     n.jobs.register_job({"Job": service_job("web", count=4, update=UPDATE)})
     dep = n.job.get_deployment("web")
     assert dep["JobVersion"] == 1 and dep["Status"] == "running"
@@ -112,8 +94,8 @@ def test_a_failed_deployment_places_no_count_increase(twin):
 def test_a_paused_deployment_places_no_canary(twin):
     n = twin.nomad()
     update = {**UPDATE, "Canary": 1}
-    _successful(twin, n, service_job("web", count=2, update=update))
-    _fill(twin, n, 4)
+    successful(twin, n, service_job("web", count=2, update=update))
+    fill(twin, n, 4)
     n.jobs.register_job({"Job": service_job("web", count=2, image="registry/web:2", update=update)})
     dep = n.job.get_deployment("web")
     assert dep["JobVersion"] == 1 and not dep["TaskGroups"]["web"]["PlacedCanaries"]
@@ -136,11 +118,11 @@ def test_a_paused_deployment_replaces_lost_and_stopped_allocations(twin):
     _stop(twin, stopped["ID"])
     live = live_allocs(n, "web")
     assert len(live) == 2
-    by_prev = {_alloc(n, a["ID"])["PreviousAllocation"]: a for a in live}
+    by_prev = {alloc(n, a["ID"])["PreviousAllocation"]: a for a in live}
     assert set(by_prev) == {lost["ID"], stopped["ID"]}
     assert by_prev[lost["ID"]]["Name"] == lost["Name"]
     assert by_prev[stopped["ID"]]["Name"] == stopped["Name"]
-    s = _alloc(n, stopped["ID"])
+    s = alloc(n, stopped["ID"])
     assert s["DesiredDescription"] == "alloc is being migrated"
     assert s["DesiredTransition"]["Migrate"] is True
 
@@ -181,11 +163,11 @@ def test_a_replacement_keeps_the_name_of_the_allocation_it_replaces(twin):
     assert failed["Name"] == "web.web[0]"
     victim = next(a for a in live_allocs(n, "web") if a["Name"] == "web.web[2]")
     _stop(twin, victim["ID"])
-    repl = _alloc(n, _alloc(n, victim["ID"])["NextAllocation"])
+    repl = alloc(n, alloc(n, victim["ID"])["NextAllocation"])
     assert repl["Name"] == "web.web[2]" and repl["PreviousAllocation"] == victim["ID"]
     twin.advance(40)
-    nxt = _alloc(n, failed["ID"])["NextAllocation"]
-    assert nxt and _alloc(n, nxt)["Name"] == "web.web[0]"
+    nxt = alloc(n, failed["ID"])["NextAllocation"]
+    assert nxt and alloc(n, nxt)["Name"] == "web.web[0]"
     assert sorted(a["Name"] for a in live_allocs(n, "web")) == [
         "web.web[0]",
         "web.web[1]",
@@ -195,23 +177,23 @@ def test_a_replacement_keeps_the_name_of_the_allocation_it_replaces(twin):
 
 def test_a_destructive_update_replaces_under_the_same_name_and_links(twin):
     n = twin.nomad()
-    _successful(twin, n, service_job("web", count=2, update=UPDATE))
+    successful(twin, n, service_job("web", count=2, update=UPDATE))
     n.jobs.register_job({"Job": service_job("web", count=2, image="registry/web:2", update=UPDATE)})
     (new,) = [a for a in live_allocs(n, "web") if a["JobVersion"] == 1]
-    prev = _alloc(n, _alloc(n, new["ID"])["PreviousAllocation"])
+    prev = alloc(n, alloc(n, new["ID"])["PreviousAllocation"])
     assert prev["Name"] == new["Name"] and prev["NextAllocation"] == new["ID"]
     assert prev["DesiredDescription"] == "alloc is being updated due to job update"
 
 
 def test_a_lost_allocation_is_replaced_under_its_name(twin):
     n = twin.nomad()
-    _successful(twin, n, service_job("web", count=3, update=UPDATE))
+    successful(twin, n, service_job("web", count=3, update=UPDATE))
     victim = next(a for a in live_allocs(n, "web") if a["Name"] == "web.web[1]")
     twin.cluster.lose_node(victim["NodeID"])
     (repl,) = [a for a in live_allocs(n, "web") if a["ClientStatus"] == "pending"]
     assert repl["Name"] == "web.web[1]"
-    assert _alloc(n, repl["ID"])["PreviousAllocation"] == victim["ID"]
-    assert _alloc(n, victim["ID"])["NextAllocation"] == repl["ID"]
+    assert alloc(n, repl["ID"])["PreviousAllocation"] == victim["ID"]
+    assert alloc(n, victim["ID"])["NextAllocation"] == repl["ID"]
 
 
 # --- 4. the job version a migration places while canarying -------------------------------
@@ -220,7 +202,7 @@ def test_a_lost_allocation_is_replaced_under_its_name(twin):
 def test_a_migration_while_canarying_places_the_promoted_version(twin):
     n = twin.nomad()
     update = {**UPDATE, "Canary": 1}
-    first = _successful(twin, n, service_job("web", count=2, update=update))
+    first = successful(twin, n, service_job("web", count=2, update=update))
     n.jobs.register_job({"Job": service_job("web", count=2, image="registry/web:2", update=update)})
     twin.advance(100)  # the canary is healthy, the deployment waits for its promotion
     dep = n.job.get_deployment("web")
@@ -228,12 +210,12 @@ def test_a_migration_while_canarying_places_the_promoted_version(twin):
     old = [a for a in live_allocs(n, "web") if a["JobVersion"] == 0]
     assert len(old) == 2
     n.node.drain_node_with_spec(old[0]["NodeID"], {"Deadline": HOUR, "IgnoreSystemJobs": True})
-    repl = _alloc(n, _alloc(n, old[0]["ID"])["NextAllocation"])
+    repl = alloc(n, alloc(n, old[0]["ID"])["NextAllocation"])
     assert (repl["JobVersion"], repl["DeploymentID"]) == (0, first["ID"])
     assert repl["Job"]["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == "registry/web:1"
     assert repl["Name"] == old[0]["Name"] and repl["DeploymentStatus"] is None
     twin.advance(100)
-    assert _alloc(n, repl["ID"])["DeploymentStatus"]["Healthy"] is True
+    assert alloc(n, repl["ID"])["DeploymentStatus"]["Healthy"] is True
 
     # promoted: the downgraded allocation is updated like the rest
     n.deployment.promote_deployment_all(dep["ID"])
@@ -246,11 +228,11 @@ def test_a_migration_while_canarying_places_the_promoted_version(twin):
 def test_a_lost_allocation_while_canarying_is_replaced_with_the_promoted_version(twin):
     n = twin.nomad()
     update = {**UPDATE, "Canary": 1}
-    first = _successful(twin, n, service_job("web", count=2, update=update))
+    first = successful(twin, n, service_job("web", count=2, update=update))
     n.jobs.register_job({"Job": service_job("web", count=2, image="registry/web:2", update=update)})
     victim = next(a for a in live_allocs(n, "web") if a["JobVersion"] == 0)
     twin.cluster.lose_node(victim["NodeID"])
-    repl = _alloc(n, _alloc(n, victim["ID"])["NextAllocation"])
+    repl = alloc(n, alloc(n, victim["ID"])["NextAllocation"])
     assert (repl["JobVersion"], repl["DeploymentID"], repl["Name"]) == (
         0,
         first["ID"],

@@ -38,32 +38,14 @@ from typing import Any
 
 import requests
 
-from tests.sim.helpers import UPDATE, S, live_allocs, scale, service_job
+from tests.sim.helpers import UPDATE, S, alloc, fill, live_allocs, scale, service_job, successful
 
 KILL_S = 5  # the default kill_timeout
 PULL_S = 70  # a 7 GB image at the twin's 800 Mbit/s
 
 
-def _alloc(n: Any, alloc_id: str) -> dict[str, Any]:
-    return n.allocation.get_allocation(alloc_id)  # type: ignore[no-any-return]
-
-
 def _eval(n: Any, eval_id: str) -> dict[str, Any]:
     return n.evaluation.get_evaluation(eval_id)  # type: ignore[no-any-return]
-
-
-def _successful(twin: Any, n: Any, job: dict[str, Any]) -> dict[str, Any]:
-    n.jobs.register_job({"Job": job})
-    twin.advance(300)
-    dep = n.job.get_deployment(job["ID"])
-    assert dep["Status"] == "successful", dep["StatusDescription"]
-    return dep  # type: ignore[no-any-return]
-
-
-def _fill(twin: Any, n: Any, count: int) -> None:
-    """Another job takes ``count`` GPUs (one per node)."""
-    n.jobs.register_job({"Job": service_job("filler", count=count, image="registry/filler:1")})
-    twin.advance(100)
 
 
 def _events(alloc: dict[str, Any]) -> list[str]:
@@ -91,8 +73,8 @@ def _ineligible(twin: Any, node_id: str, *, eligible: bool = False) -> None:
 def _blocked_increase(twin: Any, n: Any) -> dict[str, Any]:
     """web runs 2 allocations, the filler the other 4 GPUs; web goes to 4: its register
     evaluation fails 2 placements. Returns that evaluation."""
-    _successful(twin, n, service_job("web", count=2, update=UPDATE))
-    _fill(twin, n, 4)
+    successful(twin, n, service_job("web", count=2, update=UPDATE))
+    fill(twin, n, 4)
     reply = n.jobs.register_job({"Job": service_job("web", count=4, update=UPDATE)})
     ev = _eval(n, reply["EvalID"])
     assert ev["BlockedEval"] and ev["FailedTGAllocs"]
@@ -104,7 +86,7 @@ def _blocked_increase(twin: Any, n: Any) -> dict[str, Any]:
 
 def test_a_destructive_update_that_fits_nowhere_keeps_the_old_allocations(twin):
     n = twin.nomad()
-    _successful(twin, n, service_job("web", count=2, update=UPDATE))
+    successful(twin, n, service_job("web", count=2, update=UPDATE))
     before = {a["ID"] for a in live_allocs(n, "web")}
     v1 = service_job("web", count=2, image="registry/web:2", update=UPDATE)
     v1["TaskGroups"][0]["Tasks"][0]["Resources"]["Devices"][0]["Count"] = 2  # 1-GPU nodes
@@ -114,7 +96,7 @@ def test_a_destructive_update_that_fits_nowhere_keeps_the_old_allocations(twin):
     assert {a["ID"] for a in allocs} == before  # nothing placed
     for a in allocs:
         assert (a["DesiredStatus"], a["ClientStatus"]) == ("run", "running")
-        assert _alloc(n, a["ID"])["NextAllocation"] == ""
+        assert alloc(n, a["ID"])["NextAllocation"] == ""
     ev = _eval(n, reply["EvalID"])
     assert ev["FailedTGAllocs"]["web"]["CoalescedFailures"] == 0  # max_parallel 1
     blocked = _eval(n, ev["BlockedEval"])
@@ -128,14 +110,14 @@ def test_a_destructive_update_takes_the_room_its_old_allocation_frees(twin):
     """Every GPU is taken: the plan's stop of the old allocation frees its node for the
     replacement, which starts once the old one exited."""
     n = twin.nomad()
-    _successful(twin, n, service_job("web", count=2, update=UPDATE))
-    _fill(twin, n, 4)
+    successful(twin, n, service_job("web", count=2, update=UPDATE))
+    fill(twin, n, 4)
     reply = n.jobs.register_job(
         {"Job": service_job("web", count=2, image="registry/web:2", update=UPDATE)}
     )
     assert not _eval(n, reply["EvalID"])["FailedTGAllocs"]
     (old,) = [a for a in n.job.get_allocations("web") if a["DesiredStatus"] == "stop"]
-    repl = _alloc(n, _alloc(n, old["ID"])["NextAllocation"])
+    repl = alloc(n, alloc(n, old["ID"])["NextAllocation"])
     assert repl["NodeID"] == old["NodeID"] and old["Name"] == "web.web[0]"
     assert old["ClientStatus"] == "running" and _events(repl) == ["Received"]
 
@@ -145,7 +127,7 @@ def test_the_failed_group_places_nothing_more_in_the_evaluation(twin):
     it (not tried, its old allocation not stopped)."""
     n = twin.nomad()
     update = {**UPDATE, "MaxParallel": 2}
-    _successful(twin, n, service_job("web", count=2, update=update))
+    successful(twin, n, service_job("web", count=2, update=update))
     v1 = service_job("web", count=2, image="registry/web:2", update=update)
     v1["TaskGroups"][0]["Tasks"][0]["Resources"]["Devices"][0]["Count"] = 2
     reply = n.jobs.register_job({"Job": v1})
@@ -159,23 +141,23 @@ def test_a_destructive_update_off_a_cordoned_node_waits_for_room(twin):
     keeps running. Once the filler's allocations exit, the blocked evaluation runs again and
     the update goes ahead: the old allocation stopped, its replacement elsewhere."""
     n = twin.nomad()
-    _successful(twin, n, service_job("web", count=2, update=UPDATE))
-    _fill(twin, n, 4)
+    successful(twin, n, service_job("web", count=2, update=UPDATE))
+    fill(twin, n, 4)
     web0 = next(a for a in live_allocs(n, "web") if a["Name"] == "web.web[0]")
     _ineligible(twin, web0["NodeID"])
     reply = n.jobs.register_job(
         {"Job": service_job("web", count=2, image="registry/web:2", update=UPDATE)}
     )
-    assert _alloc(n, web0["ID"])["DesiredStatus"] == "run"
+    assert alloc(n, web0["ID"])["DesiredStatus"] == "run"
     ev = _eval(n, reply["EvalID"])
     assert ev["FailedTGAllocs"] and ev["BlockedEval"]
 
     n.job.deregister_job("filler")
     twin.advance(KILL_S + 1)
-    old = _alloc(n, web0["ID"])
+    old = alloc(n, web0["ID"])
     assert old["DesiredStatus"] == "stop"
     assert old["DesiredDescription"] == "alloc is being updated due to job update"
-    repl = _alloc(n, old["NextAllocation"])
+    repl = alloc(n, old["NextAllocation"])
     assert repl["Name"] == "web.web[0]" and repl["JobVersion"] == 1
     assert repl["NodeID"] != web0["NodeID"] and repl["EvalID"] == ev["BlockedEval"]
     assert _eval(n, ev["BlockedEval"])["Status"] == "complete"
@@ -258,7 +240,7 @@ def test_a_newer_blocked_evaluation_cancels_the_older_one(twin):
 
 def test_a_stopped_allocation_runs_until_its_task_is_killed(twin):
     n = twin.nomad()
-    _successful(twin, n, service_job("web", count=2, update=UPDATE))
+    successful(twin, n, service_job("web", count=2, update=UPDATE))
     r = scale(twin.address, "web", "web", 1)
     assert r.status_code == 200, r.text
     (stopping,) = [a for a in n.job.get_allocations("web") if a["DesiredStatus"] == "stop"]
@@ -266,9 +248,9 @@ def test_a_stopped_allocation_runs_until_its_task_is_killed(twin):
     assert _events(stopping)[-1] == "Killing"
     assert n.job.get_summary("web")["Summary"]["web"]["Running"] == 2
     twin.advance(KILL_S - 1)
-    assert _alloc(n, stopping["ID"])["ClientStatus"] == "running"
+    assert alloc(n, stopping["ID"])["ClientStatus"] == "running"
     twin.advance(1)
-    done = _alloc(n, stopping["ID"])
+    done = alloc(n, stopping["ID"])
     assert done["ClientStatus"] == "complete"
     assert _events(done)[-2:] == ["Killing", "Killed"]
     assert done["TaskStates"]["server"]["State"] == "dead"
@@ -280,14 +262,14 @@ def test_shutdown_delay_and_kill_timeout_add_up(twin):
     job = service_job("web", count=1, update=UPDATE)
     job["TaskGroups"][0]["ShutdownDelay"] = 10 * S
     job["TaskGroups"][0]["Tasks"][0]["KillTimeout"] = 20 * S
-    _successful(twin, n, job)
+    successful(twin, n, job)
     n.job.deregister_job("web")
     (a,) = n.job.get_allocations("web")
     assert (a["DesiredStatus"], a["ClientStatus"]) == ("stop", "running")
     twin.advance(29)
-    assert _alloc(n, a["ID"])["ClientStatus"] == "running"
+    assert alloc(n, a["ID"])["ClientStatus"] == "running"
     twin.advance(1)
-    assert _alloc(n, a["ID"])["ClientStatus"] == "complete"
+    assert alloc(n, a["ID"])["ClientStatus"] == "complete"
 
 
 def test_a_pending_allocation_stops_at_once(twin):
@@ -303,15 +285,15 @@ def test_the_scheduler_counts_a_stopping_allocations_room_free(twin):
     """Nomad's plan (and the plan applier) leave out allocations with DesiredStatus stop:
     a placement may take the GPU of an allocation still being killed."""
     n = twin.nomad()
-    _successful(twin, n, service_job("web", count=2, update=UPDATE))
-    _fill(twin, n, 4)
+    successful(twin, n, service_job("web", count=2, update=UPDATE))
+    fill(twin, n, 4)
     assert scale(twin.address, "filler", "web", 3).status_code == 200
     (stopping,) = [a for a in n.job.get_allocations("filler") if a["DesiredStatus"] == "stop"]
     reply = scale(twin.address, "web", "web", 3).json()
     assert not _eval(n, reply["EvalID"])["FailedTGAllocs"]
     (new,) = [a for a in live_allocs(n, "web") if a["EvalID"] == reply["EvalID"]]
     assert new["NodeID"] == stopping["NodeID"]
-    assert _alloc(n, stopping["ID"])["ClientStatus"] == "running"
+    assert alloc(n, stopping["ID"])["ClientStatus"] == "running"
 
 
 def test_a_blocked_evaluation_waits_for_the_stopping_allocation_to_exit(twin):
@@ -328,28 +310,28 @@ def test_a_blocked_evaluation_waits_for_the_stopping_allocation_to_exit(twin):
 
 def test_a_replacement_waits_for_its_previous_allocation_to_exit(twin):
     n = twin.nomad()
-    _successful(twin, n, service_job("web", count=2, update=UPDATE))
+    successful(twin, n, service_job("web", count=2, update=UPDATE))
     n.jobs.register_job({"Job": service_job("web", count=2, image="registry/web:2", update=UPDATE)})
     (old,) = [a for a in n.job.get_allocations("web") if a["DesiredStatus"] == "stop"]
-    repl = _alloc(n, _alloc(n, old["ID"])["NextAllocation"])
+    repl = alloc(n, alloc(n, old["ID"])["NextAllocation"])
     assert repl["ClientStatus"] == "pending" and _events(repl) == ["Received"]
     twin.advance(KILL_S - 1)
-    assert _events(_alloc(n, repl["ID"])) == ["Received"]
+    assert _events(alloc(n, repl["ID"])) == ["Received"]
     twin.advance(1)
-    assert _alloc(n, old["ID"])["ClientStatus"] == "complete"
-    assert "Task Setup" in _events(_alloc(n, repl["ID"]))
+    assert alloc(n, old["ID"])["ClientStatus"] == "complete"
+    assert "Task Setup" in _events(alloc(n, repl["ID"]))
     twin.advance(PULL_S)  # pulling its image since the old one exited
-    assert _alloc(n, repl["ID"])["ClientStatus"] == "pending"
+    assert alloc(n, repl["ID"])["ClientStatus"] == "pending"
     twin.advance(3)
-    assert _alloc(n, repl["ID"])["ClientStatus"] == "running"
+    assert alloc(n, repl["ID"])["ClientStatus"] == "running"
 
 
 def test_a_drain_completes_once_its_allocations_exited(twin):
     n = twin.nomad()
-    _successful(twin, n, service_job("web", count=2, update=UPDATE))
+    successful(twin, n, service_job("web", count=2, update=UPDATE))
     victim = live_allocs(n, "web")[0]
     n.node.drain_node_with_spec(victim["NodeID"], {"Deadline": 3600 * S})
-    a = _alloc(n, victim["ID"])
+    a = alloc(n, victim["ID"])
     assert (a["DesiredStatus"], a["ClientStatus"]) == ("stop", "running")
     assert n.node.get_node(victim["NodeID"])["DrainStrategy"] is not None
     twin.advance(KILL_S)
@@ -363,7 +345,7 @@ def test_a_drain_completes_once_its_allocations_exited(twin):
 def test_canaries_take_the_names_of_the_allocations_they_replace(twin):
     n = twin.nomad()
     update = {**UPDATE, "Canary": 2}
-    _successful(twin, n, service_job("web", count=3, update=update))
+    successful(twin, n, service_job("web", count=3, update=update))
     n.jobs.register_job({"Job": service_job("web", count=3, image="registry/web:2", update=update)})
     canaries = [a for a in live_allocs(n, "web") if a["JobVersion"] == 1]
     assert sorted(a["Name"] for a in canaries) == ["web.web[0]", "web.web[1]"]
@@ -372,7 +354,7 @@ def test_canaries_take_the_names_of_the_allocations_they_replace(twin):
 def test_promotion_stops_the_old_allocation_sharing_a_canarys_name(twin):
     n = twin.nomad()
     update = {**UPDATE, "Canary": 1}
-    _successful(twin, n, service_job("web", count=2, update=update))
+    successful(twin, n, service_job("web", count=2, update=update))
     n.jobs.register_job({"Job": service_job("web", count=2, image="registry/web:2", update=update)})
     (canary,) = [a for a in live_allocs(n, "web") if a["JobVersion"] == 1]
     assert canary["Name"] == "web.web[0]"
@@ -382,7 +364,7 @@ def test_promotion_stops_the_old_allocation_sharing_a_canarys_name(twin):
         a for a in live_allocs(n, "web") if a["Name"] == "web.web[0]" and a["JobVersion"] == 0
     )
     n.deployment.promote_deployment_all(dep["ID"])
-    stopped = _alloc(n, old0["ID"])
+    stopped = alloc(n, old0["ID"])
     assert stopped["DesiredStatus"] == "stop"
     assert stopped["DesiredDescription"] == "alloc not needed due to job update"
     assert stopped["NextAllocation"] == ""
