@@ -1,4 +1,5 @@
-"""Steps the contract tests share: register a job that is purged afterwards, list a job's
+"""Steps the contract tests share: a job for the target, register it (purged afterwards),
+list a job's
 allocations (schema-checked), whether its latest deployment is a version in a status, let time pass (simulated on the twin, real on a real Nomad)."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ import time
 from typing import Any
 
 from tests.contract.conftest import World, seg
+from tests.contract.env import service_job
 
 
 def register(world: World, jid: str, job: dict[str, Any]) -> None:
@@ -15,6 +17,14 @@ def register(world: World, jid: str, job: dict[str, Any]) -> None:
     world.cleanup.append(
         lambda: world.api.call("DELETE", f"/job/{seg(jid)}", params={"purge": "true"}, ok=False)
     )
+
+
+def target_job(world: World, jid: str, *, count: int = 1, **extra: Any) -> dict[str, Any]:
+    """A one-group (``ml-worker-a``) service job placed where the target's nodes are (its
+    datacenters and node pool)."""
+    return service_job(jid, groups=("ml-worker-a",), count=count,
+                       datacenters=world.target.datacenters, node_pool=world.target.node_pool,
+                       **extra)  # fmt: skip
 
 
 def job_allocs(world: World, path: str) -> list[dict[str, Any]]:

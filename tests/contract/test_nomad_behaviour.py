@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from tests.contract.conftest import World, seg
-from tests.contract.env import service_job, unique
-from tests.contract.steps import deployment_is, job_allocs, pause, register
+from tests.contract.env import unique
+from tests.contract.steps import deployment_is, job_allocs, pause, register, target_job
 
 NS = 1_000_000_000
 
@@ -23,8 +23,7 @@ def test_a_count_change_re_watches_the_kept_allocations(world: World) -> None:
     watched again, client/allocrunner/health_hook.go), and Nomad refuses another count change
     until that deployment ends."""
     jid = unique("contract-rewatch")
-    job = service_job(jid, groups=("ml-worker-a",), count=1,
-                      datacenters=world.target.datacenters, node_pool=world.target.node_pool)  # fmt: skip
+    job = target_job(world, jid, count=1)
     job["Update"]["MinHealthyTime"] = 30 * NS  # a window a real cluster can be seen in
     register(world, jid, job)
     path = f"/job/{seg(jid)}"
@@ -60,8 +59,7 @@ def test_an_allocation_has_no_deployment_status_until_its_health_is_set(world: W
     reports one once SetHealth ran (client/allocrunner/state SetDeploymentStatus); never an
     object with ``Healthy: null`` for a placement of a rollout."""
     jid = unique("contract-health")
-    job = service_job(jid, groups=("ml-worker-a",), count=1,
-                      datacenters=world.target.datacenters, node_pool=world.target.node_pool)  # fmt: skip
+    job = target_job(world, jid, count=1)
     job["Update"]["MinHealthyTime"] = 10 * NS  # a window a real cluster can be seen in
     register(world, jid, job)
     path = f"/job/{seg(jid)}"
@@ -92,12 +90,7 @@ def test_an_in_place_update_moves_allocations_into_the_latest_deployment(world: 
     ended (DeploymentID "") is moved into it with its health cleared, and the client does not
     watch it again when the group has no update block (client/allocrunner/health_hook.go)."""
     jid = unique("contract-latest")
-    kwargs: dict[str, Any] = {
-        "groups": ("ml-worker-a",),
-        "datacenters": world.target.datacenters,
-        "node_pool": world.target.node_pool,
-    }
-    register(world, jid, service_job(jid, count=1, **kwargs))
+    register(world, jid, target_job(world, jid, count=1))
     path = f"/job/{seg(jid)}"
 
     def successful() -> bool:
@@ -120,7 +113,7 @@ def test_an_in_place_update_moves_allocations_into_the_latest_deployment(world: 
     (repl,) = [a for a in job_allocs(world, path) if running(a)]
     assert world.api.call("GET", f"/allocation/{repl['ID']}").json()["DeploymentID"] == ""
 
-    job = service_job(jid, count=2, **kwargs)
+    job = target_job(world, jid, count=2)
     job["Update"]["MaxParallel"] = 0  # no update block: no deployment
     world.api.call("POST", "/jobs", body={"Job": job})
 
@@ -150,13 +143,7 @@ def test_a_failed_allocation_of_a_deployment_is_rescheduled(world: World) -> Non
     handleAllocUpdate) and replaced after the reschedule delay (service default 30 s;
     scheduler/generic/alloc/set.go updateByReschedulable), in the same deployment."""
     jid = unique("contract-resched")
-    kwargs: dict[str, Any] = {
-        "groups": ("ml-worker-a",),
-        "count": 1,
-        "datacenters": world.target.datacenters,
-        "node_pool": world.target.node_pool,
-    }
-    register(world, jid, service_job(jid, **kwargs))
+    register(world, jid, target_job(world, jid))
     path = f"/job/{seg(jid)}"
 
     deployment = partial(deployment_is, world, path)
@@ -165,7 +152,7 @@ def test_a_failed_allocation_of_a_deployment_is_rescheduled(world: World) -> Non
     missing = "nomadscale-contract-missing"  # an image tag no registry has
     if world.target.cluster is not None:
         world.target.cluster.faults.pull_fails(None, missing)
-    job = service_job(jid, image=f"busybox:{missing}", **kwargs)
+    job = target_job(world, jid, image=f"busybox:{missing}")
     job["TaskGroups"][0]["RestartPolicy"] = {
         "Attempts": 0, "Interval": 1800 * NS, "Delay": 15 * NS, "Mode": "fail",
     }  # fmt: skip
@@ -200,8 +187,7 @@ def test_a_drain_stops_and_replaces_its_allocations(world: World) -> None:
     and places its replacement together (nomad/drainer/watch_jobs.go handleTaskGroup,
     scheduler/reconcile.go computeMigrations)."""
     jid = unique("contract-drain")
-    job = service_job(jid, groups=("ml-worker-a",), count=2,
-                      datacenters=world.target.datacenters, node_pool=world.target.node_pool)  # fmt: skip
+    job = target_job(world, jid, count=2)
     register(world, jid, job)
     path = f"/job/{seg(jid)}"
 
@@ -261,8 +247,7 @@ def test_a_blocked_evaluation_carries_the_placement_failures(world: World) -> No
     blocked evaluation that carries them too (generic_sched.go createBlockedEval ->
     Evaluation.CreateBlockedEval(..., failedTGAllocs)), triggered by "queued-allocs"."""
     jid = unique("contract-blocked")
-    job = service_job(jid, groups=("ml-worker-a",), count=1,
-                      datacenters=world.target.datacenters, node_pool=world.target.node_pool)  # fmt: skip
+    job = target_job(world, jid, count=1)
     job["Constraints"] = [
         {"LTarget": "${meta.nomadscale_contract_nowhere}", "RTarget": "x", "Operand": "="}
     ]
@@ -292,19 +277,14 @@ def test_a_paused_deployment_still_replaces_a_stopped_allocation(world: World) -
     (reconcile.go computeMigrations; only new placements wait for ``deploymentPlaceReady``),
     under the stopped allocation's name."""
     jid = unique("contract-paused")
-    kwargs: dict[str, Any] = {
-        "groups": ("ml-worker-a",),
-        "datacenters": world.target.datacenters,
-        "node_pool": world.target.node_pool,
-    }
-    register(world, jid, service_job(jid, count=1, **kwargs))
+    register(world, jid, target_job(world, jid, count=1))
     path = f"/job/{seg(jid)}"
 
     deployment = partial(deployment_is, world, path)
 
     world.wait_for("the first deployment", lambda: deployment(0, "successful"), timeout_s=180)
     (kept,) = job_allocs(world, path)
-    job = service_job(jid, count=2, **kwargs)
+    job = target_job(world, jid, count=2)
     job["Update"]["MinHealthyTime"] = 60 * NS  # keeps the deployment running a while
     job["Update"]["HealthyDeadline"] = 120 * NS
     job["Update"]["ProgressDeadline"] = 600 * NS

@@ -12,8 +12,8 @@ import pytest
 
 from tests.contract import spec
 from tests.contract.conftest import World, seg
-from tests.contract.env import service_job, unique
-from tests.contract.steps import register
+from tests.contract.env import unique
+from tests.contract.steps import register, target_job
 
 NS = 1_000_000_000
 
@@ -166,14 +166,8 @@ def test_dispatched_child_and_its_allocations(world: World) -> None:
 
 def test_deployment_lifecycle(world: World) -> None:
     jid = unique("contract-canary")
-    kwargs: dict[str, Any] = {
-        "datacenters": world.target.datacenters,
-        "node_pool": world.target.node_pool,
-        "groups": ("ml-worker-a",),
-        "count": 2,  # after promotion one more new alloc is still rolling, so fail applies
-        "canary": 1,
-    }
-    register(world, jid, service_job(jid, **kwargs))
+    # count 2: after promotion one more new alloc is still rolling, so fail applies
+    register(world, jid, target_job(world, jid, count=2, canary=1))
     path = f"/job/{seg(jid)}"
 
     def healthy_v0() -> bool:
@@ -181,7 +175,11 @@ def test_deployment_lifecycle(world: World) -> None:
         return bool(dep) and dep["Status"] == "successful"
 
     world.wait_for("the first deployment", healthy_v0, timeout_s=120)
-    world.api.call("POST", "/jobs", body={"Job": service_job(jid, image="busybox:1.37", **kwargs)})
+    world.api.call(
+        "POST",
+        "/jobs",
+        body={"Job": target_job(world, jid, count=2, canary=1, image="busybox:1.37")},
+    )
 
     def canary_placed() -> bool:
         dep = world.api.call("GET", f"{path}/deployment").json()
