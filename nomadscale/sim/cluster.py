@@ -51,7 +51,10 @@ class Cluster:
         reschedule_delay_s: float = 30.0,
         default_image_gb: float = 7.0,
         seed: int = 0,
+        max_kill_timeout_s: float = 30.0,
     ) -> None:
+        """``max_kill_timeout_s``: the clients' ``max_kill_timeout`` (agent config, default
+        30 s), the cap on every task's kill_timeout."""
         self.clock: Clock = clock or SystemClock()
         self.image_pull_mbps = float(image_pull_mbps)
         self.boot_s = float(boot_s)
@@ -60,6 +63,7 @@ class Cluster:
         self.batch_run_s = batch_run_s
         self.reschedule_delay_s = reschedule_delay_s
         self.default_image_gb = default_image_gb
+        self.max_kill_timeout_s = float(max_kill_timeout_s)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.index = 1
@@ -108,6 +112,7 @@ class Cluster:
         name_prefix: str = "gpu",
         images: Iterable[str] = (),
         default_image_gb: float = 7.0,
+        max_kill_timeout_s: float = 30.0,
     ) -> Cluster:
         """A fleet of ready GPU nodes spread round-robin over ``zones`` (Datacenter = zone,
         Meta ``{"zone": zone, "gpu": gpu}``, one GPU each). ``images`` are already in every
@@ -122,6 +127,7 @@ class Cluster:
             boot_s=boot_s,
             acl_token=acl_token,
             default_image_gb=default_image_gb,
+            max_kill_timeout_s=max_kill_timeout_s,
         )
         for i in range(nodes):
             zone = zones[i % len(zones)]

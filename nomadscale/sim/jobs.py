@@ -160,12 +160,14 @@ def scale(c: Cluster, job_id: str, namespace: str, body: Mapping[str, Any]) -> d
     target = body.get("Target") or {}
     target = {str(k).lower(): v for k, v in target.items()}
     group = target.get("group") or ""
-    if not group:
-        raise ApiError(400, "missing task group name for scaling action")
+    # command/agent/job_endpoint.go jobScaleAction checks the job ID, then
+    # structs.JobScaleRequest.Validate the namespace, the group and the count
     if target.get("job") and target["job"] != job_id:
         raise ApiError(400, "job ID in payload did not match URL")
     if target.get("namespace") and target["namespace"] != namespace:
         raise ApiError(400, "namespace in payload did not match header")
+    if not group:
+        raise ApiError(400, "missing task group name for scaling action")
     count = body.get("Count")
     error = bool(body.get("Error"))
     if count is not None:

@@ -54,6 +54,8 @@ DURATIONS = frozenset(
     }
 )
 
+DEFAULT_KILL_TIMEOUT_NS = 5 * NS  # structs.DefaultKillTimeout
+
 _RENAMES = {
     "datacenters": "Datacenters",
     "node_pool": "NodePool",
@@ -338,6 +340,12 @@ def canonicalize(job: dict[str, Any]) -> dict[str, Any]:
             con.setdefault("RTarget", "")
         for task in tg.get("Tasks") or []:
             task.setdefault("Driver", "docker")
+            # api/tasks.go Task.Canonicalize; structs.Task.Canonicalize: DefaultKillTimeout
+            if not task.get("KillTimeout"):
+                task["KillTimeout"] = DEFAULT_KILL_TIMEOUT_NS
+            task.setdefault("ShutdownDelay", 0)
+            task.setdefault("KillSignal", "")
+            task.setdefault("Leader", False)
             task.setdefault("Config", {})
             res = task.setdefault("Resources", {})
             res.setdefault("CPU", 100)

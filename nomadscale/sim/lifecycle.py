@@ -18,7 +18,6 @@ log = logging.getLogger(__name__)
 FAIL_AFTER_START_S = 3.0
 DEFAULT_PULL_TIMEOUT_S = 300.0  # docker driver image_pull_timeout default
 DEFAULT_KILL_TIMEOUT_S = 5.0  # structs.DefaultKillTimeout
-MAX_KILL_TIMEOUT_S = 30.0  # the client's max_kill_timeout default
 
 
 def _task_event(c: Cluster, a: Alloc, type_: str, msg: str = "") -> None:
@@ -119,29 +118,49 @@ def terminate(
     _release_successor(c, a)
 
 
-def kill_time(a: Alloc) -> tuple[float, float]:
+def kill_time(c: Cluster, a: Alloc) -> tuple[float, float]:
     """(seconds from a stop to the client reporting the allocation complete, the first
-    task's kill timeout): the group's shutdown_delay (the group service hook's PreKill), then
-    every task's shutdown_delay and kill_timeout (capped by the client's max_kill_timeout),
-    the tasks killed together (client/allocrunner alloc_runner.go killTasks: TaskKilling
-    with SetKillTimeout(task.KillTimeout, MaxKillTimeout); taskrunner Kill). The twin's tasks
-    take their whole kill_timeout to exit."""
+    killed task's kill timeout). The group's shutdown_delay first (the group service hook's
+    PreKill), then client/allocrunner/alloc_runner.go killTasks: the leader task alone (its
+    shutdown_delay, then its kill timeout), then the other main tasks together, then the
+    sidecars together; poststop tasks are not killed. A task's kill timeout is its
+    kill_timeout capped by the client's max_kill_timeout (taskrunner/driver_handle.go
+    NewDriverHandle: ``min(task.KillTimeout, maxKillTimeout)``). The twin's tasks take their
+    whole kill timeout to exit."""
     tg = deploy.group_of(a)
-    longest, first = 0.0, 0.0
+    stages: list[list[float]] = [[], [], []]  # leader, main, sidecars
+    first = 0.0
     for task in tg.get("Tasks") or []:
-        kill = min(_seconds(task.get("KillTimeout"), DEFAULT_KILL_TIMEOUT_S), MAX_KILL_TIMEOUT_S)
-        first = first or kill
-        longest = max(longest, _seconds(task.get("ShutdownDelay"), 0.0) + kill)
-    first = first or DEFAULT_KILL_TIMEOUT_S
-    return _seconds(tg.get("ShutdownDelay"), 0.0) + (longest or first), first
+        life = task.get("Lifecycle") or {}
+        if life.get("Hook") == "poststop":
+            continue
+        kill = min(
+            _seconds(task.get("KillTimeout"), DEFAULT_KILL_TIMEOUT_S) or DEFAULT_KILL_TIMEOUT_S,
+            c.max_kill_timeout_s,
+        )
+        stage = 0 if task.get("Leader") else 2 if life.get("Sidecar") else 1
+        stages[stage].append(_seconds(task.get("ShutdownDelay"), 0.0) + kill)
+        if not first or stage == 0:
+            first = kill
+    total = sum(max(s, default=0.0) for s in stages)
+    first = first or min(DEFAULT_KILL_TIMEOUT_S, c.max_kill_timeout_s)
+    return _seconds(tg.get("ShutdownDelay"), 0.0) + (total or first), first
 
 
 def _seconds(v: object, default: float) -> float:
     return default if not isinstance(v, int | float) or isinstance(v, bool) else float(v) / NS
 
 
-def _go_duration(seconds: float) -> str:
-    return f"{seconds:g}s"
+def go_duration(seconds: float) -> str:
+    """Go's time.Duration String for whole and fractional seconds: 5s, 1m30s, 1h0m0s, 500ms."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms" if seconds > 0 else "0s"
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    text = f"{sec:g}s"
+    if h:
+        return f"{int(h)}h{int(m)}m{text}"
+    return f"{int(m)}m{text}" if m else text
 
 
 def stop(c: Cluster, a: Alloc, description: str) -> None:
@@ -173,9 +192,9 @@ def stop(c: Cluster, a: Alloc, description: str) -> None:
     if a.client_status != "running":
         _exit(c, a)
         return
-    wait, kill = kill_time(a)
+    wait, kill = kill_time(c, a)
     _task_event(
-        c, a, "Killing", f"Sent interrupt. Waiting {_go_duration(kill)} before force killing"
+        c, a, "Killing", f"Sent interrupt. Waiting {go_duration(kill)} before force killing"
     )
     c.schedule(now + wait, "alloc_exit", a.id, a.gen)
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from nomadscale.sim import devices
+
 NS = 1_000_000_000
 ZERO_TIME = "0001-01-01T00:00:00Z"
 TERMINAL_CLIENT = frozenset({"complete", "failed", "lost"})
@@ -72,6 +74,10 @@ class Node:
     n_live: int = 0
     gpu_used: int = 0
     jobs_live: dict[tuple[str, str], int] = field(default_factory=dict)
+    gpu_ids: list[str] = field(default_factory=list)  # its GPUs' UUIDs (devices.py)
+
+    def __post_init__(self) -> None:
+        self.gpu_ids = self.gpu_ids or [devices.gpu_uuid() for _ in range(self.gpus)]
 
     def track(self, alloc: Alloc, delta: int) -> None:
         key = (alloc.namespace, alloc.job_id)
@@ -147,17 +153,7 @@ class Node:
                     "Cpu": {"CpuShares": 32000, "TotalCpuCores": 16},
                     "Memory": {"MemoryMB": 65536},
                     "Disk": {"DiskMB": 200000},
-                    "Devices": [
-                        {
-                            "Vendor": "nvidia",
-                            "Type": "gpu",
-                            "Name": self.meta.get("gpu", "gpu"),
-                            "Instances": [
-                                {"ID": f"GPU-{self.id[:8]}-{i}", "Healthy": True}
-                                for i in range(self.gpus)
-                            ],
-                        }
-                    ],
+                    "Devices": devices.node_devices(self),
                 },
                 "DrainStrategy": copy.deepcopy(self.drain_strategy),
                 "Events": list(self.events),
@@ -210,6 +206,7 @@ class Alloc:
     followup_at: float | None = None  # when a follow-up evaluation will reschedule it
     task_names: tuple[str, ...] = ()
     task_events: list[dict[str, Any]] = field(default_factory=list)
+    devices: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per task
     gen: int = 0  # bumped on each transition; stale timers are ignored
     _stub_cache: dict[bool, tuple[int, bytes]] = field(default_factory=dict)
 
@@ -330,20 +327,7 @@ class Alloc:
                 },
                 "AllocatedResources": {
                     "Tasks": {
-                        t: {
-                            "Devices": (
-                                [
-                                    {
-                                        "Vendor": "nvidia",
-                                        "Type": "gpu",
-                                        "Name": "gpu",
-                                        "DeviceIDs": [f"GPU-{self.node_id[:8]}-0"],
-                                    }
-                                ]
-                                if self.gpus
-                                else None
-                            )
-                        }
+                        t: {"Devices": copy.deepcopy(self.devices.get(t)) or None}
                         for t in self.task_names
                     }
                 },

@@ -92,7 +92,12 @@ def list_jobs(c: Cluster, req: Request) -> tuple[Any, int]:
 
 
 def get_job(c: Cluster, req: Request) -> tuple[Any, int]:
-    return _full(c, _job(c, req)), c.table_index["jobs"]
+    """Blocks on the job's ModifyIndex (nomad/job_endpoint.go GetJob). Nomad bumps it when
+    the job's status changes; the twin derives the status from the allocations, so the
+    job's own allocations' changes count too (never another job's)."""
+    job = _job(c, req)
+    allocs = c.job_allocs((job.namespace, job.id))
+    return _full(c, job), max([job.modify_index, *(a.modify_index for a in allocs)])
 
 
 def versions(c: Cluster, req: Request) -> tuple[Any, int]:
@@ -147,15 +152,19 @@ def scale_status(c: Cluster, req: Request) -> tuple[Any, int]:
             "Unhealthy": sum(1 for a in mine if a.healthy is False),
             "Events": list(job.scaling_events.get(tg["Name"], [])) or None,
         }
+    # nomad/job_endpoint.go ScaleStatus: JobModifyIndex is the job's ModifyIndex; the index
+    # is the newest of the job, its scaling events and its live non-canary allocations
     body = {
         "JobID": job.id,
         "Namespace": job.namespace,
         "JobCreateIndex": job.create_index,
-        "JobModifyIndex": job.spec["JobModifyIndex"],
+        "JobModifyIndex": job.modify_index,
         "JobStopped": job.stopped,
         "TaskGroups": groups,
     }
-    return body, max(c.table_index["jobs"], c.table_index["allocs"])
+    events = (e["CreateIndex"] for evs in job.scaling_events.values() for e in evs)
+    live = (a.modify_index for a in allocs if a.live and not a.canary)
+    return body, max([job.modify_index, *events, *live])
 
 
 def _register_body(req: Request, path_id: str | None) -> dict[str, Any]:

@@ -11,9 +11,9 @@ import re
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-from nomadscale.sim import blocked, deploy
+from nomadscale.sim import blocked, deploy, devices
 from nomadscale.sim.model import NS, Alloc, Deployment, new_uuid, unix_ns
-from nomadscale.sim.placement import Placer, group_gpus
+from nomadscale.sim.placement import GPU_DEVICE, Placer, group_gpus
 
 if TYPE_CHECKING:
     from nomadscale.sim.cluster import Cluster
@@ -184,6 +184,7 @@ def create_alloc(
     if previous is not None:
         a.previous_allocation = previous.id
         previous.next_allocation = a.id
+    a.devices = devices.assign(c, node, tg, GPU_DEVICE.match)
     c.allocs[a.id] = a
     c.allocs_by_job[(job.namespace, job.id)].append(a)
     c.allocs_by_node[node.id].append(a)

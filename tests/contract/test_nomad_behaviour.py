@@ -307,3 +307,108 @@ def test_a_paused_deployment_still_replaces_a_stopped_allocation(world: World) -
     assert nxt["PreviousAllocation"] == kept["ID"] and nxt["Name"] == kept["Name"]
     assert nxt["DeploymentID"] == dep["ID"]
     assert world.api.call("GET", f"/deployment/{dep['ID']}").json()["Status"] == "paused"
+
+
+def test_a_task_reads_back_with_the_default_kill_timeout(world: World) -> None:
+    """Registering canonicalizes every task: no kill_timeout reads back as 5 s (api/tasks.go
+    Task.Canonicalize; nomad/structs Task.Canonicalize: DefaultKillTimeout)."""
+    job = world.api.check("GET", "/job/{jobName}", f"/job/{seg(world.job_id)}")
+    for tg in job["TaskGroups"]:
+        for task in tg["Tasks"]:
+            assert task["KillTimeout"] == 5 * NS, task["KillTimeout"]
+            assert task["ShutdownDelay"] == 0 and task["Leader"] is False
+
+
+def test_a_stopped_allocation_is_killed_within_its_kill_timeout(world: World) -> None:
+    """A stop sends the interrupt and force-kills after the task's kill_timeout capped by the
+    client's max_kill_timeout (default 30 s; client/allocrunner/alloc_runner.go killTasks ->
+    TaskEvent.SetKillTimeout, taskrunner/driver_handle.go NewDriverHandle); the allocation is
+    complete once its task exited. The twin's tasks take their whole kill timeout; a real
+    task may exit sooner, so only the twin is held to the lower bound."""
+    jid = unique("contract-kill")
+    job = target_job(world, jid, count=1)
+    job["TaskGroups"][0]["Tasks"][0]["KillTimeout"] = 20 * NS
+    register(world, jid, job)
+    path = f"/job/{seg(jid)}"
+    world.wait_for("the first deployment", lambda: deployment_is(world, path, 0, "successful"),
+                   timeout_s=180)  # fmt: skip
+    (a,) = job_allocs(world, path)
+    world.api.call("DELETE", path)
+
+    def killing() -> dict[str, Any]:
+        got = world.api.call("GET", f"/allocation/{a['ID']}").json()
+        events = got["TaskStates"]["worker"]["Events"]
+        return next((e for e in events if e["Type"] == "Killing"), {})
+
+    world.wait_for("the Killing event", lambda: bool(killing()), timeout_s=30)
+    assert killing()["DisplayMessage"] == "Sent interrupt. Waiting 20s before force killing"
+    if world.target.is_twin:
+        pause(world, 15)
+        assert world.api.call("GET", f"/allocation/{a['ID']}").json()["ClientStatus"] == "running"
+
+    def complete() -> bool:
+        got = world.api.call("GET", f"/allocation/{a['ID']}").json()
+        return bool(got["ClientStatus"] == "complete")
+
+    world.wait_for("the task to be killed", complete, timeout_s=60)
+
+
+def test_allocations_hold_gpus_of_their_node_no_other_allocation_holds(world: World) -> None:
+    """Each GPU is an instance under its UUID (nomad-device-nvidia fingerprint.go: ``ID:
+    dev.UUID``); the scheduler gives an allocation instances of its node's device group that
+    no other allocation there holds (scheduler/device.go AssignDevice)."""
+    nodes = [
+        world.api.call("GET", f"/node/{n['ID']}").json()
+        for n in world.api.call("GET", "/nodes").json()
+    ]
+    gpus: dict[str, set[tuple[str, str]]] = {}
+    for n in nodes:
+        groups = [g for g in n["NodeResources"]["Devices"] or [] if g["Type"] == "gpu"]
+        gpus[n["ID"]] = {(g["Name"], i["ID"]) for g in groups for i in g["Instances"]}
+    ids = [i for held in gpus.values() for _, i in held]
+    if not ids:
+        pytest.skip("the target's nodes report no GPU")
+    assert len(ids) == len(set(ids)), ids
+    jid = unique("contract-gpu")
+    job = target_job(world, jid, count=2)
+    job["TaskGroups"][0]["Tasks"][0]["Resources"]["Devices"] = [{"Name": "gpu", "Count": 1}]
+    register(world, jid, job)
+    path = f"/job/{seg(jid)}"
+    world.wait_for("the deployment", lambda: deployment_is(world, path, 0, "successful"),
+                   timeout_s=180)  # fmt: skip
+    held: dict[str, list[str]] = {}
+    for stub in job_allocs(world, path):
+        a = world.api.call("GET", f"/allocation/{stub['ID']}").json()
+        (dev,) = a["AllocatedResources"]["Tasks"]["worker"]["Devices"]
+        assert len(dev["DeviceIDs"]) == 1
+        assert {(dev["Name"], i) for i in dev["DeviceIDs"]} <= gpus[a["NodeID"]]
+        held.setdefault(a["NodeID"], []).extend(dev["DeviceIDs"])
+    for node_id, mine in held.items():
+        assert len(mine) == len(set(mine)), (node_id, mine)
+
+
+def test_the_scale_api_checks_the_payloads_job_id_first(world: World) -> None:
+    """command/agent/job_endpoint.go jobScaleAction: a Target.Job other than the URL's is a
+    400 before JobScaleRequest.Validate looks at the group or the count."""
+    r = world.api.call(
+        "POST",
+        f"/job/{seg(world.job_id)}/scale",
+        body={"Count": -1, "Target": {"Job": "nomadscale-not-this-job"}},
+        ok=False,
+    )
+    assert (r.status_code, r.text.strip()) == (400, "job ID in payload did not match URL")
+
+
+def test_another_jobs_change_does_not_wake_a_blocking_scale_status(world: World) -> None:
+    """ScaleStatus blocks on the newest of the job's ModifyIndex (also its JobModifyIndex in
+    the reply), its scaling events and its live allocations (nomad/job_endpoint.go
+    ScaleStatus): registering another job does not wake it."""
+    path = f"/job/{seg(world.job_id)}/scale"
+    first = world.api.call("GET", path)
+    index = int(first.headers["X-Nomad-Index"])
+    job = world.api.call("GET", f"/job/{seg(world.job_id)}").json()
+    assert first.json()["JobModifyIndex"] == job["ModifyIndex"]
+    jid = unique("contract-other")
+    register(world, jid, target_job(world, jid, count=1))
+    r = world.api.call("GET", path, params={"index": index, "wait": "2s"})
+    assert int(r.headers["X-Nomad-Index"]) == index
