@@ -10,16 +10,18 @@ The demand profile is a trace CSV (``timestamp,requests``) or the trace a policy
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from nomadscale.core.durations import format_duration, parse_duration
-from nomadscale.core.errors import InputError, UsageError
+from nomadscale.core.errors import ConfigError, InputError, UsageError
 from nomadscale.stages.capacity import (
     CapacityPlan,
     Catalog,
@@ -44,6 +46,14 @@ def load_catalog(path: str | Path) -> Catalog:
     return parse_catalog(data, where=str(p))
 
 
+_WORKER_OPTIONS = {
+    "gpus": "--worker-gpus",
+    "gpu_memory_gb": "--worker-gpu-memory",
+    "vcpus": "--worker-vcpus",
+    "ram_gb": "--worker-ram",
+}
+
+
 def _worker(catalog: Catalog, overrides: dict[str, Any]) -> WorkerNeeds:
     given = {k: v for k, v in overrides.items() if v is not None}
     base = catalog.worker.model_dump() if catalog.worker else {}
@@ -52,10 +62,17 @@ def _worker(catalog: Catalog, overrides: dict[str, Any]) -> WorkerNeeds:
             "worker needs are missing: add 'worker:' to the catalog or pass --worker-gpus, "
             "--worker-gpu-memory, --worker-vcpus, --worker-ram"
         )
+    for key, value in given.items():
+        if not math.isfinite(value):
+            raise UsageError(f"{_WORKER_OPTIONS[key]}: must be a finite number, got {value:g}")
     try:
         return WorkerNeeds.model_validate({**base, **given})
-    except ValueError as e:
-        raise UsageError(f"worker needs: {str(e).splitlines()[-1].strip()}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else ""
+        what = f"{err['msg'].removeprefix('Input should be ')}, got {err.get('input')!r}"
+        where = _WORKER_OPTIONS.get(key, key) if key in given else f"catalog worker.{key}"
+        raise UsageError(f"{where}: must be {what}") from None
 
 
 def _fmt_money(x: float, currency: str) -> str:
@@ -183,7 +200,12 @@ def capacity(
 
         if not Path(policy_path).is_file():
             raise UsageError(f"--policy: no such file: {policy_path}")
-        pol = load_policy(policy_path)
+        try:
+            pol = load_policy(policy_path)
+        except ConfigError as e:  # every problem on its own line, not "(and 3 more)"
+            for line in e.errors:
+                click.echo(f"error: {line}", err=True)
+            raise SystemExit(1) from None
         if pol.demand.source != "trace":
             raise UsageError(
                 f"--policy: {pol.name} reads demand from {pol.demand.source}; "
@@ -195,6 +217,8 @@ def capacity(
         target = pol.forecast.target_availability
         min_workers = pol.bounds.min
     if cycle is not None:
+        if cycle.strip().replace(".", "", 1).isdigit():
+            raise UsageError(f"--cycle: {cycle!r} has no unit (write e.g. {cycle.strip()}m)")
         try:
             cycle_s = parse_duration(cycle).total_seconds()
         except ValueError as e:
@@ -226,5 +250,8 @@ def capacity(
     )
     if as_json:
         click.echo(json.dumps(plan.to_dict(), indent=2))
-        return
-    render(plan, console=Console(width=max(Console().width, 150)))
+    else:
+        render(plan, console=Console(width=max(Console().width, 150)))
+    if not any(p.usable for p in plan.plans):
+        click.echo("error: no shape in the catalog fits one worker (see the reasons)", err=True)
+        raise SystemExit(1)

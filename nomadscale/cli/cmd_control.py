@@ -7,19 +7,25 @@ leader picks it up on its next cycle, or at once with ``--now`` (a "kick" key it
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
+import yaml
 
-from nomadscale.cli.service_common import consul_kv, get_settings, policies_for
+from nomadscale.cli.service_common import consul_kv, get_settings
+from nomadscale.config.policy import Policy
 from nomadscale.config.settings import Settings
+from nomadscale.config.validate import check_paths
 from nomadscale.core.clock import SystemClock
-from nomadscale.core.durations import parse_duration
+from nomadscale.core.durations import format_duration, parse_duration
 from nomadscale.core.errors import UsageError
-from nomadscale.service.control import Control
+from nomadscale.service.control import ALL, Control
+from nomadscale.stages.overrides import Override
 
 # --- helpers ------------------------------------------------------------------------------
+
+MAX_FOR = timedelta(days=3650)  # like a policy's durations; longer is a typo (500000w)
 
 
 def _control(settings: Settings) -> Control:
@@ -29,24 +35,102 @@ def _control(settings: Settings) -> Control:
 def _duration(text: str | None, option: str) -> timedelta | None:
     if text is None:
         return None
+    bare = text.strip()
+    if bare and all(c.isdigit() or c == "." for c in bare):
+        raise UsageError(f"{option}: {text!r} has no unit (write e.g. {bare}s, {bare}m or {bare}h)")
     try:
-        return parse_duration(text)
+        td = parse_duration(text)
     except ValueError as e:
         raise UsageError(f"{option}: {e}") from None
+    if td > MAX_FOR:
+        raise UsageError(f"{option}: too long: {text!r} (at most {MAX_FOR.days}d)")
+    return td
 
 
-def _known_policy(settings: Settings, name: str) -> None:
-    """Refuse an unknown policy name when the policies folder can be read."""
-    if not Path(settings.policies).exists():
+def _when(dt: datetime) -> str:
+    """``2026-11-22 12:22 UTC``, with the local time too when this host is not on UTC."""
+    utc = dt.astimezone(UTC)
+    text = f"{utc:%Y-%m-%d %H:%M:%S} UTC"
+    local = dt.astimezone()
+    if local.utcoffset() != timedelta(0):
+        day = "" if local.date() == utc.date() else f"{local:%Y-%m-%d} "
+        text += f" ({day}{local:%H:%M:%S %z} local)"
+    return text
+
+
+def _until(o: Override, now: datetime, *, ended_by: str) -> str:
+    """When ``o`` ends: a time and how long from now, or how to end it when it has no end."""
+    if o.expires_at is None:
+        return f"with no end (no --for given; only {ended_by} ends it)"
+    return f"until {_when(o.expires_at)}, in {format_duration(o.expires_at - now)}"
+
+
+def _known_policies(settings: Settings) -> dict[str, Policy | None] | None:
+    """Policy names this host knows: from the policies folder (a policy whose file is invalid
+    still counts, by its ``name:``), else None when the folder cannot be read."""
+    try:
+        if not Path(settings.policies).is_dir():
+            return None
+        _, results = check_paths([settings.policies])
+    except OSError:
+        return None
+    known: dict[str, Policy | None] = {}
+    for f, pol, _errs in results:
+        if pol is not None:
+            known[pol.name] = pol
+            continue
+        try:  # an invalid file still names its policy: a pause must not need a valid file
+            data = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("name"), str):
+            known.setdefault(data["name"], None)
+    return known
+
+
+def _known_policy(settings: Settings, name: str, control: Control) -> Policy | None:
+    """Refuse an unknown policy name; the policy when its file is valid.
+
+    Known names come from the policies folder, else (an operator's laptop without it) from
+    the policies the service has run (Consul KV); with neither, a warning says so.
+    """
+    known = _known_policies(settings)
+    where = settings.policies
+    if not known:
+        running = {e.key.rsplit("/", 1)[-1] for e in control.kv.list(f"{control.prefix}/slots/")}
+        if running:
+            known, where = dict.fromkeys(running), "the service's Consul KV"
+    if not known:
+        click.echo(f"warning: cannot check the policy name {name!r}: no policies in "
+                   f"{settings.policies} (set NOMADSCALE_POLICIES)", err=True)  # fmt: skip
+        return None
+    if name not in known:
+        raise UsageError(f"policy {name!r}: unknown in {where} (known: {', '.join(sorted(known))})")
+    return known[name]
+
+
+def _bounds_note(pol: Policy | None, kind: str, value: int) -> None:
+    """Say so when an override goes beyond the policy's bounds (it is applied as given)."""
+    if pol is None:
         return
-    names = {p.name for p in policies_for(settings)}
-    if names and name not in names:
-        raise UsageError(f"policy {name!r}: unknown (known: {', '.join(sorted(names))})")
+    lo, hi = pol.bounds.min, pol.bounds.max
+    if kind in ("fixed", "min") and value > hi:
+        beyond = f"above bounds.max {hi}"
+    elif kind in ("fixed", "max") and value < lo:
+        beyond = f"below bounds.min {lo}"
+    else:
+        return
+    click.echo(f"note: {kind} {value} is {beyond} of {pol.name}; overrides are applied "
+               "beyond the policy's bounds, as given", err=True)  # fmt: skip
 
 
 def _kick(control: Control, policy: str, reason: str) -> None:
     kid = control.request_kick(policy, reason=reason, now=SystemClock().now())
     click.echo(f"asked the leader to apply {policy} now (kick {kid})")
+
+
+def _name(policy: str) -> str:
+    return "all policies" if policy == ALL else policy
 
 
 # --- manual control -----------------------------------------------------------------------
@@ -62,25 +146,31 @@ def override() -> None:
 @click.option("--min", "min_", type=click.IntRange(min=0))
 @click.option("--max", "max_", type=click.IntRange(min=0))
 @click.option("--fixed", type=click.IntRange(min=0))
-@click.option("--for", "for_", default=None, help="How long, e.g. 2h (default: until cleared).")
+@click.option("--for", "for_", default=None,
+              help="How long, e.g. 90m, 2h, 1d (default: until cleared).")  # fmt: skip
 @click.option("--reason", required=True, help="Why (recorded with the override).")
 @click.option("--now", "apply_now", is_flag=True, help="Ask the leader to apply it at once.")
 def override_set(
     policy: str, min_: int | None, max_: int | None, fixed: int | None, for_: str | None,
     reason: str, apply_now: bool,
 ) -> None:  # fmt: skip
-    """Override POLICY's worker count: --min N, --max N or --fixed N."""
+    """Override POLICY's worker count: --min N, --max N or --fixed N.
+
+    Overrides are applied as given, beyond the policy's bounds too (a note says so)."""
     given = [(k, v) for k, v in (("min", min_), ("max", max_), ("fixed", fixed)) if v is not None]
     if len(given) != 1:
         raise UsageError("override set: give exactly one of --min, --max, --fixed")
+    duration = _duration(for_, "--for")
     settings = get_settings()
-    _known_policy(settings, policy)
     control = _control(settings)
+    pol = _known_policy(settings, policy, control)
     kind, value = given[0]
-    o = control.set_override(policy, kind=kind, value=value, reason=reason,
-                             now=SystemClock().now(), duration=_duration(for_, "--for"))  # fmt: skip
-    until = o.expires_at.isoformat(timespec="seconds") if o.expires_at else "cleared"
-    click.echo(f"{policy}: override {o.label()} until {until}: {o.reason}")
+    now = SystemClock().now()
+    o = control.set_override(policy, kind=kind, value=value, reason=reason, now=now,
+                             duration=duration)  # fmt: skip
+    ended = f"`nomadscale override clear {policy}`"
+    click.echo(f"{policy}: override {o.label()} {_until(o, now, ended_by=ended)}: {o.reason}")
+    _bounds_note(pol, kind, value)
     if apply_now:
         _kick(control, policy, f"override {o.label()}")
 
@@ -89,7 +179,7 @@ def override_set(
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--all", "show_all", is_flag=True, help="Include expired entries.")
 def override_list(as_json: bool, show_all: bool) -> None:
-    """Active overrides and pauses of every policy."""
+    """Active overrides and pauses of every policy (times in UTC)."""
     control = _control(get_settings())
     now = SystemClock().now()
     items = control.all_overrides(now=None if show_all else now)
@@ -100,39 +190,73 @@ def override_list(as_json: bool, show_all: bool) -> None:
         click.echo("no overrides")
         return
     for o in items:
-        until = o.expires_at.isoformat(timespec="seconds") if o.expires_at else "until cleared"
-        click.echo(f"{o.policy}: {o.label()} since {o.created_at.isoformat(timespec='seconds')} "
-                   f"until {until}: {o.reason}")  # fmt: skip
+        if o.expires_at is None:
+            until = "until cleared"
+        elif o.expires_at <= now:
+            until = f"expired {_when(o.expires_at)}"
+        else:
+            until = f"until {_when(o.expires_at)} (in {format_duration(o.expires_at - now)})"
+        click.echo(f"{_name(o.policy)}: {o.label()} since {_when(o.created_at)} "
+                   f"{until}: {o.reason}")  # fmt: skip
+
+
+def _still_paused(control: Control, policy: str, now: datetime) -> None:
+    """After removing POLICY's own pauses: fail loudly when a pause of all policies holds it."""
+    if policy == ALL:
+        return
+    held = control.paused(policy, now=now)
+    if held is not None:
+        click.echo(f"error: {policy} is still paused by the pause of all policies "
+                   f"({held.label()}: {held.reason}); `nomadscale resume` ends it", err=True)  # fmt: skip
+        raise SystemExit(1)
 
 
 @override.command("clear")
 @click.argument("policy")
 def override_clear(policy: str) -> None:
     """Remove every override (and pause) of POLICY."""
-    n = _control(get_settings()).clear(policy, now=SystemClock().now())
-    click.echo(f"{policy}: cleared {n} override(s)")
+    settings = get_settings()
+    control = _control(settings)
+    if control.kv.get(control.overrides_key(policy)) is None:  # leftovers can always be cleared
+        _known_policy(settings, policy, control)
+    now = SystemClock().now()
+    n = control.clear(policy, now=now)
+    click.echo(f"{_name(policy)}: cleared {n} override(s)")
+    _still_paused(control, policy, now)
 
 
 @click.command("pause")
 @click.argument("policy", required=False)
 @click.option("--reason", default="paused by operator", show_default=True)
-@click.option("--for", "for_", default=None, help="How long, e.g. 1h (default: until resumed).")
+@click.option("--for", "for_", default=None,
+              help="How long, e.g. 30m, 1h (default: until resumed).")  # fmt: skip
 def pause(policy: str | None, reason: str, for_: str | None) -> None:
-    """Stop scaling POLICY (all policies without one) until resumed."""
+    """Stop scaling POLICY (all policies without one) until resumed or --for has passed."""
+    duration = _duration(for_, "--for")
     settings = get_settings()
+    control = _control(settings)
     if policy:
-        _known_policy(settings, policy)
-    o = _control(settings).pause(policy, reason=reason, now=SystemClock().now(),
-                                 duration=_duration(for_, "--for"))  # fmt: skip
-    click.echo(f"{policy or 'all policies'}: paused ({o.who}): {reason}")
+        _known_policy(settings, policy, control)
+    now = SystemClock().now()
+    o = control.pause(policy, reason=reason, now=now, duration=duration)
+    ended = f"`nomadscale resume{' ' + policy if policy else ''}`"
+    click.echo(f"{policy or 'all policies'}: paused {_until(o, now, ended_by=ended)} "
+               f"({o.who}): {o.reason}")  # fmt: skip
 
 
 @click.command("resume")
 @click.argument("policy", required=False)
 def resume(policy: str | None) -> None:
     """Undo ``pause`` for POLICY (all policies without one)."""
-    n = _control(get_settings()).resume(policy, now=SystemClock().now())
+    settings = get_settings()
+    control = _control(settings)
+    if policy and control.kv.get(control.overrides_key(policy)) is None:
+        _known_policy(settings, policy, control)
+    now = SystemClock().now()
+    n = control.resume(policy, now=now)
     click.echo(f"{policy or 'all policies'}: resumed ({n} pause(s) removed)")
+    if policy:
+        _still_paused(control, policy, now)
 
 
 @click.command("scale")
@@ -142,13 +266,18 @@ def resume(policy: str | None) -> None:
 @click.option("--for", "for_", default="1h", show_default=True, help="How long to hold it.")
 @click.option("--now", "apply_now", is_flag=True, help="Ask the leader to apply it at once.")
 def scale(policy: str, count: int, reason: str, for_: str, apply_now: bool) -> None:
-    """Hold POLICY at COUNT workers for a while (a fixed override)."""
+    """Hold POLICY at COUNT workers for a while (a fixed override, beyond the bounds too)."""
+    duration = _duration(for_, "--for")
     settings = get_settings()
-    _known_policy(settings, policy)
     control = _control(settings)
+    pol = _known_policy(settings, policy, control)
+    now = SystemClock().now()
     o = control.set_override(policy, kind="fixed", value=count, reason=reason, source="scale",
-                             now=SystemClock().now(), duration=_duration(for_, "--for"))  # fmt: skip
-    click.echo(f"{policy}: held at {count} until {o.expires_at:%Y-%m-%d %H:%M} UTC: {reason}")
+                             now=now, duration=duration)  # fmt: skip
+    click.echo(
+        f"{policy}: held at {count} {_until(o, now, ended_by=f'`nomadscale override clear {policy}`')}: {o.reason}"
+    )
+    _bounds_note(pol, "fixed", count)
     if apply_now:
         _kick(control, policy, f"scale to {count}")
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import PrivateAttr, ValidationInfo, field_validator, model_validator
 
+from nomadscale.config.policy_checks import schedule_names_rules, section_problems
 from nomadscale.config.policy_fields import (
     Duration,
     Name,
@@ -92,11 +93,10 @@ class Policy(PolicyModel):
     @field_validator("schedules")
     @classmethod
     def _unique_schedules(cls, v: tuple[Schedule, ...]) -> tuple[Schedule, ...]:
-        seen: set[str] = set()
-        for i, s in enumerate(v):
-            if s.name in seen:
-                raise problem((i, "name"), f"duplicate schedule name {s.name!r}")
-            seen.add(s.name)
+        found = schedule_names_rules([s.name for s in v])
+        if found:
+            path, message = found[0]
+            raise problem(path, message)
         return v
 
     @model_validator(mode="after")
@@ -188,4 +188,10 @@ def load_policies(paths: Iterable[str | Path]) -> list[Policy]:
     return _load_all(paths)
 
 
-__all__ = ["Policy", "cross_field_problems", "load_policies", "load_policy"]
+__all__ = [
+    "Policy",
+    "cross_field_problems",
+    "load_policies",
+    "load_policy",
+    "section_problems",
+]

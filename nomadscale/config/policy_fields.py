@@ -1,6 +1,7 @@
 """Field types shared by the policy models: durations, names, times, cron, and the base model.
 
-Durations are written as ``20m``/``1h30m`` and stored as ``timedelta``. ``problem`` builds a
+Durations are written as ``20m``/``1h30m`` (a unit is required, as in Nomad's own files) and
+stored as ``timedelta``. ``problem`` builds a
 cross-field error reported on a path relative to the model that raises it.
 """
 
@@ -30,6 +31,11 @@ from nomadscale.core.durations import format_duration, parse_duration
 def to_duration(value: Any) -> timedelta:
     if value is None or isinstance(value, list | dict | tuple):
         raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 20m, 1h30m, 2d)")
+    bare = value if isinstance(value, int | float) else str(value).strip()
+    if not isinstance(value, bool | timedelta) and _BARE_NUMBER.fullmatch(str(bare)):
+        if float(bare) != 0:  # 90 is 90 seconds to some, 90 minutes to others: say which
+            raise ValueError(f"{bare} has no unit (write e.g. {bare}s, {bare}m or {bare}h)")
+        return timedelta(0)
     try:
         td = parse_duration(value)
     except OverflowError:
@@ -66,6 +72,7 @@ Float = Annotated[float, Strict()]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
+_BARE_NUMBER = re.compile(r"\d+(\.\d+)?")
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _HHMM = re.compile(r"([01]\d|2[0-3]):[0-5]\d|24:00")
 
@@ -87,7 +94,8 @@ def _timezone(v: str) -> str:
     return v
 
 
-def _hhmm(value: Any) -> str:
+def hhmm_text(value: Any) -> str:
+    """A "HH:MM" time of day (24:00 allowed) as text; ValueError otherwise."""
     if isinstance(value, int) and not isinstance(value, bool):
         raise ValueError('must be a quoted "HH:MM" time (unquoted 20:00 reads as a number)')
     if not isinstance(value, str) or not _HHMM.fullmatch(value.strip()):
@@ -112,7 +120,7 @@ def _cron(v: str) -> str:
 
 Name = Annotated[Text, AfterValidator(_dns_label)]
 TimeZone = Annotated[Text, AfterValidator(_timezone)]
-HHMM = Annotated[str, PlainValidator(_hhmm)]
+HHMM = Annotated[str, PlainValidator(hhmm_text)]
 Cron = Annotated[Text, AfterValidator(_cron)]
 
 

@@ -14,6 +14,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PlainValidator, ValidationInfo, field_validator, model_validator
 
+from nomadscale.config.policy_checks import (
+    Problem,
+    bounds_rules,
+    business_hours_rules,
+    demand_rules,
+    deploy_rules,
+    schedule_rules,
+    sli_rules,
+    zones_rules,
+)
 from nomadscale.config.policy_fields import (
     HHMM,
     Cron,
@@ -28,7 +38,13 @@ from nomadscale.config.policy_fields import (
     TimeZone,
     problem,
 )
-from nomadscale.core.durations import format_duration
+
+
+def _raise_first(found: list[Problem]) -> None:
+    if found:
+        path, message = found[0]
+        raise problem(path, message)
+
 
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)", re.IGNORECASE)
@@ -52,12 +68,7 @@ class PrometheusDemand(PolicyModel):
 
     @model_validator(mode="after")
     def _check(self) -> PrometheusDemand:
-        if self.lookback <= self.step:
-            raise problem(
-                "lookback",
-                f"must be longer than step ({format_duration(self.lookback)} <= "
-                f"{format_duration(self.step)})",
-            )
+        _raise_first(demand_rules(self.step, self.lookback))
         return self
 
 
@@ -105,12 +116,7 @@ class BusinessHours(PolicyModel):
 
     @model_validator(mode="after")
     def _check(self) -> BusinessHours:
-        if not self.days:
-            raise problem("days", "must name at least one day")
-        if len(set(self.days)) != len(self.days):
-            raise problem("days", "lists a day twice")
-        if self.start_minute >= self.end_minute:
-            raise problem("end", f"must be later than start ({self.end} <= {self.start})")
+        _raise_first(business_hours_rules(self.days, self.start, self.end))
         return self
 
 
@@ -137,8 +143,7 @@ class Bounds(PolicyModel):
 
     @model_validator(mode="after")
     def _check(self) -> Bounds:
-        if self.min > self.max:
-            raise problem("min", f"must be <= bounds.max ({self.min} > {self.max})")
+        _raise_first(bounds_rules(self.min, self.max))
         return self
 
 
@@ -155,15 +160,8 @@ class Zones(PolicyModel):
 
     @model_validator(mode="after")
     def _check(self) -> Zones:
-        if self.split == "odd-even" and len(self.items) != 2:
-            raise problem("list", f"odd-even needs exactly 2 zones, got {len(self.items)}")
-        for attr in ("name", "group"):
-            seen: set[str] = set()
-            for i, z in enumerate(self.items):
-                value = getattr(z, attr)
-                if value in seen:
-                    raise problem(("list", i, attr), f"duplicate zone {attr} {value!r}")
-                seen.add(value)
+        names = [z.name for z in self.items]
+        _raise_first(zones_rules(self.split, names, [z.group for z in self.items]))
         return self
 
 
@@ -201,9 +199,7 @@ class Schedule(PolicyModel):
     @model_validator(mode="after")
     def _check(self) -> Schedule:
         given = [k for k in ("min", "max", "fixed") if getattr(self, k) is not None]
-        if len(given) != 1:
-            what = "none" if not given else " and ".join(given)
-            raise problem("min", f"needs exactly one of min, max, fixed (got {what})")
+        _raise_first(schedule_rules(given))
         return self
 
 
@@ -236,8 +232,7 @@ class SLI(PolicyModel):
 
     @model_validator(mode="after")
     def _check(self) -> SLI:
-        if (self.latency_query is None) != (self.max_latency is None):
-            raise problem("max_latency", "latency_query and max_latency go together")
+        _raise_first(sli_rules(self.latency_query is not None, self.max_latency is not None))
         return self
 
 
@@ -272,16 +267,7 @@ class Deploy(PolicyModel):
 
     @model_validator(mode="after")
     def _check(self) -> Deploy:
-        if self.min_healthy_time >= self.healthy_deadline:
-            raise problem(
-                "min_healthy_time",
-                f"must be shorter than healthy_deadline ({format_duration(self.min_healthy_time)}"
-                f" >= {format_duration(self.healthy_deadline)})",
-            )
-        if self.healthy_deadline >= self.progress_deadline:
-            raise problem(
-                "healthy_deadline",
-                f"must be shorter than progress_deadline ({format_duration(self.healthy_deadline)}"
-                f" >= {format_duration(self.progress_deadline)})",
-            )
+        _raise_first(
+            deploy_rules(self.min_healthy_time, self.healthy_deadline, self.progress_deadline)
+        )
         return self

@@ -84,7 +84,9 @@ def check_file(path: str | Path) -> tuple[pm.Policy | None, list[PolicyError]]:
     except ValidationError as exc:
         errors.extend(_pydantic_errors(file, doc, exc))
         # cross-section rules do not run while fields are invalid; check them on raw data
-        for rel, message in pm.cross_field_problems(doc.data):
+        # and neither do a section's own rules while one of its fields is invalid
+        found = pm.section_problems(doc.data) + pm.cross_field_problems(doc.data)
+        for rel, message in found:
             errors.append(PolicyError(file, doc.line_of(rel), _field(rel), message))
         return None, _dedupe(errors)
     if errors:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from nomadscale.core.errors import InputError, UsageError
+from nomadscale.core.errors import ConflictError, InputError, UsageError
 from nomadscale.core.ports import KVPort
 from nomadscale.core.values import new_id
 from nomadscale.integrations.consul import update_json
@@ -42,6 +42,23 @@ def whoami() -> str:
     except (KeyError, OSError):
         user = os.environ.get("USER", "unknown")
     return f"{user}@{socket.gethostname()}"
+
+
+def _tolerant(value: bytes) -> tuple[list[Override], int]:
+    """The readable overrides in a stored value, and how many entries could not be read."""
+    try:
+        raw = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        return [], 1
+    if not isinstance(raw, list):
+        return [], 1
+    good: list[Override] = []
+    for d in raw:
+        try:
+            good.append(Override.from_dict(d))
+        except InputError:
+            continue
+    return good, len(raw) - len(good)
 
 
 def _get_json(kv: KVPort, key: str) -> Any:
@@ -72,11 +89,23 @@ class Control:
 
     # --- reading ------------------------------------------------------------------------
 
+    def _repair_hint(self, key: str) -> str:
+        name = key.rsplit("/", 1)[-1]
+        return "`nomadscale resume`" if name == ALL else f"`nomadscale override clear {name}`"
+
     def _load(self, key: str) -> list[Override]:
-        raw = _get_json(self.kv, key) or []
+        try:
+            raw = _get_json(self.kv, key) or []
+        except InputError as e:
+            raise InputError(f"{e} ({self._repair_hint(key)} resets it)") from None
         if not isinstance(raw, list):
-            raise InputError(f"kv {key!r}: expected a list of overrides")
-        return [Override.from_dict(d) for d in raw]
+            raise InputError(
+                f"kv {key!r}: expected a list of overrides ({self._repair_hint(key)} resets it)"
+            )
+        try:
+            return [Override.from_dict(d) for d in raw]
+        except InputError as e:
+            raise InputError(f"kv {key!r}: {e} ({self._repair_hint(key)} removes it)") from None
 
     def overrides(self, policy: str, *, now: datetime | None = None) -> list[Override]:
         """Entries for ``policy`` plus fleet-wide ones; only the active ones with ``now``."""
@@ -127,7 +156,14 @@ class Control:
         self, key: str, fn: Callable[[list[Override]], list[Override]], *, now: datetime
     ) -> list[Override]:
         def apply(old: Any) -> Any:
-            current = [Override.from_dict(d) for d in (old or [])]
+            if not isinstance(old, list):
+                raise InputError(
+                    f"kv {key!r}: expected a list of overrides ({self._repair_hint(key)} resets it)"
+                )
+            try:
+                current = [Override.from_dict(d) for d in old]
+            except InputError as e:
+                raise InputError(f"kv {key!r}: {e} ({self._repair_hint(key)} removes it)") from None
             current = [o for o in current if o.expires_at is None or o.expires_at > now]
             return [o.to_dict() for o in fn(current)]
 
@@ -169,16 +205,26 @@ class Control:
         return new
 
     def clear(self, policy: str, *, now: datetime, kinds: tuple[str, ...] = ()) -> int:
-        """Remove overrides of ``policy`` (only ``kinds`` when given); returns how many."""
-        removed: list[int] = []
+        """Remove overrides of ``policy`` (only ``kinds`` when given); returns how many.
 
-        def fn(cur: list[Override]) -> list[Override]:
-            keep = [o for o in cur if kinds and o.kind not in kinds]
-            removed[:] = [len(cur) - len(keep)]
-            return keep
-
-        self._update(self.overrides_key(policy), fn, now=now)
-        return removed[0] if removed else 0
+        Works on a damaged key too (not JSON, not a list, malformed entries): whatever cannot
+        be read is removed and counted, so the CLI can always repair what it wrote.
+        """
+        key = self.overrides_key(policy)
+        for _ in range(20):
+            entry = self.kv.get(key)
+            if entry is None or not entry.value:
+                return 0
+            current, broken = _tolerant(entry.value)
+            live = [o for o in current if o.expires_at is None or o.expires_at > now]
+            keep = [o for o in live if kinds and o.kind not in kinds]
+            removed = len(live) - len(keep) + broken
+            data = json.dumps([o.to_dict() for o in keep], sort_keys=True, separators=(",", ":"))
+            if self.kv.put(key, data.encode(), cas=entry.modify_index):
+                return removed
+        raise ConflictError(
+            f"kv {key!r}: gave up after 20 concurrent-update conflicts", system="kv"
+        )
 
     def pause(
         self, policy: str | None, *, reason: str, now: datetime, duration: timedelta | None,

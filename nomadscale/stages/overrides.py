@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Literal, cast
 
 from nomadscale.core.cron import cron_triggers
@@ -235,21 +235,54 @@ class Schedule:
         )
 
 
+# the largest jump of a UTC offset (a DST change is 1h, a few zones have had 2h): a fire time
+# at a skipped local time is found by searching from this far before the window
+_MAX_SHIFT = timedelta(hours=3)
+
+
+def _fixed_time(cron: str) -> bool:
+    """Minute and hour are both fixed (``30 1 * * *``), as cron defines a "fixed-time" job."""
+    minute, hour = [*cron.split(), "*", "*"][:2]
+    return not minute.startswith("*") and not hour.startswith("*")
+
+
+def _repeated(fire: datetime, zone: tzinfo | None) -> bool:
+    """``fire`` is the second occurrence of a local time (the hour a DST change repeats)."""
+    if zone is None:
+        return False
+    local = fire.astimezone(zone)
+    return local.replace(fold=0).astimezone(UTC) != fire.astimezone(UTC)
+
+
 def last_start(schedule: Schedule, *, now: datetime, within_s: float) -> datetime | None:
-    """The latest fire time in ``(now - within_s, now]`` (UTC), or None."""
+    """The latest fire time in ``(now - within_s, now]`` (UTC), or None.
+
+    Like cron across DST changes: a fixed-time entry (``30 1 * * *``) fires once on the day
+    the clocks go back (not again in the repeated hour), and on the day they go forward a
+    local time that does not exist fires at that time read with the offset before the change
+    (02:30 in New York on a spring-forward day fires at 03:30 EDT).
+    """
     now = now.astimezone(UTC)  # elapsed-time arithmetic, never wall-clock
     since = now - timedelta(seconds=within_s) + timedelta(microseconds=1)
+    fixed = _fixed_time(schedule.cron)
     best: datetime | None = None
     for trig in cron_triggers(schedule.cron, schedule.timezone, schedule.name):
-        fire = trig.get_next_fire_time(None, since)
+        zone = cast(tzinfo | None, getattr(trig, "timezone", None))
+        cursor = since - _MAX_SHIFT
         latest = None
         for _ in range(100_000):  # bounded: a minutely cron over a long window
-            if fire is None or fire > now:
+            fire = trig.get_next_fire_time(None, cursor)
+            if fire is None:
                 break
-            latest = fire
-            fire = trig.get_next_fire_time(fire, fire + timedelta(seconds=1))
+            fire = fire.astimezone(UTC)
+            if fire > now:
+                break
+            if fire >= since and not (fixed and _repeated(fire, zone)):
+                latest = fire
+            # strictly forward in elapsed time: APScheduler can repeat a fire in the DST hour
+            cursor = max(cursor, fire) + timedelta(seconds=1)
         if latest is not None and (best is None or latest > best):
-            best = latest.astimezone(UTC)
+            best = latest
     return best
 
 
