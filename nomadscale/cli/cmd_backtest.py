@@ -24,7 +24,7 @@ from nomadscale.backtest.protocol import make_params
 from nomadscale.backtest.runner import Report, run_backtest, write_decisions
 from nomadscale.core.clock import utc
 from nomadscale.core.durations import parse_duration
-from nomadscale.core.errors import ConfigError, UsageError
+from nomadscale.core.errors import UsageError
 from nomadscale.data import bundled_trace_path
 from nomadscale.stages.decide import bounds_from, forecast_config_from
 from nomadscale.stages.forecast import ForecastConfig
@@ -41,16 +41,6 @@ def _seconds(option: str, value: str | None, default: float) -> float:
         return parse_duration(value).total_seconds()
     except ValueError as e:
         raise UsageError(f"{option}: {e}") from None
-
-
-def _policy(load: Any, path: str) -> Any:
-    """The policy at ``path``; every problem of an invalid one on its own line (exit 1)."""
-    try:
-        return load(path)
-    except ConfigError as e:
-        for line in e.errors:
-            click.echo(f"error: {line}", err=True)
-        raise SystemExit(1) from None
 
 
 def policy_settings(policy: Any) -> tuple[ForecastConfig, Bounds, float]:
@@ -127,7 +117,7 @@ def backtest(
     if policy_path:
         from nomadscale.config.policy import load_policy
 
-        cfg, bounds, cap = policy_settings(_policy(load_policy, policy_path))
+        cfg, bounds, cap = policy_settings(load_policy(policy_path))
     if capacity_per_worker is not None:
         if not capacity_per_worker > 0:
             raise UsageError("--capacity-per-worker: must be positive")

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nomadscale.core.durations import format_duration, parse_duration
-from nomadscale.core.errors import ConfigError, InputError, UsageError
+from nomadscale.core.errors import InputError, UsageError
 from nomadscale.stages.capacity import (
     CapacityPlan,
     Catalog,
@@ -200,12 +200,7 @@ def capacity(
 
         if not Path(policy_path).is_file():
             raise UsageError(f"--policy: no such file: {policy_path}")
-        try:
-            pol = load_policy(policy_path)
-        except ConfigError as e:  # every problem on its own line, not "(and 3 more)"
-            for line in e.errors:
-                click.echo(f"error: {line}", err=True)
-            raise SystemExit(1) from None
+        pol = load_policy(policy_path)
         if pol.demand.source != "trace":
             raise UsageError(
                 f"--policy: {pol.name} reads demand from {pol.demand.source}; "

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from nomadscale import __version__
-from nomadscale.core.errors import NomadscaleError, UsageError
+from nomadscale.core.errors import ConfigError, NomadscaleError, UsageError
 
 
 class NomadscaleGroup(click.Group):
@@ -24,6 +24,11 @@ class NomadscaleGroup(click.Group):
         except UsageError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
+        except ConfigError as e:
+            # every problem of the file, one per line (as `policy validate` prints them)
+            for line in e.errors if len(e.errors) > 1 else [str(e)]:
+                click.echo(f"error: {line}", err=True)
+            ctx.exit(1)
         except NomadscaleError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(1)

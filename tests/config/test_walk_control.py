@@ -193,6 +193,8 @@ def test_backtest_and_capacity_show_every_policy_error(tmp_path: Path) -> None:
     for args in (
         ("backtest", "--policy", str(bad)),
         ("capacity", "--catalog", CATALOG, "--policy", str(bad)),
+        ("plan", str(bad)),
+        ("run", "--once", "--dry-run", "--no-http", "--policy", str(bad)),
     ):
         res = _cli(*args)
         assert res.exit_code == 1, res.output
