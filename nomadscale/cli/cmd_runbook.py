@@ -10,6 +10,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -106,6 +107,8 @@ def build_engine(settings: Settings, *, runbooks_path: str | None = None) -> Any
         from nomadscale.integrations.pagerduty import PagerDutyIncidents
 
         notes = PagerDutyIncidents(settings.pagerduty_api_key, from_email=settings.pagerduty_from)
+    elif settings.pagerduty_api_key:
+        log.warning("NOMADSCALE_PD_FROM is not set: no notes or resolution go to PagerDuty")
     return RunbookEngine(
         runbooks=load_runbooks(_runbook_paths(runbooks_path, settings)),
         nomad=NomadClient.from_settings(settings),
@@ -125,6 +128,10 @@ def run_cmd(name: str, params: tuple[str, ...], dry_run: bool, path: str | None)
     """Run a runbook now, in this process, and print each step."""
     engine = build_engine(_settings(), runbooks_path=path)
     run = engine.submit(name, _param(params), trigger="manual", dry_run=dry_run)
+    if run.get("duplicate"):  # driven elsewhere (e.g. by the service): never twice
+        click.echo(f"run {run['id']}: already {run.get('status', 'running')} for these "
+                   f"parameters (trigger {run.get('trigger', '-')}); not started again")  # fmt: skip
+        raise SystemExit(EXIT_INVALID)
     if run["status"] == "pending":
         run = engine.run(run["id"])
     for r in run["results"]:
@@ -143,10 +150,17 @@ def run_cmd(name: str, params: tuple[str, ...], dry_run: bool, path: str | None)
 )
 @click.option("--node-id", default=None, help="Nomad node id (default: $NOMAD_NODE_ID).")
 def watch_maintenance(report_url: str, metadata_url: str, node_id: str | None) -> None:
-    """Watch GCE host maintenance events and report them (token: NOMADSCALE_REPORT_TOKEN)."""
+    """Watch GCE host maintenance events and report them (token: NOMADSCALE_REPORT_TOKEN).
+
+    Logs to stderr as NOMADSCALE_LOG_LEVEL / NOMADSCALE_LOG_JSON say; the token never shows."""
+    from nomadscale.core.logs import register_secret, setup_logging
     from nomadscale.healing.watcher import MaintenanceWatcher
     from nomadscale.integrations.gce_metadata import MetadataClient
 
+    for opt, url in (("--report-url", report_url), ("--metadata-url", metadata_url)):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"{opt}: not an http(s) URL: {url!r}")
     settings = _settings()
     node = node_id or os.environ.get("NOMAD_NODE_ID")
     if not node:
@@ -154,6 +168,11 @@ def watch_maintenance(report_url: str, metadata_url: str, node_id: str | None) -
     token: Secret | None = settings.report_token
     if not token:
         raise UsageError("NOMADSCALE_REPORT_TOKEN (or _FILE): required to report")
+    register_secret(token.reveal())
+    level = settings.log_level.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"NOMADSCALE_LOG_LEVEL: unknown level {settings.log_level!r}")
+    setup_logging(level=level, json_logs=settings.log_json)
     w = MaintenanceWatcher(
         metadata=MetadataClient(base_url=metadata_url),
         report_url=report_url,

@@ -6,7 +6,6 @@ call) and returns ``Done(detail)`` or ``Waiting(detail)`` (poll again), or raise
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
@@ -14,7 +13,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nomadscale.core.errors import DeploymentActiveError, PermanentError, SafetyError
+from nomadscale.core.errors import (
+    DeploymentActiveError,
+    NomadscaleError,
+    PermanentError,
+    SafetyError,
+    TemporaryError,
+)
 from nomadscale.core.ports import (
     AllocInfo,
     JobInfo,
@@ -26,10 +31,13 @@ from nomadscale.core.ports import (
     pinned_datacenter,
 )
 from nomadscale.healing import gpucheck
+from nomadscale.healing.resolve import resolve_allocation, resolve_node
 from nomadscale.healing.runbook import render
 
 log = logging.getLogger(__name__)
+__all__ = ["ACTIONS", "call", "resolve_allocation", "resolve_node"]
 IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]{0,254}$")
+NOTE_RETRIES = 1  # a note PagerDuty could not take is retried once, then the run goes on
 
 
 class HealingNomad(NomadPort, Protocol):
@@ -322,15 +330,18 @@ def wait_condition(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
         node = ctx.nomad.node(_node_id(run))
         return Done("ready") if node.status == "ready" else Waiting(node.status)
     if c == "allocation_replaced":
-        old = run["step_state"].get("alloc") or run["values"].get("allocation.id")
-        a = ctx.nomad.allocation(str(old))
+        a = ctx.nomad.allocation(str(run["values"].get("allocation.id")))
+        # a replacement is an allocation of the group that did not exist when it was stopped
+        # (its siblings, even younger ones, are no replacement)
+        before = set((run.get("restart") or {}).get("before") or ())
         allocs = ctx.nomad.job_allocations(a.job_id, namespace=a.namespace)
         new = [
             x
             for x in allocs
             if x.task_group == a.task_group
             and x.id != a.id
-            and x.create_index > a.create_index
+            and x.id not in before
+            and (before or x.create_index > a.create_index)
             and x.client_status == "running"
         ]
         return Done(f"replaced by {new[0].id[:8]}") if new else Waiting("no replacement yet")
@@ -361,10 +372,12 @@ def verify_gpu(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
 def restart_allocation(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
     aid = str(run["values"].get("allocation.id"))
     a = ctx.nomad.allocation(aid)
-    run["step_state"]["alloc"] = a.id
     if ctx.dry_run:
         return Done(f"would stop allocation {a.id[:8]}")
     if not a.terminal:
+        if not run.get("restart"):  # what allocation_replaced must not take for a replacement
+            live = ctx.nomad.job_allocations(a.job_id, namespace=a.namespace)
+            run["restart"] = {"alloc": a.id, "before": sorted(x.id for x in live)}
         ctx.nomad.stop_allocation(a.id)
     return Done(f"allocation {a.id[:8]} of {a.job_id}/{a.task_group} stopped for rescheduling")
 
@@ -429,7 +442,15 @@ def notify(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
     if ctx.dry_run:
         return Done(f"would add note: {text}")
     if not run["step_state"].get("sent"):
-        ctx.notes.add_note(str(incident), text)
+        try:
+            ctx.notes.add_note(str(incident), text)
+        except NomadscaleError as exc:
+            # a note is for humans: PagerDuty down (after one retry) or the incident gone
+            # must not stop the node from being healed
+            if isinstance(exc, TemporaryError) and run["attempts"] < NOTE_RETRIES:
+                raise
+            log.warning("runbook %s run %s: note not added: %s", run["runbook"], run["id"], exc)
+            return Done(f"note not added ({exc}): {text}")
         run["step_state"]["sent"] = True
     return Done(f"note added: {text}")
 
@@ -453,17 +474,9 @@ ACTIONS: Mapping[str, Callable[[Ctx, Any, dict[str, Any]], Outcome]] = {
 }
 
 
-def resolve_node(nomad: HealingNomad, ref: str) -> NodeInfo:
-    """A node by exact id, exact name or unique id prefix (>= 8 chars)."""
-    with contextlib.suppress(PermanentError):  # not a full node id: try names and prefixes
-        return nomad.node(ref)
-    nodes = nomad.list_nodes()
-    named = [n for n in nodes if n.name == ref]
-    if len(named) == 1:
-        return nomad.node(named[0].id)
-    pref = [n for n in nodes if len(ref) >= 8 and n.id.startswith(ref)]
-    if len(pref) == 1:
-        return nomad.node(pref[0].id)
-    if len(named) + len(pref) > 1:
-        raise PermanentError(f"node {ref!r} is ambiguous")
-    raise PermanentError(f"node {ref!r} not found in Nomad")
+def call(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
+    """Run ``step``'s action, unless the step is skipped for the run's maintenance event."""
+    event = run["values"].get("event")
+    if event and event in step.skip_events:
+        return Done(f"skipped: not needed for {event}")
+    return ACTIONS[step.action](ctx, step, run)

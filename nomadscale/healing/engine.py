@@ -19,7 +19,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -159,8 +159,9 @@ class RunbookEngine:
         deadline: datetime | None = None,
     ) -> dict[str, Any]:
         """Validate parameters, resolve the node through Nomad, apply the safety limits and
-        store a new run (status ``pending``; ``refused`` when a limit says no). Returns the run.
-        ``UsageError`` for an unknown runbook or a bad parameter."""
+        store a new run (status ``pending``; ``refused`` when a limit says no). Returns the run,
+        or the active one for the same parameters marked ``duplicate``. ``UsageError`` for an
+        unknown runbook or a bad parameter."""
         rb = self.runbooks.get(runbook)
         if rb is None:
             raise UsageError(f"runbook {runbook!r} not found (have: {', '.join(self.runbooks)})")
@@ -192,7 +193,7 @@ class RunbookEngine:
             if dup is not None:
                 log.info("runbook %s already running for these parameters as %s", rb.name, dup)
                 self.metrics.triggered(rb.name, trigger, "duplicate")
-                return self.get_run(dup) or {"id": dup, "status": "running"}
+                return {**(self.get_run(dup) or {"id": dup}), "duplicate": True}
             refusal = self._refusal(run, now)
             if refusal is None and not dry_run and values.get("zone") and rb.policy:
                 if self._lock_zone(values["zone"], run["id"]):
@@ -232,6 +233,9 @@ class RunbookEngine:
             values[
                 {"incident_id": "incident.id", "allocation": "allocation.id"}.get(name, name)
             ] = str(raw)
+        if "allocation.id" in values:  # a prefix becomes the full id
+            alloc = actions.resolve_allocation(self.nomad, values["allocation.id"])
+            values["allocation.id"] = alloc.id
         if "node" in values:
             node = actions.resolve_node(self.nomad, values.pop("node"))
             values["node.id"] = node.id
@@ -333,7 +337,7 @@ class RunbookEngine:
         timed_out = (now - started).total_seconds() >= step_timeout(step)
         run["now_epoch"] = now.timestamp()
         try:
-            outcome = actions.ACTIONS[step.action](ctx, step, run)
+            outcome = actions.call(ctx, step, run)
         except TemporaryError as exc:
             run["attempts"] += 1
             if timed_out:
@@ -489,10 +493,3 @@ def summary(run: Mapping[str, Any]) -> str:
     for r in run.get("results", []):
         lines.append(f"- [{r['phase']} {r['step']}] {r['action']}: {r['status']}: {r['detail']}")
     return "\n".join(lines)
-
-
-def runs_table(runs: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
-    return [
-        (r["id"], r["runbook"], r["status"], r["values"].get("node.name", "-"), r["created_at"])
-        for r in runs
-    ]

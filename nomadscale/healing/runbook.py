@@ -153,6 +153,10 @@ class Parameter(_Model):
 class _Step(_Model):
     name: str | None = None
     timeout: Duration | None = None  # default per action (see DEFAULT_TIMEOUTS)
+    # skipped when the run's ``event`` parameter is one of these (runs without one: never)
+    skip_events: tuple[
+        Literal["TERMINATE_ON_HOST_MAINTENANCE", "MIGRATE_ON_HOST_MAINTENANCE"], ...
+    ] = ()
 
 
 class MarkIneligible(_Step):
@@ -263,6 +267,8 @@ class Runbook(_Model):
         have = params | ({"zone"} if "node" in params else set())
         for where, steps in (("steps", self.steps), ("on_failure", self.on_failure)):
             for i, st in enumerate(steps):
+                if st.skip_events and "event" not in params:
+                    raise ValueError(f"{where}[{i}]: skip_events needs an 'event' parameter")
                 if st.action in NEEDS_NODE and "node" not in params:
                     raise ValueError(f"{where}[{i}]: {st.action} needs a 'node' parameter")
                 if st.action == "restart_allocation" and "allocation" not in params:

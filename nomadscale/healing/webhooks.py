@@ -66,8 +66,14 @@ class SeenIds:
         self._lru: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _digest(webhook_id: str) -> str:
+        return hashlib.sha256(webhook_id.encode()).hexdigest()[:32]
+
     def first_time(self, webhook_id: str) -> bool:
-        digest = hashlib.sha256(webhook_id.encode()).hexdigest()[:32]
+        """True the first time ``webhook_id`` is seen (then it is recorded). A KV error is
+        raised with nothing recorded, so PagerDuty's retry is not taken for a duplicate."""
+        digest = self._digest(webhook_id)
         with self._lock:
             if digest in self._lru:
                 self._lru.move_to_end(digest)
@@ -77,7 +83,23 @@ class SeenIds:
                 self._lru.popitem(last=False)
         if self.kv is None:
             return True
-        return self.kv.put(f"{self.prefix}/webhooks/seen/{digest}", b"1", cas=0)
+        try:
+            return self.kv.put(f"{self.prefix}/webhooks/seen/{digest}", b"1", cas=0)
+        except Exception:
+            with self._lock:
+                self._lru.pop(digest, None)
+            raise
+
+    def forget(self, webhook_id: str) -> None:
+        """Un-record an id whose event was not taken (busy): its retry must be handled."""
+        digest = self._digest(webhook_id)
+        with self._lock:
+            self._lru.pop(digest, None)
+        if self.kv is not None:
+            try:
+                self.kv.delete(f"{self.prefix}/webhooks/seen/{digest}")
+            except NomadscaleError as exc:
+                log.warning("webhook id %s stays recorded: %s", digest, exc)
 
 
 def match_incident(
@@ -175,6 +197,7 @@ class Dispatcher:
             name, params = found
             trigger = f"pagerduty:{item.get('id')}"
             deadline = None
+            incident = params.get("incident_id")
         else:
             found_name = match_maintenance(self.engine.runbooks, item["event"])
             if found_name is None:
@@ -187,10 +210,32 @@ class Dispatcher:
                 params["event"] = item["event"]
             trigger = f"maintenance:{item['event']}"
             deadline = item.get("deadline")
+            incident = None
         self.stats["matched"] += 1
-        run = self.engine.submit(name, params, trigger=trigger, deadline=deadline)
+        try:
+            run = self.engine.submit(name, params, trigger=trigger, deadline=deadline)
+        except NomadscaleError as exc:
+            self._tell(incident, f"nomadscale runbook {name} not started: {exc}")
+            raise
+        if run.get("duplicate"):  # e.g. the watcher reported this maintenance first
+            self._tell(
+                incident,
+                f"nomadscale runbook {name} is already running for these parameters as run "
+                f"{run['id']} (trigger {run.get('trigger', '-')}); this incident gets no "
+                "further notes from it",
+            )
+            return
         if run["status"] == "pending":
             self.engine.enqueue(run["id"])
+
+    def _tell(self, incident: str | None, text: str) -> None:
+        """A note on the incident that triggered nothing (best effort)."""
+        if not incident or self.engine.notes is None:
+            return
+        try:
+            self.engine.notes.add_note(incident, text)
+        except NomadscaleError as exc:
+            log.warning("could not add a note to incident %s: %s", incident, exc)
 
 
 def routes(
@@ -234,9 +279,15 @@ def routes(
         wid = request.headers.get("x-webhook-id") or str(event.get("id") or "")
         if not _ID_RE.match(wid):
             return JSONResponse({"error": "missing or invalid webhook id"}, status_code=400)
-        if not await run_in_threadpool(seen.first_time, wid):
+        try:
+            first = await run_in_threadpool(seen.first_time, wid)
+        except NomadscaleError as exc:  # 5xx: PagerDuty retries
+            log.warning("pagerduty webhook not taken: cannot record its id: %s", exc)
+            return JSONResponse({"error": "cannot record the webhook id"}, status_code=503)
+        if not first:
             return JSONResponse({"status": "duplicate"}, status_code=200)
         if not disp.offer("pagerduty", event):
+            await run_in_threadpool(seen.forget, wid)
             return JSONResponse({"error": "busy"}, status_code=503)
         return JSONResponse({"status": "accepted"}, status_code=202)
 
