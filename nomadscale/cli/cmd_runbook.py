@@ -106,7 +106,11 @@ def build_engine(settings: Settings, *, runbooks_path: str | None = None) -> Any
     if settings.pagerduty_api_key and settings.pagerduty_from:
         from nomadscale.integrations.pagerduty import PagerDutyIncidents
 
-        notes = PagerDutyIncidents(settings.pagerduty_api_key, from_email=settings.pagerduty_from)
+        notes = PagerDutyIncidents(
+            settings.pagerduty_api_key,
+            from_email=settings.pagerduty_from,
+            base_url=settings.pagerduty_api_url,
+        )
     elif settings.pagerduty_api_key:
         log.warning("NOMADSCALE_PD_FROM is not set: no notes or resolution go to PagerDuty")
     return RunbookEngine(

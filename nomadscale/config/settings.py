@@ -16,6 +16,7 @@ from typing import Any
 from nomadscale.config.yamlpos import YamlSyntaxError, load_yaml
 from nomadscale.core.errors import ConfigError
 from nomadscale.core.files import read_small_text
+from nomadscale.core.logs import register_secret
 
 DEFAULT_CONFIG = "/etc/nomadscale/nomadscale.yaml"
 MAX_SETTINGS_BYTES = 256 * 1024
@@ -29,6 +30,9 @@ class Secret:
 
     def __init__(self, value: str) -> None:
         self._value = value
+        # masked in every log line from now on, should it reach one (in a client library's
+        # exception text, say): the redaction filter is the second line of defence
+        register_secret(value)
 
     def reveal(self) -> str:
         return self._value
@@ -94,6 +98,8 @@ class Settings:
     lock_ttl_s: float = 30.0
     pagerduty_api_key: Secret | None = field(default=None)
     pagerduty_from: str | None = None
+    pagerduty_api_url: str | None = None  # REST API (notes); None: https://api.pagerduty.com
+    pagerduty_events_url: str | None = None  # Events API v2; None: events.pagerduty.com
     webhook_secrets: tuple[Secret, ...] = ()
     report_token: Secret | None = None
     gce_api_url: str = "https://compute.googleapis.com/compute/v1"
@@ -140,6 +146,8 @@ _ENV: dict[str, tuple[str, str]] = {
     "NOMADSCALE_LOCK_TTL": ("lock_ttl_s", "duration"),
     "NOMADSCALE_PD_API_KEY": ("pagerduty_api_key", "secret"),
     "NOMADSCALE_PD_FROM": ("pagerduty_from", "str"),
+    "NOMADSCALE_PD_API_URL": ("pagerduty_api_url", "str"),
+    "NOMADSCALE_PD_EVENTS_URL": ("pagerduty_events_url", "str"),
     "NOMADSCALE_WEBHOOK_SECRETS": ("webhook_secrets", "secrets"),
     "NOMADSCALE_REPORT_TOKEN": ("report_token", "secret"),
     "NOMADSCALE_GCE_API_URL": ("gce_api_url", "str"),
