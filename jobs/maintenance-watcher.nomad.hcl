@@ -50,14 +50,14 @@ job "maintenance-watcher" {
     # Post-maintenance GPU check. The node is still ineligible when nomadscale asks, so a new
     # batch job could not be placed; this system task (kept through drains) answers instead:
     # when node meta gpu.check.request changes it runs nvidia-smi + the kernel-log Xid scan and
-    # writes the raw output back as gpu.check.* (see nomadscale/healing/gpucheck.py,
-    # CHECK_SCRIPT); nomadscale parses it into the verdict.
+    # writes the raw output back as gpu.check.* (`nomadscale gpu-check`, the script in
+    # nomadscale/healing/gpucheck.py CHECK_SCRIPT); nomadscale parses it into the verdict.
     task "gpu-check" {
       driver = "raw_exec"
 
       config {
         command = "/bin/sh"
-        args    = ["-c", "while true; do req=$(nomad node meta read -node-id \"$NODE_ID\" -json | jq -r '.Meta[\"gpu.check.request\"] // empty'); done_id=$(nomad node meta read -node-id \"$NODE_ID\" -json | jq -r '.Meta[\"gpu.check.id\"] // empty'); if [ -n \"$req\" ] && [ \"$req\" != \"$done_id\" ]; then CHECK_ID=$req /usr/local/bin/nomadscale-gpu-check; fi; sleep 5; done"]
+        args    = ["-c", "while true; do req=$(nomad node meta read -node-id \"$NODE_ID\" -json | jq -r '.Meta[\"gpu.check.request\"] // empty'); done_id=$(nomad node meta read -node-id \"$NODE_ID\" -json | jq -r '.Meta[\"gpu.check.id\"] // empty'); if [ -n \"$req\" ] && [ \"$req\" != \"$done_id\" ]; then /usr/local/bin/nomadscale gpu-check --check-id \"$req\"; fi; sleep 5; done"]
       }
 
       env {

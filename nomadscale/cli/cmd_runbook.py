@@ -1,5 +1,5 @@
 """``nomadscale runbook list | validate [PATH] | run NAME --param k=v [--dry-run]`` and
-``nomadscale watch-maintenance``.
+``nomadscale watch-maintenance`` and ``nomadscale gpu-check`` (the node-side commands).
 
 Exit codes: 0 ok, 1 invalid runbook / failed run, 2 usage error.
 """
@@ -190,4 +190,36 @@ def watch_maintenance(report_url: str, metadata_url: str, node_id: str | None) -
         w.close()
 
 
-COMMANDS = [runbook, watch_maintenance]
+@click.command("gpu-check")
+@click.option("--check-id", default=None, help="The check asked for (default: $CHECK_ID).")
+@click.option("--node-id", default=None, help="Nomad node id (default: $NODE_ID).")
+@click.option("--print-script", is_flag=True, help="Print the shell script and exit.")
+def gpu_check(check_id: str | None, node_id: str | None, print_script: bool) -> None:
+    """Node side of the post-maintenance GPU check (run by the maintenance-watcher job's
+    gpu-check task): collect nvidia-smi and kernel-log Xid output and write it to this
+    node's meta as gpu.check.* with `nomad node meta apply`; nomadscale parses the verdict.
+
+    Needs nvidia-smi and nomad on PATH, and NOMAD_ADDR / NOMAD_TOKEN for the meta write."""
+    import subprocess
+
+    from nomadscale.healing.gpucheck import CHECK_SCRIPT
+
+    if print_script:
+        click.echo(CHECK_SCRIPT, nl=False)
+        return
+    check = check_id or os.environ.get("CHECK_ID")
+    node = node_id or os.environ.get("NODE_ID") or os.environ.get("NOMAD_NODE_ID")
+    if not check:
+        raise UsageError("--check-id: required (or set CHECK_ID)")
+    if not node:
+        raise UsageError("--node-id: required (or set NODE_ID)")
+    env = {**os.environ, "CHECK_ID": check, "NODE_ID": node}
+    done = subprocess.run(["/bin/sh", "-c", CHECK_SCRIPT], env=env, check=False)
+    if done.returncode:
+        click.echo(f"error: gpu check {check}: writing node meta failed "
+                   f"(exit {done.returncode})", err=True)  # fmt: skip
+        raise SystemExit(EXIT_INVALID)
+    click.echo(f"gpu check {check}: results written to node {node} meta")
+
+
+COMMANDS = [runbook, watch_maintenance, gpu_check]
