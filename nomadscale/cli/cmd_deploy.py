@@ -19,7 +19,7 @@ from rich.console import Console
 from nomadscale.config.policy import Policy, load_policies, load_policy
 from nomadscale.config.settings import load_settings
 from nomadscale.core.clock import SystemClock
-from nomadscale.core.errors import ConfigError, UsageError
+from nomadscale.core.errors import ConfigError, InputError, UsageError
 from nomadscale.deploy.image import parse_image
 from nomadscale.deploy.prefetch import ensure_prefetch_job
 from nomadscale.deploy.prefetch import prefetch as run_prefetch
@@ -65,8 +65,19 @@ def _ports(policy: Policy | None, *, need_demand: bool = False) -> dict[str, Any
     return out
 
 
-def _rollout(name: str, *, reporter: Any = None, need_demand: bool = False) -> Rollout:
-    policy = _policy(name, load_settings())
+def _rollout(
+    name: str, *, reporter: Any = None, need_demand: bool = False, gated: bool = False
+) -> Rollout:
+    """The policy's rollout; ``gated``: it is driven (start, resume), so the policy's SLI gate
+    needs Prometheus (without it the canary would be promoted on health alone)."""
+    settings = load_settings()
+    policy = _policy(name, settings)
+    sli = policy.deploy.sli if policy.deploy else None
+    if gated and sli is not None and not settings.prometheus_url:
+        raise ConfigError(
+            f"PROMETHEUS_URL: not set (policy {policy.name}: deploy.sli gates the rollout "
+            "on Prometheus queries)"
+        )
     p = _ports(policy, need_demand=need_demand)
     return Rollout(
         policy=policy, nomad=p["nomad"], kv=p["kv"], clock=SystemClock(), prefix=p["prefix"],
@@ -75,10 +86,24 @@ def _rollout(name: str, *, reporter: Any = None, need_demand: bool = False) -> R
     )  # fmt: skip
 
 
-def _done(st: Any, console: Console) -> None:
+def _done(st: Any, console: Console, *, ok: str = "completed") -> None:
+    """Print the record; exit 1 unless the rollout ended ``ok``."""
     console.print(status_table(st))
-    if st is not None and st.status not in ("completed",):
+    if st.status != ok:
         raise click.exceptions.Exit(1)
+
+
+def _running(r: Rollout, policy: str, *, doing: str) -> None:
+    """UsageError when ``policy`` has no rollout recorded, InputError when its last one
+    already ended (nothing to ``doing``)."""
+    st = r.status()
+    if st is None:
+        raise UsageError(f"POLICY {policy}: no rollout recorded")
+    if not st.active:
+        raise InputError(
+            f"deploy {policy}: nothing to {doing}: rollout {st.id} of {st.image} already "
+            f"ended {st.status} ({st.reason})"
+        )
 
 
 class _DefaultStart(click.Group):
@@ -106,33 +131,49 @@ def start(policy: str, image: str, dry_run: bool, yes: bool, no_prefetch: bool) 
     ref = parse_image(image).ref
     console = Console()
     if dry_run:
-        plan = _rollout(policy, need_demand=True).plan(ref, prefetch=not no_prefetch)
+        r = _rollout(policy, need_demand=True, gated=True)
+        plan = r.plan(ref, prefetch=not no_prefetch)
         console.print(f"deploy {policy} {ref}: {plan.explain()}")
+        old = r.status()
+        if old is not None and old.active:  # the plan is right, the start would be refused
+            raise InputError(
+                f"deploy {policy}: rollout {old.id} of {old.image} is {old.status}: a start "
+                "is refused until it ends ('deploy resume' or 'deploy abort')"
+            )
         return
     if not yes:
         click.confirm(f"Roll out {ref} to {policy}?", abort=True)
     with LiveProgress() as live:
-        st = _rollout(policy, reporter=live, need_demand=True).start(ref, prefetch=not no_prefetch)
+        r = _rollout(policy, reporter=live, need_demand=True, gated=True)
+        st = r.start(ref, prefetch=not no_prefetch)
     _done(st, console)
 
 
 @deploy.command("status")
 @click.argument("policy", required=False)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON document: POLICY's record (null when none), else a list of every "
+                   "policy's record.")  # fmt: skip
 def status(policy: str | None, as_json: bool) -> None:
     """Show the rollout record of POLICY (or of every policy)."""
     p = _ports(None)
     store = StateStore(p["kv"], prefix=p["prefix"])
+    if policy and Path(policy).is_file():  # a policy file, as the other deploy commands take
+        policy = load_policy(policy).name
     names = [policy] if policy else sorted(
         {e.key.split("/")[-2] for e in p["kv"].list(f"{p['prefix'].strip('/')}/deploy/")}
     )  # fmt: skip
     console = Console()
-    for name in names:
-        st = store.load(name)[0]
+    records = {name: store.load(name)[0] for name in names}
+    if as_json:
+        docs = [None if st is None else st.to_dict() for st in records.values()]
+        click.echo(json.dumps(docs[0] if policy else [d for d in docs if d], indent=2))
+        return
+    if not names:
+        console.print("no rollout recorded")
+    for name, st in records.items():
         if st is None:
             console.print(f"{name}: no rollout recorded")
-        elif as_json:
-            click.echo(json.dumps(st.to_dict(), indent=2))
         else:
             console.print(status_table(st))
 
@@ -140,18 +181,27 @@ def status(policy: str | None, as_json: bool) -> None:
 @deploy.command("abort")
 @click.argument("policy")
 def abort(policy: str) -> None:
-    """Fail the running deployment (auto-revert), roll back and release the surge."""
-    _done(_rollout(policy).abort(), Console())
+    """Fail the running deployment (auto-revert), roll back and release the surge.
+
+    Exits 0 once the rollout is aborted and rolled back, 1 when it could not be (paused, say
+    Nomad unreachable: run it again) or no rollout is running."""
+    r = _rollout(policy)
+    _running(r, policy, doing="abort")
+    st = r.abort()
+    assert st is not None
+    _done(st, Console(), ok="aborted")
 
 
 @deploy.command("resume")
 @click.argument("policy")
 def resume(policy: str) -> None:
     """Reattach to the recorded rollout and finish it (or roll it back)."""
+    r = _rollout(policy, need_demand=True, gated=True)
+    _running(r, policy, doing="resume")
     with LiveProgress() as live:
-        st = _rollout(policy, reporter=live, need_demand=True).resume()
-    if st is None:
-        raise UsageError(f"POLICY {policy}: no rollout recorded")
+        r.reporter = live
+        st = r.resume()
+    assert st is not None
     _done(st, Console())
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from nomadscale.config.policy import Policy
 from nomadscale.core.clock import Clock
-from nomadscale.core.errors import PermanentError, TemporaryError
+from nomadscale.core.errors import ConflictError, PermanentError, TemporaryError
 from nomadscale.core.ports import AlertPort, DemandSource, DeploymentInfo, KVPort
 from nomadscale.deploy.gate import SLIGate
 from nomadscale.deploy.prefetch import DEFAULT_HCL
@@ -130,7 +130,17 @@ class RolloutBase:
         """Write the record (CAS) without a note: a flag or a heartbeat."""
         st = self._st()
         st.updated_at = self.clock.now().isoformat()
-        self._index = self.store.save(st, self._index)
+        try:
+            self._index = self.store.save(st, self._index)
+        except ConflictError:
+            now = self.store.load(st.policy)[0]
+            if now is None or now.id != st.id:
+                raise
+            raise ConflictError(
+                f"deploy {st.policy}: rollout {st.id} was changed by another process (now "
+                f"{now.status}: {now.reason}); this one stops",
+                system="kv",
+            ) from None
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Retry Nomad's temporary errors until the outage limit, then pause."""

@@ -27,8 +27,11 @@ def status_table(st: RolloutState, info: dict[str, Any] | None = None) -> Table:
         )
     t.add_row("zones done", ", ".join(st.zones_done) or "-")
     if st.current_zone and st.active:
-        t.add_row("zone", f"{st.current_zone}: {info.get('healthy', '?')}/{info.get('total', '?')} "
-                  f"healthy, deployment {(st.deployment_id or '-')[:8]} {info.get('deployment', '')}")  # fmt: skip
+        # the live counts only while this process follows the deployment (not in `status`)
+        counts = (f"{info['healthy']}/{info['total']} healthy, " if "healthy" in info
+                  else "")  # fmt: skip
+        t.add_row("zone", f"{st.current_zone}: {counts}deployment "
+                  f"{(st.deployment_id or '-')[:8]} {info.get('deployment', '')}".rstrip())  # fmt: skip
     sli = info.get("sli") or st.sli.get("last")
     if sli:
         t.add_row("SLI", f"{sli.get('verdict')}: {sli.get('reason')}")

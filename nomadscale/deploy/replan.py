@@ -22,6 +22,7 @@ from nomadscale.config.policy import Policy
 from nomadscale.core.errors import NomadscaleError
 from nomadscale.core.ports import DemandSource, GroupStatus, NodeInfo, pinned_datacenter
 from nomadscale.deploy import room
+from nomadscale.integrations.tracefile import TraceDemandSource
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,15 @@ CURRENT_STEP_S = 15.0
 CURRENT_LOOKBACK_S = 60.0  # tolerate a missing sample or two
 
 GO, SURGE, HOLD = "go", "surge", "hold"
+
+
+def read_time(demand: DemandSource | None, now: datetime) -> datetime:
+    """When ``demand`` is read at ``now``: ``now``, except for a trace that ends before it (a
+    trace-based policy run against the wall clock), read right after its last step, as
+    ``nomadscale plan`` and ``forecast`` do; at ``now`` it holds no recent data."""
+    if isinstance(demand, TraceDemandSource):
+        return min(now, demand.trace.end + demand.shift)
+    return now
 
 
 def current_demand(
@@ -44,7 +54,9 @@ def current_demand(
     if demand is None:
         return None
     try:
-        series = demand.history(end=now, lookback_s=max(lookback_s, step_s), step_s=step_s)
+        series = demand.history(
+            end=read_time(demand, now), lookback_s=max(lookback_s, step_s), step_s=step_s
+        )
     except NomadscaleError as e:
         log.warning("deploy re-plan: current demand unavailable: %s", e)
         return None

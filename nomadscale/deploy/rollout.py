@@ -27,7 +27,7 @@ from nomadscale.deploy.blocked import BlockedWatch
 from nomadscale.deploy.gate import GateResult
 from nomadscale.deploy.image import parse_image
 from nomadscale.deploy.prefetch import ensure_prefetch_job, prefetch
-from nomadscale.deploy.preflight import Plan, preflight
+from nomadscale.deploy.preflight import Plan, preflight, task_images
 from nomadscale.deploy.state import RolloutState
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,8 @@ class Rollout(BlockedWatch):
                 if group in st.zones_done:
                     continue
                 self._roll_zone(plan, group)
+            if self.store.golden_image(self.policy.name) != st.image:  # not prefetched
+                self.store.set_golden_image(self.policy.name, st.image)
             self._finish("completed", f"{st.image} runs on every zone group")
         except _Stop:
             return st  # stopped on purpose: the state already says why (paused, aborted, ...)
@@ -152,9 +154,11 @@ class Rollout(BlockedWatch):
                 self._call(partial(self.nomad.set_eligibility, node_id, False))
             st.prefetch["ineligible"] = sorted(res.failed)
             st.note(self.clock.now(), f"prefetch failed on {bad}: made ineligible")
-        self.store.set_golden_image(self.policy.name, st.image)
         st.status = "rolling"
         self._save(f"prefetched {st.image} on {len(res.ok)}/{len(nodes)} nodes")
+        # after the CAS write: a rollout aborted meanwhile (by another process) keeps the
+        # previous golden image
+        self.store.set_golden_image(self.policy.name, st.image)
 
     def _roll_zone(self, plan: Plan, group: str) -> None:
         st = self.state
@@ -162,6 +166,8 @@ class Rollout(BlockedWatch):
         first = not st.zones_done
         if st.current_zone != group or not st.deployment_id:
             st.current_zone, st.deployment_id = group, None
+            if self._registered_zone_version(group, canary=first):
+                return
             st.timings[f"{group}_start"] = self._elapsed()
             self._top_up(group)  # nodes that joined the zone since the prefetch
             # re-plan against current demand (and the planned bound): surge or hold first; a
@@ -187,6 +193,33 @@ class Rollout(BlockedWatch):
             st.status = "canary" if canary else "rolling"
             self._save(f"zone {group}: deployment {dep.id[:8]} (canary {canary})")
         self._follow(group)
+
+    def _registered_zone_version(self, group: str, *, canary: bool) -> bool:
+        """When the job already runs this rollout's version of ``group`` (its image, a version
+        newer than the rollout's start) whose deployment was never recorded (the process
+        stopped between registering it and saving the deployment id: a crash, a Nomad
+        outage), follow that deployment (or the zone is done: nothing to replace) and return
+        True. Registering again would change nothing, so no new deployment would come."""
+        st = self._st()
+        job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
+        images = task_images(dict(job.spec), group)
+        if not images or any(i != st.image for i in images):
+            return False
+        if st.previous_version is None or job.version <= st.previous_version:
+            return False
+        dep = self._wait_new_deployment(job.version - 1)
+        st.timings.setdefault(f"{group}_start", self._elapsed())
+        if dep is None:
+            self._zone_done(group)
+            return True
+        g = dep.groups.get(group)
+        waits = canary and g is not None and g.desired_canaries > 0 and not g.promoted
+        st.deployment_id = dep.id
+        st.status = "canary" if waits else "rolling"
+        self._save(f"zone {group}: following deployment {dep.id[:8]} of the version registered "
+                   "before the rollout stopped")  # fmt: skip
+        self._follow(group)
+        return True
 
     def _follow(self, group: str) -> None:
         st = self._st()
@@ -263,7 +296,8 @@ class Rollout(BlockedWatch):
                         "canary_s", self._elapsed() - st.timings.get(f"{group}_start", 0)
                     )
                     st.status = "rolling"
-                    self._save(f"canary healthy and SLI gate passed: promoted {dep.id[:8]}")
+                    gated = " and SLI gate passed" if self.gate.enabled else ""
+                    self._save(f"canary healthy{gated}: promoted {dep.id[:8]}")
                     gate_since = None
             else:
                 if (
@@ -328,28 +362,47 @@ class Rollout(BlockedWatch):
         assert st is not None
         st.status = "rolling-back"
         self._save(f"rolling back: {reason}")
-        if st.deployment_id:
-            dep = self._call(lambda: self.nomad.deployment(st.deployment_id))
+        dep = self._rollout_deployment()
+        if dep is not None:
             if dep.status == "running":
                 self._call(partial(self.nomad.pause_deployment, dep.id, pause=True))
             if dep.active:
                 self._call(lambda: self.nomad.fail_deployment(dep.id))
         self._settle()
-        if st.previous_image and (st.zones_done or st.deployment_id):
-            job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
+        job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
+        prev = st.previous_image
+        if prev and any(i != prev for g in st.zones for i in task_images(dict(job.spec), g)):
+            # every zone group back on it, whatever the record missed
             spec = jobspec.with_image(
-                dict(job.spec), image=st.previous_image, groups=st.zones,
-                update=None, update_group=None,
-            )  # fmt: skip
+                dict(job.spec), image=prev, groups=st.zones, update=None, update_group=None
+            )
             if spec != dict(job.spec):
                 self._call(lambda: self.nomad.register_job(spec, namespace=self.ns))
                 self._settle()
+        if prev and self.store.golden_image(self.policy.name) == st.image != prev:
+            # the prefetch made the new image golden: node warm-ups and image prunes keep the
+            # golden image, and the fleet runs the previous one again
+            self.store.set_golden_image(self.policy.name, prev)
         st.deployment_id = None
         st.replan.pop("paused", None)
         self._release_surge()
         if failed:
             self._alert(f"rollout of {st.image} rolled back: {reason}", "error")
         self._finish(status, reason)
+
+    def _rollout_deployment(self) -> DeploymentInfo | None:
+        """The rollout's deployment: the recorded one, else an active deployment of a job
+        version newer than the rollout's start (registered, never recorded: the process
+        stopped in between)."""
+        st = self._st()
+        if st.deployment_id:
+            return self._call(lambda: self.nomad.deployment(st.deployment_id))
+        if st.previous_version is None:
+            return None
+        dep = self._call(lambda: self.nomad.latest_deployment(self.job_id, namespace=self.ns))
+        if dep is not None and dep.active and dep.job_version > st.previous_version:
+            return dep
+        return None
 
     def _resume_nomad_deployment(self, dep_id: str) -> None:
         dep = self.nomad.deployment(dep_id)

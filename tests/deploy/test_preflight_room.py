@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 from nomadscale.core.clock import FakeClock
 from nomadscale.core.errors import SafetyError
 from nomadscale.deploy.preflight import Plan, preflight
+from nomadscale.integrations.prometheus import PrometheusClient, PrometheusDemandSource
 from nomadscale.integrations.tracefile import TraceDemandSource
 from tests.deploy.helpers import (
     CALM,
@@ -28,6 +30,7 @@ from tests.deploy.helpers import (
     setup_job,
     surge_rpm,
 )
+from tests.harness.promdata import Series
 
 
 def _run(twin: Any, nomad: Any, hcl: str) -> list[str]:
@@ -151,18 +154,30 @@ def test_the_groups_placed_canary_keeps_its_node(twin_factory: Any) -> None:
     assert _free(plan) == {"zone-a": 1, "zone-b": 1}
 
 
-def test_no_recent_demand_data_plans_for_the_whole_fleet(twin_factory: Any) -> None:
+def test_no_recent_demand_data_plans_for_the_whole_fleet(
+    twin_factory: Any, prometheus_factory: Any
+) -> None:
     """A demand source with nothing recent (a Prometheus gap, a wrong query) is not zero
     demand: the rollout plans for the capacity of every worker there is, so each node step
-    brings a surge worker; before, the upper bound was 0 rpm and no surge was planned."""
+    brings a surge worker; before, the upper bound was 0 rpm and no surge was planned. A
+    trace that ended is not a gap: it is read right after its last step, as ``plan`` does."""
     twin = twin_factory(nodes=8, clock=FakeClock(CALM))  # 2 spare nodes per zone
     nomad = setup_job(twin, count=2)
     src = TraceDemandSource(TRACE)
-    later = src.trace.end + (src.trace.end - src.trace.start)  # long after the trace's end
-    plan = preflight(policy(rpm=1e6, bmax=80), nomad, now=later, demand=src)
+    tr = src.trace
+    ts = tr.start.timestamp() + tr.step_s * np.arange(len(tr.rpm))
+    prom = prometheus_factory([Series("demand_rpm", {"policy": "ekyc-ml"}, ts, tr.rpm)])
+    gap = PrometheusDemandSource(client=PrometheusClient(url=prom.url),
+                                 query='demand_rpm{policy="ekyc-ml"}', stamp="start")  # fmt: skip
+    later = tr.end + (tr.end - tr.start)  # Prometheus holds nothing this recent
+    plan = preflight(policy(rpm=1e6, bmax=80), nomad, now=later, demand=gap)
     assert plan.required_workers == 4 and plan.surge
     assert plan.forecast_upper == 4 * 1e6
     assert plan.explain().endswith("no recent demand data: planning for the 4 workers' capacity")
     # with data, the same policy needs one worker and no surge (1e6 rpm per worker)
     calm = preflight(policy(rpm=1e6, bmax=80), nomad, now=twin.clock.now(), demand=src)
     assert calm.required_workers == 1 and not calm.surge and not calm.notes
+    ended = preflight(policy(rpm=1e6, bmax=80), nomad, now=later, demand=src)
+    at_end = preflight(policy(rpm=1e6, bmax=80), nomad, now=tr.end, demand=src)
+    assert ended.forecast_upper == at_end.forecast_upper
+    assert ended.required_workers == 1 and not ended.surge and not ended.notes
