@@ -79,11 +79,21 @@ def resume_rollouts(
             except NomadscaleError as e:
                 log.warning("%s: resuming the rollout without a demand source: %s", pol.name, e)
                 demand = None
+            prometheus = None
+            if settings.prometheus_url:
+                from nomadscale.integrations.prometheus import PrometheusClient
+
+                prometheus = PrometheusClient(url=settings.prometheus_url)
             r = Rollout(policy=pol, nomad=ports.nomad, kv=ports.kv, clock=clock,
                         prefix=settings.kv_prefix, alerts=ports.alerts,
-                        demand=demand)  # fmt: skip
+                        demand=demand, prometheus=prometheus)  # fmt: skip
             st = r.status()
             if st is None or not st.active:
+                return
+            if prometheus is None and pol.deploy is not None and pol.deploy.sli is not None:
+                # never drive a gated rollout ungated: leave it for `deploy resume`
+                log.error("deploy %s: rollout %s not resumed: PROMETHEUS_URL is not set and "
+                          "deploy.sli gates it", pol.name, st.id)  # fmt: skip
                 return
             age = (clock.now() - datetime.fromisoformat(st.updated_at)).total_seconds()
             if age < quiet_s:
@@ -141,14 +151,15 @@ def run(once: bool, dry_run: bool, policy_files: tuple[str, ...], no_http: bool)
     when NOMADSCALE_WEBHOOK_SECRETS / NOMADSCALE_REPORT_TOKEN are set, resumes interrupted
     runbook runs and rollouts when it becomes the leader, and warms up new nodes with the
     golden image after each cycle."""
-    from nomadscale.service.runtime import StopSignals, build_ports, run_service
+    from nomadscale.service.runtime import StopSignals, build_ports, check_lock_ttl, run_service
 
     # first: a SIGTERM during start-up then stops the service once it is built (exit 0)
-    # instead of killing it half-started
-    signals = None if once else StopSignals().install()
+    # instead of killing it half-started; with --once it stops the cycle at a safe point
+    signals = StopSignals().install()
     settings = get_settings()
     _logging(settings)
     policies = policies_for(settings, policy_files)
+    check_lock_ttl(settings, policies)
     clock = SystemClock()
     ports = build_ports(settings, policies, clock=clock, dry_run=dry_run)
     if once or dry_run:
@@ -180,11 +191,16 @@ def serve() -> None:
     from nomadscale.service.http import HttpServer, create_app
     from nomadscale.service.ops_metrics import DeployCollector
     from nomadscale.service.records import Metrics
-    from nomadscale.service.runtime import StopSignals, stopping, watchdog_until_stopped
+    from nomadscale.service.runtime import (
+        StopSignals,
+        stopping,
+        watchdog_until_stopped,
+    )
 
     signals = StopSignals().install()  # never logs or locks in the handler: see there
     settings = get_settings()
     _logging(settings)
+    log.info("effective settings: %s", settings.describe())
     healing = build_healing(settings)
     if healing is None:
         raise ConfigError(

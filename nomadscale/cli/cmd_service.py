@@ -8,35 +8,44 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import click
 
-from nomadscale.cli.service_common import consul_kv, find_policy, get_settings, policies_for
+from nomadscale.cli.service_common import (
+    consul_kv,
+    find_policy,
+    get_settings,
+    lock_holder,
+    policies_for,
+)
 from nomadscale.config.policy import Policy, load_policy
 from nomadscale.config.settings import Settings
 from nomadscale.core.clock import Clock, SystemClock
 from nomadscale.core.durations import format_duration
-from nomadscale.core.errors import NomadscaleError
+from nomadscale.core.errors import InputError, NomadscaleError, PermanentError, UsageError
 from nomadscale.service.control import Control
 
 # --- status / plan / forecast -------------------------------------------------------------
 
 
+class PlanFailed(PermanentError):
+    """``plan``: the dry-run cycle failed (exit 1; its decision, if any, printed first)."""
+
+
 def _status_doc(
     settings: Settings, policies: list[Policy], *, clock: Clock | None = None
 ) -> dict[str, Any]:
-    from nomadscale.integrations.consul import LockHolder
     from nomadscale.integrations.nomad import NomadClient
     from nomadscale.service.records import Recorder
-    from nomadscale.service.runtime import lock_key
 
     kv = consul_kv(settings)
     control = Control(kv, prefix=settings.kv_prefix)
     recorder = Recorder(kv=kv, prefix=settings.kv_prefix)
     now = (clock or SystemClock()).now()
-    entry = kv.get(lock_key(settings))
-    leader = LockHolder.from_json(entry.value).describe() if entry and entry.value else None
+    holder = lock_holder(settings)  # None once released or expired, whatever the key says
+    leader = holder.describe() if holder is not None else None
     nomad = NomadClient.from_settings(settings)
     doc: dict[str, Any] = {"time": now.isoformat(), "leader": leader, "policies": {}}
     for p in policies:
@@ -75,10 +84,16 @@ def status(as_json: bool) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     con = Console()
-    con.print(f"leader: {doc['leader'] or 'none'}")
-    t = Table("policy", "zone", "desired", "running", "overrides", "last decision")
+    con.print(Text(f"leader: {doc['leader'] or 'none'}"))
+    t = Table("policy")
+    # zone names often share a long prefix (asia-southeast2-a/-b): never cut them short
+    widest = max((len(z) for p in doc["policies"].values() for z in p["zones"]), default=4)
+    t.add_column("zone", min_width=widest)
+    for head in ("desired", "running", "overrides", "last decision"):
+        t.add_column(head)
     for name, p in doc["policies"].items():
         last = p["decisions"][0] if p["decisions"] else None
         last_txt = "-"
@@ -93,12 +108,13 @@ def status(as_json: bool) -> None:
         )
         rows = p["zones"] or {"?": {"desired": None, "running": None}}
         for i, (zone, z) in enumerate(rows.items()):
-            t.add_row(
+            cells = (
                 name if i == 0 else "", zone, str(z["desired"]), str(z["running"]),
                 (ovr or "-") if i == 0 else "", last_txt if i == 0 else "",
             )  # fmt: skip
+            t.add_row(*(Text(c) for c in cells))  # plain text: "[applied]" is no markup
         if p["job_error"]:
-            t.add_row("", "", "", "", "", f"job: {p['job_error']}")
+            t.add_row("", "", "", "", "", Text(f"job: {p['job_error']}"))
     con.print(t)
 
 
@@ -127,6 +143,13 @@ def plan(policy: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rec.to_dict(), indent=2, default=str))
         return
+    if rec.outcome == "failed":
+        if res.decision:
+            click.echo(res.decision.explain())
+        raise PlanFailed(f"{pol.name}: plan failed: {' | '.join(rec.errors) or rec.reason}")
+    if rec.skipped and not res.decision:
+        click.echo(f"{pol.name}: skipped: {rec.reason}")
+        return
     click.echo(res.decision.explain() if res.decision else f"{pol.name}: {rec.reason}")
     if rec.skipped:
         click.echo(f"skipped: {rec.reason}")
@@ -134,8 +157,6 @@ def plan(policy: str, as_json: bool) -> None:
         click.echo(f"  would {a}")
     if res.decision and not rec.actions:
         click.echo("  nothing to change")
-    for e in rec.errors:
-        click.echo(f"error: {e}", err=True)
 
 
 @click.command("forecast")
@@ -151,6 +172,8 @@ def forecast_cmd(policy: str, plot_file: str | None) -> None:
 
     settings = get_settings()
     pol = find_policy(settings, policy)
+    if plot_file and not Path(plot_file).resolve().parent.is_dir():
+        raise UsageError(f"--plot {plot_file}: folder {Path(plot_file).parent} does not exist")
     now = SystemClock().now()
     src = demand_for(settings)(pol)
     if pol.demand.source == "trace":  # a trace: forecast right after its last step
@@ -187,8 +210,12 @@ def forecast_cmd(policy: str, plot_file: str | None) -> None:
         ax.legend(loc="upper left")
         fig.autofmt_xdate()
         fig.tight_layout()
-        fig.savefig(plot_file, dpi=100)
-        plt.close(fig)
+        try:
+            fig.savefig(plot_file, dpi=100)
+        except OSError as e:
+            raise InputError(f"--plot {plot_file}: cannot write: {e.strerror or e}") from None
+        finally:
+            plt.close(fig)
         click.echo(f"plot written to {plot_file}")
 
 
@@ -217,6 +244,10 @@ def simulate_cmd(
 
     logging.getLogger("nomadscale").setLevel(logging.WARNING)
     pol = load_policy(policy_file) if policy_file else None
+    try:  # before the run, not after minutes of it
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out_dir}: cannot create the folder: {e.strerror or e}") from None
     con = Console(stderr=True)
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=con,

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nomadscale.config.policy import Policy, load_policies, load_policy
 from nomadscale.config.settings import Settings, load_settings
 from nomadscale.core.errors import UsageError
 from nomadscale.core.ports import KVPort
+
+if TYPE_CHECKING:
+    from nomadscale.integrations.consul import LockHolder
 
 
 def get_settings() -> Settings:
@@ -37,3 +41,17 @@ def consul_kv(settings: Settings) -> KVPort:
 
     token = settings.consul_token.reveal() if settings.consul_token else None
     return ConsulKV(addr=settings.consul_addr, token=token, cacert=settings.consul_cacert)
+
+
+def lock_holder(settings: Settings) -> LockHolder | None:
+    """Who holds the leader lock now: None when no session holds the key (a released or
+    expired lock keeps its last holder's name as the key's value)."""
+    if not settings.consul_addr:
+        raise UsageError("CONSUL_HTTP_ADDR: not set (the leader lock lives in Consul)")
+    from nomadscale.integrations.consul import ConsulLock
+    from nomadscale.service.runtime import lock_key
+
+    token = settings.consul_token.reveal() if settings.consul_token else None
+    lock = ConsulLock(addr=settings.consul_addr, key=lock_key(settings), token=token,
+                      cacert=settings.consul_cacert)  # fmt: skip
+    return lock.leader()

@@ -53,6 +53,27 @@ class Secret:
         return bool(self._value)
 
 
+# settings holding a URL, which may carry ``user:password@`` (a Prometheus behind basic auth)
+URL_FIELDS = (
+    "nomad_addr",
+    "consul_addr",
+    "prometheus_url",
+    "gce_api_url",
+    "pagerduty_api_url",
+    "pagerduty_events_url",
+)
+
+
+def url_password(url: str | None) -> str | None:
+    """The password of a ``scheme://user:password@host`` URL, if it has one."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password if url and "@" in url else None
+    except ValueError:
+        return None
+
+
 def reveal(secret: Secret | None) -> str | None:
     return secret.reveal() if secret is not None else None
 
@@ -114,6 +135,8 @@ class Settings:
                 out[f.name] = "<set>"
             elif isinstance(v, tuple) and v and isinstance(v[0], Secret):
                 out[f.name] = f"<{len(v)} set>"
+            elif f.name in URL_FIELDS and (pw := url_password(v)):
+                out[f.name] = str(v).replace(f":{pw}@", ":***@", 1)
             else:
                 out[f.name] = v
         return out
@@ -233,4 +256,12 @@ def load_settings(
     ):
         if var in env and fld not in values:
             values[fld] = Secret(_read_secret_file(var, env[var]))
+    for fld in URL_FIELDS:
+        # client libraries repeat their URL in error texts: mask its password in any log line
+        pw = url_password(values.get(fld))
+        if pw:
+            from urllib.parse import unquote
+
+            register_secret(pw)
+            register_secret(unquote(pw))
     return Settings(**values)

@@ -6,6 +6,7 @@ on the same server. ``HttpServer`` runs uvicorn in a thread (loopback by default
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -58,15 +59,27 @@ class HttpServer:
     """uvicorn in a background thread; ``stop()`` asks it to exit and waits (bounded)."""
 
     def __init__(self, app: Starlette, *, host: str, port: int, grace_s: float = 5.0) -> None:
-        # grace_s: requests still running at stop() are cancelled after that
+        # grace_s: requests still running at stop() are cancelled after that. log_config=None:
+        # uvicorn's lines go through nomadscale's handler (JSON logs, secret redaction)
+        # instead of uvicorn's own plain-text handlers
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                log_config=None,
                                 timeout_graceful_shutdown=max(1, round(grace_s)))  # fmt: skip
         self.grace_s = grace_s
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
         self.host, self.port = host, port
+        self._failure: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self._server.run()
+        except BaseException as e:  # uvicorn exits (SystemExit) or raises when it cannot bind
+            self._failure = e
 
     def start(self, *, timeout_s: float = 10.0) -> HttpServer:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"NOMADSCALE_HTTP_PORT: {self.port} is not a TCP port (0-65535)")
         self._thread.start()
         waited = threading.Event()
         for _ in range(int(timeout_s / 0.05)):
@@ -75,10 +88,15 @@ class HttpServer:
             waited.wait(0.05)
         if not self._server.started:
             self.stop()
+            why = "address in use or not permitted"
+            if self._failure is not None and not isinstance(self._failure, SystemExit):
+                why = str(self._failure) or type(self._failure).__name__
             raise ConfigError(
-                f"NOMADSCALE_HTTP_HOST/PORT: cannot serve HTTP on {self.host}:{self.port} "
-                "(address in use or not permitted)"
+                f"NOMADSCALE_HTTP_HOST/PORT: cannot serve HTTP on {self.host}:{self.port} ({why})"
             )
+        if self.port == 0:  # the operator asked for any free port: say which one
+            with contextlib.suppress(AttributeError, IndexError, OSError):
+                self.port = int(self._server.servers[0].sockets[0].getsockname()[1])
         log.info("http: serving on %s:%s", self.host, self.port)
         return self
 

@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 LOCK_ALERT = "nomadscale/lock-unavailable"
 
 
+def renew_interval(ttl_s: float) -> float:
+    """How often the lock tick renews a lock of ``ttl_s``."""
+    return max(1.0, min(ttl_s / 3, ttl_s - 10.0))
+
+
 class Service:
     """The autoscaler for a set of policies. ``run_policy`` is what every trigger calls."""
 
@@ -75,8 +80,7 @@ class Service:
         self.ports = ports
         self.clock = clock
         self.dry_run = dry_run
-        ttl = settings.lock_ttl_s
-        self.renew_s = renew_s if renew_s is not None else max(1.0, min(ttl / 3, ttl - 10.0))
+        self.renew_s = renew_s if renew_s is not None else renew_interval(settings.lock_ttl_s)
         if check:
             check_timing(policies, ttl_s=settings.lock_ttl_s, renew_s=self.renew_s)
         self.misfire_grace_s = misfire_grace_s
@@ -84,6 +88,7 @@ class Service:
         self.stop_event = threading.Event()
         self._lock_down_since: float | None = None
         self._lock_alerted = False
+        self.lock_error: str | None = None  # why the last election failed, None when it ran
         self.control = Control(ports.kv, prefix=settings.kv_prefix)
         self.metrics = metrics or Metrics()
         self.recorder = Recorder(
@@ -129,10 +134,12 @@ class Service:
                 return self.leader
             try:
                 now_leader = bool(self.ports.lock.acquire())
+                self.lock_error = None
                 self._lock_reachable()
             except NomadscaleError as e:
                 log.warning("leader lock: %s", e)
                 now_leader = False
+                self.lock_error = str(e)
                 self._lock_unreachable(e)
             if now_leader != self.leader:
                 # forecasters stay: standbys keep theirs up to date (see run_policy)
@@ -208,6 +215,9 @@ class Service:
             if not self.elect():
                 rec = CycleRecord(policy=name, started_at=now, outcome="skipped",
                                   skipped="not-leader", reason="not the leader")  # fmt: skip
+                if self.lock_error is not None:  # nobody may lead: say why, not "not leader"
+                    rec.skipped = "lock-unavailable"
+                    rec.reason = f"leader lock unavailable: {self.lock_error}"
                 self.metrics.observe(rec)
                 runner.warm(slot=self.slot_of(name, now))  # a takeover then starts warm
                 return CycleResult(record=rec)
@@ -270,12 +280,32 @@ class Service:
                 runner.warm(slot=self.slot_of(name, self.clock.now()))
 
     def run_once(self) -> list[CycleResult]:
+        """One cycle of every policy (``run --once``). The lock is renewed meanwhile, as the
+        lock tick does in the running service: a cycle can wait many minutes for a Nomad
+        deployment or for drains, and a lock left to expire meanwhile would abandon the rest
+        of the cycle and leave its decision unrecorded."""
+        done = threading.Event()
+        renewer = None
+        if not self.dry_run:
+            renewer = threading.Thread(target=self._renew_until, args=(done,),
+                                       name="lock-renew", daemon=True)  # fmt: skip
+            renewer.start()
         out = []
-        for name in self.policies:
-            r = self.run_policy(name)
-            if r is not None:
-                out.append(r)
+        try:
+            for name in self.policies:
+                r = self.run_policy(name)
+                if r is not None:
+                    out.append(r)
+        finally:
+            done.set()
+            if renewer is not None:
+                renewer.join(timeout=30.0)
         return out
+
+    def _renew_until(self, done: threading.Event) -> None:
+        while not done.wait(self.renew_s):
+            if self.leader:
+                self.elect()
 
     def _scheduled(self, name: str) -> None:
         try:

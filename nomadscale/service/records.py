@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from nomadscale.core.errors import NomadscaleError
+from nomadscale.core.logs import redact
 from nomadscale.core.ports import AlertPort, KVPort
 from nomadscale.service.ops_metrics import ProcessFamilies
 
@@ -159,6 +160,10 @@ class Recorder:
         fail_threshold: int = 3,
         capacity_rpm: float | None = None,
     ) -> None:
+        # errors quote client libraries, which may repeat a secret (a URL's password): a
+        # record goes to the log, Consul KV, /status and the exit message of `run --once`
+        rec.reason = redact(rec.reason)
+        rec.errors = [redact(e) for e in rec.errors]
         self.last[rec.policy] = rec
         self.recent.append(rec)
         self.metrics.observe(rec)

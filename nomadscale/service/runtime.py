@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 from nomadscale.config.policy import Policy
 from nomadscale.config.settings import Secret, Settings
 from nomadscale.core.clock import Clock, SystemClock
-from nomadscale.core.errors import ConfigError
+from nomadscale.core.errors import ConfigError, PermanentError
 from nomadscale.core.ports import AlertPort, DemandSource, NodePoolPort
 from nomadscale.service import systemd
-from nomadscale.service.cycle import Ports
+from nomadscale.service.cycle import CycleResult, Ports
 from nomadscale.service.http import HttpServer, create_app
 from nomadscale.service.loop import Service
 from nomadscale.service.ops_metrics import DeployCollector
@@ -137,6 +137,23 @@ def stopping(signals: StopSignals) -> None:
     if not signals.requested:
         signals.request()
     systemd.notify("STOPPING=1")
+
+
+class CyclesFailed(PermanentError):
+    """``run --once``: a cycle failed, or no cycle could run (the leader lock unavailable)."""
+
+
+def check_lock_ttl(settings: Settings, policies: Sequence[Policy]) -> None:
+    """The lock timing check, before anything is built, naming the setting to change."""
+    from nomadscale.service.loop import renew_interval
+    from nomadscale.service.timing import check_timing
+
+    ttl = settings.lock_ttl_s
+    try:
+        check_timing(policies, ttl_s=ttl, renew_s=renew_interval(ttl))
+    except ConfigError as e:
+        errors = [f"NOMADSCALE_LOCK_TTL={ttl:g}s: {x}" for x in e.errors]
+        raise ConfigError("; ".join(errors), errors=errors) from None
 
 
 def lock_key(settings: Settings) -> str:
@@ -279,6 +296,25 @@ def build_ports(
     )
 
 
+def _run_once(svc: Service, signals: StopSignals | None) -> list[CycleResult]:
+    """``svc.run_once()`` in a worker thread while this (main) thread waits for SIGTERM/SIGINT:
+    a stop request ends the cycle at its next safe point (between two writes), as in the
+    running service, and releases the lock, instead of killing it anywhere in between."""
+    results: list[CycleResult] = []
+    worker = threading.Thread(target=lambda: results.extend(svc.run_once()), name="once",
+                              daemon=True)  # fmt: skip
+    worker.start()
+    while worker.is_alive():
+        if signals is not None and signals.wait(0.5):
+            log.info("received %s: stopping the cycle at its next safe point", signals.name)
+            stopping(signals)
+            svc.stop_event.set()  # checked before every write; the caller then releases
+            worker.join(timeout=30.0)
+            break
+        worker.join(0.5)
+    return results
+
+
 def run_service(
     settings: Settings,
     policies: Sequence[Policy],
@@ -310,10 +346,19 @@ def run_service(
         on_leader=on_leader, after_cycle=after_cycle, lock_watch=ports.lock_watch,
     )  # fmt: skip
     if once:
-        for r in svc.run_once():
+        results = _run_once(svc, signals)
+        for r in results:
             log.info("once: %s", r.record.line())
         if not dry_run:
             svc.stop()
+        bad = [r.record for r in results
+               if r.record.outcome in ("failed", "aborted")
+               or r.record.skipped == "lock-unavailable"]  # fmt: skip
+        if bad:  # exit 1: a cron job or a script must see that nothing (or not all) applied
+            raise CyclesFailed(
+                f"{len(bad)} of {len(results)} cycles did not complete: "
+                + "; ".join(f"{r.policy}: {r.reason or ' | '.join(r.errors)}" for r in bad)
+            )
         return svc
     if signals is None:
         signals = StopSignals().install()

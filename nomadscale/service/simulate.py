@@ -24,7 +24,7 @@ import numpy as np
 from nomadscale.config.policy import Policy
 from nomadscale.config.settings import Settings
 from nomadscale.core.clock import FakeClock
-from nomadscale.core.errors import InputError
+from nomadscale.core.errors import InputError, NomadscaleError
 from nomadscale.integrations.tracefile import TraceDemandSource
 from nomadscale.service.cycle import Ports
 from nomadscale.service.forecasts import lookback_s
@@ -305,6 +305,10 @@ def simulate(
 
             kv: Any = ConsulKV(addr=consul_addr)
             lock: Any = ConsulLock(addr=consul_addr, key="nomadscale-sim/leader", ttl_s=30)
+            try:  # now, in one line: not a run of cycles all skipped for want of the lock
+                lock.acquire()
+            except NomadscaleError as e:
+                raise InputError(f"--consul {consul_addr}: {e}") from None
         else:
             from nomadscale.integrations.memkv import MemoryKV, MemoryLock
 

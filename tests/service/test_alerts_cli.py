@@ -65,6 +65,7 @@ def test_run_reports_a_config_error_in_one_line(tmp_path: Path) -> None:
     bad.mkdir()
     doc = make_policy().to_yaml_dict()
     doc["cycle"] = "7m"  # does not divide a day
+    doc["lead_time"] = "5m"  # (shorter than the cycle: the one mistake in the file)
     (bad / "ekyc.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     env = {"NOMADSCALE_CONFIG": str(tmp_path / "settings.yaml"), "NOMADSCALE_POLICIES": str(bad)}
     for extra, want in (
