@@ -90,6 +90,10 @@ class NomadPort(Protocol):
         """Scale status plus the active deployment; NotFoundError when the job is missing."""
         ...
 
+    def get_job(self, job_id: str, *, namespace: str | None = None) -> JobInfo:
+        """The job with its full spec; NotFoundError when it is missing."""
+        ...
+
     def scale(
         self,
         job_id: str,

@@ -32,6 +32,7 @@ from nomadscale.core.ports import (
     NodeInfo,
     NodePoolPort,
     NomadPort,
+    pinned_datacenter,
 )
 from nomadscale.core.values import Decision, new_id
 from nomadscale.integrations.consul import update_json
@@ -168,7 +169,28 @@ class CycleRunner:
 
         update_json(self.ports.kv, self.removals_key, fn, default={})
 
+    def _zone_of_datacenter(self) -> dict[str, str]:
+        """Nomad datacenter -> policy zone. A zone's nodes are those of the datacenter named
+        like it or, when the zones are named after the cloud's (``asia-southeast2-a``) and the
+        Nomad datacenters otherwise (``zone-a``), of the datacenter its group is pinned to."""
+        zones = self.policy.zones.items
+        out = {z.name: z.name for z in zones}
+        t = self.policy.target
+        try:
+            spec = self.ports.nomad.get_job(t.job, namespace=t.namespace).spec
+        except NomadscaleError as e:
+            log.warning("%s: job spec unreadable, zones matched to datacenters by name: %s",
+                        self.policy.name, e)  # fmt: skip
+            return out
+        for z in zones:
+            dc = pinned_datacenter(spec, z.group)
+            if dc and dc not in out:
+                out[dc] = z.name
+        return out
+
     def _nodes(self, *, with_allocs: bool) -> dict[str, list[NodeInfo]]:
+        """The pools' nodes by policy zone."""
+        zone_of = self._zone_of_datacenter()
         by_zone: dict[str, list[NodeInfo]] = {}
         for pool in sorted({z.node_pool for z in self.policy.zones.items}):
             if with_allocs:
@@ -179,7 +201,8 @@ class CycleRunner:
             else:
                 nodes = self.ports.nomad.list_nodes(node_pool=pool)
             for n in nodes:
-                by_zone.setdefault(n.datacenter, []).append(n)
+                if n.datacenter in zone_of:
+                    by_zone.setdefault(zone_of[n.datacenter], []).append(n)
         return by_zone
 
     def _views(self, *, with_allocs: bool, pending: dict[str, dict[str, str]]) -> list[ZoneView]:

@@ -7,7 +7,7 @@ It runs as its own small HTTP server on loopback (``ComputeServer``), sharing th
 
 * ``GET  /compute/v1/projects/P/zones/Z/instanceGroupManagers/NAME``
 * ``POST .../instanceGroupManagers/NAME/resize?size=N``: new instances join the twin as Nomad
-  nodes (name = instance name, datacenter = zone, node pool from the MIG config) in status
+  nodes (name = instance name, datacenter = zone unless the MIG names another, node pool from the MIG config) in status
   ``initializing``; the twin boots them after its ``boot_s`` on the cluster clock, then they
   pull images as allocations start on them. Shrinking removes the newest instances.
 * ``POST .../listManagedInstances``
@@ -50,6 +50,7 @@ class Mig:
     node_class: str = ""
     meta: dict[str, str] = field(default_factory=dict)
     images: tuple[str, ...] = ()
+    datacenter: str = ""  # the Nomad datacenter of its nodes ("": named like the zone)
     target_size: int = 0
     instances: dict[str, str] = field(default_factory=dict)  # instance name -> node id
     created: dict[str, datetime] = field(default_factory=dict)
@@ -75,15 +76,17 @@ class ComputeSim:
         meta: dict[str, str] | None = None,
         images: Iterable[str] = (),
         adopt_existing: bool = True,
+        datacenter: str | None = None,
     ) -> Mig:
         """Declare a MIG. With ``adopt_existing`` the twin's live nodes in that zone and pool
         become its instances (so a pre-built fleet is managed from the start)."""
         with self.cluster.lock:
-            mig = Mig(name, zone, node_pool, node_class, dict(meta or {}), tuple(images))
+            dc = datacenter or zone
+            mig = Mig(name, zone, node_pool, node_class, dict(meta or {}), tuple(images), dc)
             if adopt_existing:
                 for node in sorted(self.cluster.nodes.values(), key=lambda n: n.create_index):
                     if (
-                        node.datacenter == zone
+                        node.datacenter == dc
                         and node.node_pool == node_pool
                         and node.status != "down"
                     ):
@@ -119,7 +122,7 @@ class ComputeSim:
         meta = {"zone": mig.zone, **mig.meta}
         node_id = self.cluster.add_node(
             name=name,
-            datacenter=mig.zone,
+            datacenter=mig.datacenter or mig.zone,
             node_pool=mig.node_pool,
             node_class=mig.node_class,
             meta=meta,

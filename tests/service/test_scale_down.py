@@ -183,3 +183,56 @@ def test_dry_run_plans_without_writing(fleet: Fleet) -> None:
     assert out is not None and out.record.outcome == "planned"
     assert any(a.startswith("drain") for a in out.record.actions)
     assert [e for e in cluster.events[mark:] if e["type"] in ("scale", "drain")] == []
+
+
+def test_zones_named_after_the_cloud_find_their_nodes_through_the_pinned_datacenter(
+    twin_factory: TwinFactory,
+) -> None:
+    """The shipped naming: policy zones are GCE zones (``asia-southeast2-a``, where the MIGs
+    live), the job pins each group to a Nomad datacenter (``zone-a``). Scale-in still drains
+    the zone's oldest nodes before deleting exactly those instances."""
+    twin = twin_factory(nodes=6, node_pool="gpu")
+    cluster = twin.cluster
+    cluster.add_namespace("ekyc")
+    names = {"zone-a": "asia-southeast2-a", "zone-b": "asia-southeast2-b"}
+    sim = ComputeSim(cluster, project="proj")
+    for dc, gce_zone in names.items():
+        sim.add_mig(name=f"mig-{dc[-1]}", zone=gce_zone, datacenter=dc, node_pool="gpu")
+    clock = _SimClock(twin.clock, cluster.advance)
+    by_dc = make_policy(node_pool=True)  # zones named like the datacenters: builds the job
+    doc = by_dc.to_yaml_dict()
+    for z in doc["zones"]["list"]:
+        z["name"] = names[z["name"]]
+    policy = type(by_dc).model_validate(doc)
+    level = {"rpm": 560.0}
+    with ComputeServer(sim) as gce:
+        nomad = NomadClient(address=twin.address, clock=clock)
+        nomad.register_job(worker_job(by_dc, counts={"zone-a": 3, "zone-b": 3}, image="img:1"))
+        cluster.advance(600)
+        kv = MemoryKV(clock=clock)
+        lock = MemoryLock(kv=kv, key="ns/leader", ttl_s=30, lock_delay_s=0)
+        clock.on_tick = lock.acquire
+        pool = GceMigPool(project="proj", credentials=AnonymousCredentials(),
+                          base_url=gce.base_url, clock=clock, poll_s=1)  # fmt: skip
+        ports = Ports(nomad=nomad, kv=kv, lock=lock, pool_for=lambda _p: pool,
+                      demand_for=lambda _p: LevelDemand(lambda _t: level["rpm"]))  # fmt: skip
+        svc = Service(settings=Settings(kv_prefix="ns"), policies=[policy], ports=ports,
+                      clock=clock, poll_s=10)  # fmt: skip
+        oldest = {
+            dc: [n.name for n in sorted(cluster.nodes.values(), key=lambda n: n.create_index)
+                 if n.datacenter == dc][:2]
+            for dc in names
+        }  # fmt: skip
+        mark = len(cluster.events)
+        level["rpm"] = 120.0  # -> 2 workers: 1 per zone
+        out = svc.run_policy("ekyc")
+        assert out is not None and out.record.outcome == "applied", out.record.line()
+        events = cluster.events[mark:]
+        by_id = {n.id: n.name for n in cluster.nodes.values()}
+        drained = [by_id[e["node_id"]] for e in events
+                   if e["type"] == "drain" and e["phase"] == "start"]  # fmt: skip
+        removed = [e["name"] for e in events if e["type"] == "node_removed"]
+        assert sorted(drained) == sorted(oldest["zone-a"] + oldest["zone-b"]), drained
+        assert sorted(removed) == sorted(drained)
+        assert sim.size("asia-southeast2-a", "mig-a") == 1
+        assert sim.size("asia-southeast2-b", "mig-b") == 1
