@@ -68,5 +68,12 @@ def setup_logging(*, level: str = "INFO", json_logs: bool = False, stream: Any =
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for noisy in ("urllib3", "apscheduler.executors", "httpx", "httpcore", "uvicorn.access"):
+    for noisy in (
+        "urllib3",
+        "apscheduler.executors",
+        "apscheduler.scheduler",  # "Added job" on every takeover or kick
+        "httpx",
+        "httpcore",
+        "uvicorn.access",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
