@@ -235,21 +235,22 @@ def drain(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
 def surge(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
     t = _target(ctx, run)
     s = run.get("surge")
-    if s and s.get("target") is not None:
-        if not ctx.dry_run:  # absolute count: repeating after a crash is harmless
-            st = ctx.nomad.job_status(t.job, namespace=t.namespace)
-            if _group(ctx, t, st).desired < s["target"]:
-                if st.active_deployment:
-                    return _deployment_busy(t.job, st.active_deployment)
-                busy = _scale(ctx, t.job, t.group, s["target"], message=_msg(run, "surge"),
-                              namespace=t.namespace)  # fmt: skip
-                if busy is not None:
-                    return busy
+    if s and s.get("target") is not None and not ctx.dry_run:
+        st = ctx.nomad.job_status(t.job, namespace=t.namespace)  # absolute count: repeating
+        if _group(ctx, t, st).desired < s["target"]:  # after a crash is harmless
+            if st.active_deployment:
+                return _deployment_busy(t.job, st.active_deployment)
+            busy = _scale(ctx, t.job, t.group, s["target"], message=_msg(run, "surge"),
+                          namespace=t.namespace)  # fmt: skip
+            if busy is not None:
+                return busy
         return Done(f"surge of {t.group} to {s['target']} in place")
     st = ctx.nomad.job_status(t.job, namespace=t.namespace)
     g = _group(ctx, t, st)
     target = g.desired + step.count
-    if ctx.dry_run:
+    if ctx.dry_run:  # what release_surge would release (nothing is scaled)
+        run["surge"] = {"job": t.job, "namespace": t.namespace, "group": t.group,
+                        "count": step.count, "original": g.desired, "target": None}  # fmt: skip
         return Done(f"would scale {t.job}/{t.group} {g.desired} -> {target}")
     if st.active_deployment:
         return _deployment_busy(t.job, st.active_deployment)
@@ -275,7 +276,7 @@ def release_surge(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
     if not s or s.get("released"):
         return Done("no surge to release")
     if ctx.dry_run:
-        return Done(f"would release surge of {s['group']}")
+        return Done(f"would release the surge of {s['job']}/{s['group']} ({s['count']} worker(s))")
     st = ctx.nomad.job_status(s["job"], namespace=s["namespace"])
     if s.get("release_target") is None:
         s["release_target"] = max(0, st.groups[s["group"]].desired - int(s["count"]))
@@ -356,7 +357,8 @@ def verify_gpu(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
         return Done(f"would run the GPU check on {node.name}")
     checker = gpucheck.GpuChecker(ctx.nomad)
     if not ss.get("check_id"):
-        ss["check_id"] = f"{run['id'][:8]}{run['step']:02d}"
+        again = f"r{run['rewinds']}" if run.get("rewinds") else ""  # escalation: a new check
+        ss["check_id"] = f"{run['id'][:8]}{run['step']:02d}{again}"
         checker.start(nid, ss["check_id"])
         return Waiting(f"GPU check {ss['check_id']} requested on {node.name}")
     expected = gpucheck.expected_gpu_count(node.meta, step.expected_gpus)

@@ -7,10 +7,10 @@ run that was interrupted. Safety limits: one healing run per zone at a time (a K
 zone, value = run id), a global rate limit (runs started in the last hour), and the drain
 action refuses to go below the policy's per-zone share of ``bounds.min``.
 
-``RunbookMetrics`` counts triggers and finished runs, times them and gauges the runs this
-process drives. The default instance lives in prometheus_client's process registry, whose
-``nomadscale_*`` families the service forwards to its ``/metrics`` (the service must not
-import healing, and the CLI builds the engine in the service's process).
+A trigger for the parameters of an active run is its duplicate, but a stronger maintenance
+event is passed on to it (``healing.escalation``); a dry run is never a duplicate (it changes
+nothing) and never makes one. ``RunbookMetrics`` (``healing.metrics``) counts triggers and
+finished runs, times them and gauges the runs this process drives.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-
 from nomadscale.core.clock import Clock, SystemClock
 from nomadscale.core.errors import (
     NomadscaleError,
@@ -36,52 +34,13 @@ from nomadscale.core.errors import (
 )
 from nomadscale.core.ports import KVPort
 from nomadscale.core.values import new_id
-from nomadscale.healing import actions
+from nomadscale.healing import actions, escalation
+from nomadscale.healing.metrics import DEFAULT_METRICS, TRIGGER_SOURCES, RunbookMetrics
 from nomadscale.healing.runbook import PARAM_PATTERNS, Runbook, step_timeout
 
+__all__ = ["DEFAULT_METRICS", "TRIGGER_SOURCES", "EngineLimits", "RunbookEngine", "RunbookMetrics"]
 log = logging.getLogger(__name__)
 ACTIVE = ("pending", "running")
-TRIGGER_SOURCES = ("pagerduty", "maintenance", "manual")  # webhook, watcher report, CLI
-
-
-class RunbookMetrics:
-    """Prometheus metrics of runbook runs, in ``registry`` (default: the process registry)."""
-
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        r = registry
-        self.runs = Counter(
-            "nomadscale_runbook_runs", "Finished runbook runs by outcome (succeeded, failed, "
-            "refused)", ["runbook", "outcome", "dry_run"], registry=r,
-        )  # fmt: skip
-        self.duration = Histogram(
-            "nomadscale_runbook_run_duration_seconds", "Runbook run time, submitted to finished",
-            ["runbook"], buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
-            registry=r,
-        )  # fmt: skip
-        self.triggers = Counter(
-            "nomadscale_runbook_triggers", "Runbook triggers by source (pagerduty, maintenance, "
-            "manual) and result (accepted, duplicate, refused)", ["runbook", "source", "result"],
-            registry=r,
-        )  # fmt: skip
-        self.in_progress = Gauge(
-            "nomadscale_runbook_runs_in_progress", "Runbook runs this process is driving",
-            ["runbook"], registry=r,
-        )  # fmt: skip
-
-    def triggered(self, runbook: str, trigger: str, result: str) -> None:
-        source = trigger.split(":", 1)[0]
-        source = source if source in TRIGGER_SOURCES else "other"
-        self.triggers.labels(runbook, source, result).inc()
-
-    def finished(self, run: Mapping[str, Any], now: datetime) -> None:
-        rb, status = str(run["runbook"]), str(run["status"])
-        self.runs.labels(rb, status, "true" if run["dry_run"] else "false").inc()
-        if status != "refused":
-            took = (now - datetime.fromisoformat(run["created_at"])).total_seconds()
-            self.duration.labels(rb).observe(max(0.0, took))
-
-
-DEFAULT_METRICS = RunbookMetrics()
 
 
 @dataclass(frozen=True)
@@ -189,11 +148,11 @@ class RunbookEngine:
         }
         run["values"]["run.id"] = run["id"]
         with self._submit_lock:
-            dup = self._active_duplicate(rb.name, values)
-            if dup is not None:
-                log.info("runbook %s already running for these parameters as %s", rb.name, dup)
-                self.metrics.triggered(rb.name, trigger, "duplicate")
-                return {**(self.get_run(dup) or {"id": dup}), "duplicate": True}
+            active = self._active_duplicate(rb.name, values)
+            if active is not None and not dry_run:
+                return self._duplicate(rb, active, values, trigger, now)
+            if active is not None:  # a dry run changes nothing: it runs, and says so
+                self._note_active(run, active)
             refusal = self._refusal(run, now)
             if refusal is None and not dry_run and values.get("zone") and rb.policy:
                 if self._lock_zone(values["zone"], run["id"]):
@@ -244,10 +203,40 @@ class RunbookEngine:
             values["datacenter"] = node.datacenter
         return values
 
+    def _duplicate(
+        self, rb: Runbook, active: str, values: Mapping[str, str], trigger: str, now: datetime
+    ) -> dict[str, Any]:
+        """The active run for a trigger with the same parameters; a stronger maintenance
+        event (a stop after a live-migration notice) is passed on to it."""
+        other = self.get_run(active) or {"id": active, "values": {}}
+        event = values.get("event")
+        result = "duplicate"
+        if event and escalation.escalates(rb, other["values"].get("event"), event):
+            escalation.request(self.kv, self.prefix, active, event, trigger, now.isoformat())
+            result = "escalated"
+        log.info("runbook %s already running for these parameters as %s (%s)", rb.name,
+                 active, result)  # fmt: skip
+        self.metrics.triggered(rb.name, trigger, result)
+        return {**other, "duplicate": True, "escalated": result == "escalated"}
+
+    def _note_active(self, run: dict[str, Any], active: str) -> None:
+        other = self.get_run(active) or {}
+        trig = other.get("trigger", "-")
+        run["active_run"] = {"id": active, "trigger": trig, "status": other.get("status")}
+        detail = f"run {active} (trigger {trig}) is active for these parameters; this dry run "
+        detail += "changes nothing"
+        at = run["created_at"]
+        run["results"].append(
+            {"phase": "main", "step": 0, "action": "dry_run", "status": "note", "detail": detail,
+             "at": at}
+        )  # fmt: skip
+        log.info("dry run %s of %s while run %s is active", run["id"], run["runbook"], active)
+
     def _active_duplicate(self, runbook: str, values: Mapping[str, str]) -> str | None:
+        """The active (not dry) run of ``runbook`` for the same node/allocation/zone."""
         key = values.get("node.id") or values.get("allocation.id") or values.get("zone")
         for r in self.list_runs():
-            if r["runbook"] == runbook and r["status"] in ACTIVE:
+            if r["runbook"] == runbook and r["status"] in ACTIVE and not r.get("dry_run"):
                 v = r["values"]
                 if (v.get("node.id") or v.get("allocation.id") or v.get("zone")) == key:
                     return str(r["id"])
@@ -318,6 +307,9 @@ class RunbookEngine:
                 if max_calls is not None and calls >= max_calls:
                     return run
                 calls += 1
+                if escalation.watched(rb, run):
+                    escalation.take(self.kv, self.prefix, rb, run, save=self._save,
+                                    now_iso=self.clock.now().isoformat())  # fmt: skip
                 self._step_once(rb, ctx, run)
         if run["status"] not in ACTIVE:
             self._finalize(run)
@@ -417,19 +409,23 @@ class RunbookEngine:
         if run.get("finalized"):
             return
         self._unlock_zone(run)
+        if run["values"].get("event"):  # an escalation that came too late
+            self.kv.delete(escalation.key(self.prefix, run["id"]))
         incident = run["values"].get("incident.id")
         if incident and self.notes is not None and not run["dry_run"]:
-            text = summary(run)
-            try:
-                self.notes.add_note(incident, text)
-                if run["status"] == "succeeded":
-                    self.notes.resolve(incident)
-            except NomadscaleError as exc:
-                log.warning("run %s: could not update incident %s: %s", run["id"], incident, exc)
+            self._tell(run, "add the final note to", self.notes.add_note, incident, summary(run))
+            if run["status"] == "succeeded":  # even when the note could not be added
+                self._tell(run, "resolve", self.notes.resolve, incident)
         run["finalized"] = True
         self._save(run)
         self.metrics.finished(run, self.clock.now())  # after the save: counted once
         log.info("runbook %s run %s finished: %s", run["runbook"], run["id"], run["status"])
+
+    def _tell(self, run: Mapping[str, Any], what: str, fn: Any, incident: str, *a: str) -> None:
+        try:
+            fn(incident, *a)
+        except NomadscaleError as exc:
+            log.warning("run %s: could not %s incident %s: %s", run["id"], what, incident, exc)
 
     # --- workers and resume ------------------------------------------------------------------
 

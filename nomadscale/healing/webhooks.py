@@ -218,11 +218,12 @@ class Dispatcher:
             self._tell(incident, f"nomadscale runbook {name} not started: {exc}")
             raise
         if run.get("duplicate"):  # e.g. the watcher reported this maintenance first
+            passed = f" {params.get('event')} was passed on to it;" if run.get("escalated") else ""
             self._tell(
                 incident,
                 f"nomadscale runbook {name} is already running for these parameters as run "
-                f"{run['id']} (trigger {run.get('trigger', '-')}); this incident gets no "
-                "further notes from it",
+                f"{run['id']} (trigger {run.get('trigger', '-')});{passed} this incident gets "
+                "no further notes from it",
             )
             return
         if run["status"] == "pending":
