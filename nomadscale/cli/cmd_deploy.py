@@ -24,8 +24,8 @@ from nomadscale.deploy.image import parse_image
 from nomadscale.deploy.prefetch import ensure_prefetch_job
 from nomadscale.deploy.prefetch import prefetch as run_prefetch
 from nomadscale.deploy.progress import LiveProgress, status_table
-from nomadscale.deploy.rollout import Rollout
-from nomadscale.deploy.state import StateStore
+from nomadscale.deploy.rollout import NothingToDo, Rollout
+from nomadscale.deploy.state import StateStore, phase_text
 
 
 def _policy(name: str, settings: Any) -> Policy:
@@ -39,19 +39,29 @@ def _policy(name: str, settings: Any) -> Policy:
     raise UsageError(f"POLICY {name!r}: no such policy in {settings.policies}")
 
 
-def _ports(policy: Policy | None, *, need_demand: bool = False) -> dict[str, Any]:
+def _ports(
+    policy: Policy | None, *, need_demand: bool = False, need_kv: bool = True
+) -> dict[str, Any]:
+    """Nomad, Consul KV and the policy's other ports. Without ``need_kv`` (a dry run reads
+    no rollout state it could not plan without) a missing CONSUL_HTTP_ADDR gives an empty
+    in-memory KV."""
     from nomadscale.integrations.consul import ConsulKV
+    from nomadscale.integrations.memkv import MemoryKV
     from nomadscale.integrations.nomad import NomadClient
     from nomadscale.service.runtime import alerts_for, demand_for
 
     settings = load_settings()
-    if not settings.consul_addr:
+    if not settings.consul_addr and need_kv:
         raise ConfigError("CONSUL_HTTP_ADDR: not set (rollout state lives in Consul KV)")
     token = settings.consul_token.reveal() if settings.consul_token else None
     out: dict[str, Any] = {
         "settings": settings,
         "nomad": NomadClient.from_settings(settings, clock=SystemClock()),
-        "kv": ConsulKV(addr=settings.consul_addr, token=token, cacert=settings.consul_cacert),
+        "kv": (
+            ConsulKV(addr=settings.consul_addr, token=token, cacert=settings.consul_cacert)
+            if settings.consul_addr
+            else MemoryKV()
+        ),
         "prefix": settings.kv_prefix,
     }
     if policy is not None:
@@ -66,10 +76,16 @@ def _ports(policy: Policy | None, *, need_demand: bool = False) -> dict[str, Any
 
 
 def _rollout(
-    name: str, *, reporter: Any = None, need_demand: bool = False, gated: bool = False
+    name: str,
+    *,
+    reporter: Any = None,
+    need_demand: bool = False,
+    gated: bool = False,
+    need_kv: bool = True,
 ) -> Rollout:
     """The policy's rollout; ``gated``: it is driven (start, resume), so the policy's SLI gate
-    needs Prometheus (without it the canary would be promoted on health alone)."""
+    needs Prometheus (without it the canary would be promoted on health alone). Without
+    ``need_kv`` (a dry run) it may have no Consul: its KV is then an empty one in memory."""
     settings = load_settings()
     policy = _policy(name, settings)
     sli = policy.deploy.sli if policy.deploy else None
@@ -78,7 +94,7 @@ def _rollout(
             f"PROMETHEUS_URL: not set (policy {policy.name}: deploy.sli gates the rollout "
             "on Prometheus queries)"
         )
-    p = _ports(policy, need_demand=need_demand)
+    p = _ports(policy, need_demand=need_demand, need_kv=need_kv)
     return Rollout(
         policy=policy, nomad=p["nomad"], kv=p["kv"], clock=SystemClock(), prefix=p["prefix"],
         prometheus=p.get("prometheus"), demand=p.get("demand"), alerts=p.get("alerts"),
@@ -131,21 +147,38 @@ def start(policy: str, image: str, dry_run: bool, yes: bool, no_prefetch: bool) 
     ref = parse_image(image).ref
     console = Console()
     if dry_run:
-        r = _rollout(policy, need_demand=True, gated=True)
+        # planning reads Nomad and the demand only: without Consul it says what it could not
+        # check (whether another rollout runs) instead of refusing
+        r = _rollout(policy, need_demand=True, gated=True, need_kv=False)
+        if r.runs_already(ref):
+            click.echo(f"deploy {policy}: every zone group already runs {ref}: nothing to do")
+            return
         plan = r.plan(ref, prefetch=not no_prefetch)
         console.print(f"deploy {policy} {ref}: {plan.explain()}")
+        if not load_settings().consul_addr:
+            console.print("CONSUL_HTTP_ADDR not set: whether another rollout runs was not "
+                          "checked (a start needs Consul)")  # fmt: skip
+            return
         old = r.status()
         if old is not None and old.active:  # the plan is right, the start would be refused
             raise InputError(
-                f"deploy {policy}: rollout {old.id} of {old.image} is {old.status}: a start "
-                "is refused until it ends ('deploy resume' or 'deploy abort')"
+                f"deploy {policy}: rollout {old.id} of {old.image} is {phase_text(old.status)}: "
+                "a start is refused until it ends ('deploy resume' or 'deploy abort')"
             )
+        return
+    r = _rollout(policy, need_demand=True, gated=True)
+    if r.runs_already(ref):  # before the confirmation: there is nothing to confirm
+        click.echo(f"deploy {policy}: every zone group already runs {ref}: nothing to do")
         return
     if not yes:
         click.confirm(f"Roll out {ref} to {policy}?", abort=True)
-    with LiveProgress() as live:
-        r = _rollout(policy, reporter=live, need_demand=True, gated=True)
-        st = r.start(ref, prefetch=not no_prefetch)
+    try:
+        with LiveProgress() as live:
+            r.reporter = live
+            st = r.start(ref, prefetch=not no_prefetch)
+    except NothingToDo as e:  # it ran it by the time the start looked again
+        click.echo(str(e))
+        return
     _done(st, console)
 
 
@@ -158,13 +191,18 @@ def status(policy: str | None, as_json: bool) -> None:
     """Show the rollout record of POLICY (or of every policy)."""
     p = _ports(None)
     store = StateStore(p["kv"], prefix=p["prefix"])
-    if policy and Path(policy).is_file():  # a policy file, as the other deploy commands take
+    named = bool(policy) and not Path(str(policy)).is_file()
+    if policy and not named:  # a policy file, as the other deploy commands take
         policy = load_policy(policy).name
     names = [policy] if policy else sorted(
         {e.key.split("/")[-2] for e in p["kv"].list(f"{p['prefix'].strip('/')}/deploy/")}
     )  # fmt: skip
     console = Console()
     records = {name: store.load(name)[0] for name in names}
+    if named and policy and records[policy] is None:  # a name no policy has: a usage error
+        settings = p["settings"]
+        if not any(x.name == policy for x in load_policies([settings.policies])):
+            raise UsageError(f"POLICY {policy!r}: no such policy in {settings.policies}")
     if as_json:
         docs = [None if st is None else st.to_dict() for st in records.values()]
         click.echo(json.dumps(docs[0] if policy else [d for d in docs if d], indent=2))
@@ -209,14 +247,15 @@ def resume(policy: str) -> None:
 @click.argument("policy")
 @click.option("--image", required=True, help="REPO:TAG or REPO@sha256:<digest>")
 def prefetch(policy: str, image: str) -> None:
-    """Pull IMAGE on every eligible node of POLICY's pool (no rollout)."""
+    """Pull IMAGE on every eligible node of POLICY's node pools (no rollout)."""
     ref = parse_image(image).ref
     pol = _policy(policy, load_settings())
     p = _ports(pol)
-    nomad, pool, ns = p["nomad"], pol.zones.items[0].node_pool, pol.target.namespace
+    nomad, ns = p["nomad"], pol.target.namespace
+    pools = sorted({z.node_pool for z in pol.zones.items})  # every zone's pool
     job = (pol.deploy.prefetch_job if pol.deploy else None) or "image-prefetch"
-    ensure_prefetch_job(nomad, job_id=job, namespace=ns, node_pool=pool)
-    nodes = [n for n in nomad.list_nodes(node_pool=pool)
+    ensure_prefetch_job(nomad, job_id=job, namespace=ns, node_pools=pools)
+    nodes = [n for pool in pools for n in nomad.list_nodes(node_pool=pool)
              if n.status == "ready" and n.eligibility == "eligible"]  # fmt: skip
     res = run_prefetch(nomad, image=ref, nodes=nodes, job_id=job, namespace=ns,
                        clock=SystemClock(), retries=pol.deploy.prefetch_retries if pol.deploy else 2)  # fmt: skip

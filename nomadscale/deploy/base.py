@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[RolloutState, dict[str, Any]], None]
 
 
+class NothingToDo(Exception):
+    """``start``: every zone group already runs the image; nothing was changed."""
+
+
 class _Stop(Exception):
     """Internal: the rollout reached a final or paused state."""
 

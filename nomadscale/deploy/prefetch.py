@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,19 +48,55 @@ class PrefetchResult:
 
 
 def ensure_prefetch_job(
-    nomad: Any, *, job_id: str, namespace: str, node_pool: str | None, hcl_path: Path = DEFAULT_HCL
+    nomad: Any,
+    *,
+    job_id: str,
+    namespace: str,
+    node_pool: str | None = None,
+    node_pools: Iterable[str] = (),
+    hcl_path: Path = DEFAULT_HCL,
 ) -> None:
-    """Register the parameterized prefetch job when it is missing."""
+    """Register the parameterized prefetch job when it is missing, or again when it does not
+    reach every pool of ``node_pools`` (plus ``node_pool``): a sysbatch job runs on the
+    nodes of its own node pool only. One pool: the job is in that pool. Several (a policy
+    whose zones use different pools): it is in Nomad's built-in ``all`` pool, constrained to
+    those pools by ``${node.pool}``, so it pulls on no other node."""
+    pools = sorted({*node_pools, *([node_pool] if node_pool else [])})
+    want_pool, want_constraint = _placement(pools)
     with contextlib.suppress(NotFoundError):
-        nomad.get_job(job_id, namespace=namespace)
-        return
+        spec = dict(nomad.get_job(job_id, namespace=namespace).spec)
+        if not pools or _reaches(spec, want_pool, want_constraint):
+            return
+        log.info("prefetch job %s in %s reaches pool %s only: registering it for %s",
+                 job_id, namespace, spec.get("NodePool"), ", ".join(pools))  # fmt: skip
     spec = nomad.parse_hcl(hcl_path.read_text(encoding="utf-8"))
     spec["ID"] = spec["Name"] = job_id
     spec["Namespace"] = namespace
-    if node_pool:
-        spec["NodePool"] = node_pool
+    if want_pool:
+        spec["NodePool"] = want_pool
+    if want_constraint:
+        spec["Constraints"] = [*(spec.get("Constraints") or []), want_constraint]
     nomad.register_job(spec, namespace=namespace)
-    log.info("registered prefetch job %s in %s (pool %s)", job_id, namespace, node_pool)
+    log.info("registered prefetch job %s in %s (pool %s)", job_id, namespace, ", ".join(pools))
+
+
+def _placement(pools: list[str]) -> tuple[str | None, dict[str, str] | None]:
+    """(NodePool, extra constraint) of a prefetch job for ``pools``."""
+    if len(pools) <= 1:
+        return (pools[0] if pools else None), None
+    rx = "^(" + "|".join(re.escape(p) for p in pools) + ")$"
+    return "all", {"LTarget": "${node.pool}", "RTarget": rx, "Operand": "regexp"}
+
+
+def _reaches(spec: dict[str, Any], pool: str | None, constraint: dict[str, str] | None) -> bool:
+    if pool and spec.get("NodePool") != pool:
+        return False
+    if constraint is None:
+        return True
+    return any(
+        all((c or {}).get(k) == v for k, v in constraint.items())
+        for c in spec.get("Constraints") or []
+    )
 
 
 def _retrying(clock: Clock, deadline: float, fn: Callable[[], Any]) -> Any:

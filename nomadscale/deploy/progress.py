@@ -55,11 +55,12 @@ def status_table(st: RolloutState, info: dict[str, Any] | None = None) -> Table:
 
 
 class LiveProgress:
-    """A ``Reporter`` that redraws the status table."""
+    """A ``Reporter`` that redraws the status table (on stderr) while the rollout runs. The
+    table goes away when it stops: the command prints the final record once, on stdout."""
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
-        self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+        self.live = Live(console=self.console, refresh_per_second=4, transient=True)
 
     def __enter__(self) -> LiveProgress:
         self.live.start()

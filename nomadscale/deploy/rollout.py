@@ -22,20 +22,20 @@ from typing import Any
 from nomadscale.core.errors import ConflictError, TemporaryError
 from nomadscale.core.ports import DeploymentInfo
 from nomadscale.deploy import spec as jobspec
-from nomadscale.deploy.base import Reporter, _Stop
-from nomadscale.deploy.blocked import BlockedWatch
+from nomadscale.deploy.base import NothingToDo, Reporter, _Stop
+from nomadscale.deploy.ending import Ending
 from nomadscale.deploy.gate import GateResult
 from nomadscale.deploy.image import parse_image
 from nomadscale.deploy.prefetch import ensure_prefetch_job, prefetch
 from nomadscale.deploy.preflight import Plan, preflight, task_images
-from nomadscale.deploy.state import RolloutState
+from nomadscale.deploy.state import RolloutState, phase_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Reporter", "Rollout"]
+__all__ = ["NothingToDo", "Reporter", "Rollout"]
 
 
-class Rollout(BlockedWatch):
+class Rollout(Ending):
     """``Rollout(policy=, nomad=, kv=, clock=, demand=, ...)`` (see ``base.RolloutBase``):
     ``plan``, ``start``, ``status``, ``resume``, ``abort``."""
 
@@ -49,15 +49,27 @@ class Rollout(BlockedWatch):
         return preflight(self.policy, self.nomad, now=self.clock.now(), demand=self.demand,
                          prefetched=prefetch)  # fmt: skip
 
+    def runs_already(self, image: str) -> bool:
+        """Every zone group of the job already runs ``image``: a rollout has nothing to do."""
+        ref = parse_image(image).ref
+        spec = dict(self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns)).spec)
+        images = [i for z in self.policy.zones.items for i in task_images(spec, z.group)]
+        return bool(images) and all(i == ref for i in images)
+
     def start(self, image: str, *, prefetch: bool = True) -> RolloutState:
+        """Roll ``image`` out; ``NothingToDo`` (nothing changed, no record written) when every
+        zone group already runs it."""
         ref = parse_image(image).ref
         old = self.status()
         if old is not None and old.active:
             raise ConflictError(
-                f"deploy {self.policy.name}: rollout {old.id} of {old.image} is {old.status}; "
-                "use 'deploy resume' or 'deploy abort'",
+                f"deploy {self.policy.name}: rollout {old.id} of {old.image} is "
+                f"{phase_text(old.status)}; use 'deploy resume' or 'deploy abort'",
                 system="kv",
             )
+        if self.runs_already(ref):
+            raise NothingToDo(f"deploy {self.policy.name}: every zone group already runs {ref}: "
+                              "nothing to do")  # fmt: skip
         plan = preflight(self.policy, self.nomad, now=self.clock.now(), demand=self.demand,
                          prefetched=prefetch)  # fmt: skip
         now = self.clock.now()
@@ -69,6 +81,7 @@ class Rollout(BlockedWatch):
             updated_at=now.isoformat(), reason=plan.explain(),
         )  # fmt: skip
         st.prefetch = {"wanted": prefetch}
+        st.update_blocks = jobspec.update_blocks(dict(plan.job.spec))
         st.sli = {"surge_needed": plan.surge, "required_workers": plan.required_workers}
         st.plan = {"forecast_upper": plan.forecast_upper, "required_workers": plan.required_workers,
                    "rpm_per_worker": self.policy.capacity.rpm_per_worker}  # fmt: skip
@@ -84,6 +97,11 @@ class Rollout(BlockedWatch):
         if st is None or not st.active:
             return st
         self.state, self._index = st, index
+        if st.ending:  # stopped while rolling back: finish that, never roll forward again
+            with contextlib.suppress(_Stop):
+                self._rollback(str(st.ending.get("reason") or "rollback resumed"),
+                               status=str(st.ending.get("status") or "rolled_back"))  # fmt: skip
+            return self.state
         if st.status == "paused":
             started = st.zones_done or st.deployment_id or st.current_zone
             st.status = "rolling" if started else "prefetch"
@@ -119,6 +137,7 @@ class Rollout(BlockedWatch):
                 self._roll_zone(plan, group)
             if self.store.golden_image(self.policy.name) != st.image:  # not prefetched
                 self.store.set_golden_image(self.policy.name, st.image)
+            self._restore_update_blocks()
             self._finish("completed", f"{st.image} runs on every zone group")
         except _Stop:
             return st  # stopped on purpose: the state already says why (paused, aborted, ...)
@@ -128,9 +147,9 @@ class Rollout(BlockedWatch):
         st = self.state
         assert st is not None
         nodes = [n for z in plan.zones for n in z.nodes]
-        pool = self.policy.zones.items[0].node_pool
+        pools = [z.node_pool for z in self.policy.zones.items]  # every zone's, not the first's
         self._call(lambda: ensure_prefetch_job(self.nomad, job_id=self.prefetch_job,
-                   namespace=self.ns, node_pool=pool, hcl_path=self.prefetch_hcl))  # fmt: skip
+                   namespace=self.ns, node_pools=pools, hcl_path=self.prefetch_hcl))  # fmt: skip
         t0 = self.clock.now()
 
         def progress(res: Any, total: int) -> None:
@@ -168,6 +187,9 @@ class Rollout(BlockedWatch):
             st.current_zone, st.deployment_id = group, None
             if self._registered_zone_version(group, canary=first):
                 return
+            reverted = self._reverted_zone(group)
+            if reverted is not None:  # never register the image again over Nomad's revert
+                self._rollback(reverted, status="rolled_back", failed=True)
             st.timings[f"{group}_start"] = self._elapsed()
             self._top_up(group)  # nodes that joined the zone since the prefetch
             # re-plan against current demand (and the planned bound): surge or hold first; a
@@ -354,55 +376,6 @@ class Rollout(BlockedWatch):
         self._stepped()
         self._release_surge()
         self._save(f"zone {group} done")
-
-    def _rollback(self, reason: str, *, status: str, failed: bool = False) -> None:
-        """Fail the running deployment (auto-revert), roll finished zones back, release the
-        surge and finish with ``status``."""
-        st = self.state
-        assert st is not None
-        st.status = "rolling-back"
-        self._save(f"rolling back: {reason}")
-        dep = self._rollout_deployment()
-        if dep is not None:
-            if dep.status == "running":
-                self._call(partial(self.nomad.pause_deployment, dep.id, pause=True))
-            if dep.active:
-                self._call(lambda: self.nomad.fail_deployment(dep.id))
-        self._settle()
-        job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
-        prev = st.previous_image
-        if prev and any(i != prev for g in st.zones for i in task_images(dict(job.spec), g)):
-            # every zone group back on it, whatever the record missed
-            spec = jobspec.with_image(
-                dict(job.spec), image=prev, groups=st.zones, update=None, update_group=None
-            )
-            if spec != dict(job.spec):
-                self._call(lambda: self.nomad.register_job(spec, namespace=self.ns))
-                self._settle()
-        if prev and self.store.golden_image(self.policy.name) == st.image != prev:
-            # the prefetch made the new image golden: node warm-ups and image prunes keep the
-            # golden image, and the fleet runs the previous one again
-            self.store.set_golden_image(self.policy.name, prev)
-        st.deployment_id = None
-        st.replan.pop("paused", None)
-        self._release_surge()
-        if failed:
-            self._alert(f"rollout of {st.image} rolled back: {reason}", "error")
-        self._finish(status, reason)
-
-    def _rollout_deployment(self) -> DeploymentInfo | None:
-        """The rollout's deployment: the recorded one, else an active deployment of a job
-        version newer than the rollout's start (registered, never recorded: the process
-        stopped in between)."""
-        st = self._st()
-        if st.deployment_id:
-            return self._call(lambda: self.nomad.deployment(st.deployment_id))
-        if st.previous_version is None:
-            return None
-        dep = self._call(lambda: self.nomad.latest_deployment(self.job_id, namespace=self.ns))
-        if dep is not None and dep.active and dep.job_version > st.previous_version:
-            return dep
-        return None
 
     def _resume_nomad_deployment(self, dep_id: str) -> None:
         dep = self.nomad.deployment(dep_id)

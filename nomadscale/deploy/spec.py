@@ -62,3 +62,20 @@ def with_count(
             if update is not None:
                 tg["Update"] = dict(update)
     return out
+
+
+def update_blocks(spec: dict[str, Any]) -> dict[str, Any]:
+    """Each task group's update block (None for none), by group name."""
+    return {
+        str(tg.get("Name")): copy.deepcopy(tg.get("Update")) for tg in spec.get("TaskGroups") or []
+    }
+
+
+def with_update_blocks(spec: dict[str, Any], blocks: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``spec`` whose groups named in ``blocks`` get those update blocks back: a
+    new job version that changes nothing an allocation runs (Nomad updates them in place)."""
+    out = copy.deepcopy(dict(spec))
+    for tg in out.get("TaskGroups") or []:
+        if tg.get("Name") in blocks:
+            tg["Update"] = copy.deepcopy(blocks[tg["Name"]])
+    return out

@@ -25,6 +25,22 @@ RUNNING_PHASES = ("preflight", "prefetch", "canary", "rolling", "held", "rolling
 TERMINAL = ("completed", "rolled_back", "aborted", "refused")
 
 
+_PHASE_TEXT = {
+    "preflight": "in its preflight",
+    "prefetch": "in its prefetch phase",
+    "canary": "in its canary phase",
+    "rolling": "rolling",
+    "held": "held",
+    "rolling-back": "rolling back",
+    "paused": "paused",
+}
+
+
+def phase_text(status: str) -> str:
+    """``status`` as the end of "rollout X of IMAGE is ...": "in its prefetch phase"."""
+    return _PHASE_TEXT.get(status, status.replace("_", " "))
+
+
 def deploy_key(prefix: str, policy: str) -> str:
     return f"{prefix.strip('/')}/deploy/{policy}/state"
 
@@ -56,6 +72,13 @@ class RolloutState:
     # placed, "last": the last StepCheck.to_dict()}
     replan: dict[str, Any] = field(default_factory=dict)
     prefetch: dict[str, Any] = field(default_factory=dict)  # ok / failed / ineligible / ms
+    # each task group's update block as the job had it before the rollout (group name ->
+    # Update, None for none): the rollout registers its own and gives these back at the end
+    update_blocks: dict[str, Any] = field(default_factory=dict)
+    # a started rollback: {"status": the final status it ends with ("rolled_back",
+    # "aborted"), "reason": why}; a process that resumes the record finishes the rollback
+    # instead of rolling forward
+    ending: dict[str, Any] = field(default_factory=dict)
     started_at: str = ""
     updated_at: str = ""
     finished_at: str | None = None
@@ -111,7 +134,7 @@ class StateStore:
         old, index = self.load(state.policy)
         if old is not None and old.active:
             raise ConflictError(
-                f"deploy {state.policy}: rollout {old.id} of {old.image} is {old.status} "
+                f"deploy {state.policy}: rollout {old.id} of {old.image} is {phase_text(old.status)} "
                 f"(started {old.started_at}); use 'deploy status', 'deploy resume' or "
                 "'deploy abort'",
                 system="kv",

@@ -1,0 +1,141 @@
+"""How a rollout ends: the rollback (``_rollback``), the job's own update blocks given back
+(``_restore_update_blocks``) and a zone that Nomad rolled back by itself while no nomadscale
+followed it (``_reverted_zone``).
+
+The rollout registers its own update block on the zone group it rolls (max_parallel 1,
+manual promotion, ``deploy.canary`` canaries in the first zone) and no canary on the others.
+Whatever the end (completed, rolled back, aborted), the job's groups get back the update
+blocks they had before the rollout, recorded at its start: a change made through Nomad
+afterwards (``nomad job run``) canaries the way the job file says. That registration changes
+only update blocks, which Nomad applies to the running allocations in place (tasksUpdated
+does not compare them): nothing is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+from nomadscale.core.errors import ConflictError
+from nomadscale.core.ports import DeploymentInfo
+from nomadscale.deploy import spec as jobspec
+from nomadscale.deploy.blocked import BlockedWatch
+from nomadscale.deploy.preflight import task_images
+
+log = logging.getLogger(__name__)
+
+
+class Ending(BlockedWatch):
+    def _rollback(self, reason: str, *, status: str, failed: bool = False) -> None:
+        """Fail the running deployment (auto-revert), roll finished zones back, release the
+        surge, give the update blocks back and finish with ``status``."""
+        st = self._st()
+        st.status, st.ending = "rolling-back", {"status": status, "reason": reason}
+        self._save(f"rolling back: {reason}")
+        dep = self._rollout_deployment()
+        if dep is not None:
+            if dep.status == "running":
+                self._call(partial(self.nomad.pause_deployment, dep.id, pause=True))
+            if dep.active:
+                self._call(lambda: self.nomad.fail_deployment(dep.id))
+        self._settle()
+        job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
+        prev = st.previous_image
+        if prev and any(i != prev for g in st.zones for i in task_images(dict(job.spec), g)):
+            # every zone group back on it, whatever the record missed
+            spec = jobspec.with_image(
+                dict(job.spec), image=prev, groups=st.zones, update=None, update_group=None
+            )
+            if spec != dict(job.spec):
+                self._call(lambda: self.nomad.register_job(spec, namespace=self.ns))
+                self._settle()
+        if prev and self.store.golden_image(self.policy.name) == st.image != prev:
+            # the prefetch made the new image golden: node warm-ups and image prunes keep the
+            # golden image, and the fleet runs the previous one again
+            self.store.set_golden_image(self.policy.name, prev)
+        st.deployment_id = None
+        st.replan.pop("paused", None)
+        self._release_surge()
+        self._restore_update_blocks()
+        if failed:
+            self._alert(f"rollout of {st.image} rolled back: {reason}", "error")
+        self._finish(status, reason)
+
+    def _rollout_deployment(self) -> DeploymentInfo | None:
+        """The rollout's deployment: the recorded one, else an active deployment of a job
+        version newer than the rollout's start (registered, never recorded: the process
+        stopped in between)."""
+        st = self._st()
+        if st.deployment_id:
+            return self._call(lambda: self.nomad.deployment(st.deployment_id))
+        if st.previous_version is None:
+            return None
+        dep = self._call(lambda: self.nomad.latest_deployment(self.job_id, namespace=self.ns))
+        if dep is not None and dep.active and dep.job_version > st.previous_version:
+            return dep
+        return None
+
+    def _restore_update_blocks(self) -> None:
+        """Give the job's groups back the update blocks they had before the rollout (recorded
+        at its start; for a record without them, the job version the rollout started from).
+        Waits for a deployment still active (a released surge's) first, so the new version
+        supersedes nothing; the registration replaces no allocation."""
+        st = self._st()
+        blocks = st.update_blocks or self._update_blocks_at_start()
+        if not blocks:
+            return
+        self._settle()
+        for _ in range(3):
+            job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
+            spec = jobspec.with_update_blocks(dict(job.spec), blocks)
+            if spec == dict(job.spec):
+                return
+            try:
+                self._call(partial(self.nomad.register_job, spec, namespace=self.ns,
+                                   enforce_index=job.job_modify_index))  # fmt: skip
+            except ConflictError as e:  # the job changed between the read and the write
+                log.info("deploy %s: giving update blocks back: %s; again", st.policy, e)
+                continue
+            st.note(self.clock.now(), "the job's own update blocks given back")
+            return
+        log.warning("deploy %s: the job kept changing: update blocks not given back", st.policy)
+
+    def _update_blocks_at_start(self) -> dict[str, object]:
+        st = self._st()
+        if st.previous_version is None:
+            return {}
+        versions = self._call(lambda: self.nomad.job_versions(self.job_id, namespace=self.ns))
+        for v in versions:
+            if v.version == st.previous_version:
+                return jobspec.update_blocks(dict(v.spec))
+        return {}
+
+    def _reverted_zone(self, group: str) -> str | None:
+        """Why ``group`` (or a zone already done) no longer runs the rollout's image although
+        the rollout registered it there: Nomad failed that deployment and auto-reverted the
+        job (to its last stable version) while no nomadscale followed it (the process stopped
+        between registering the zone and recording its deployment, or paused before it got
+        one). None when nothing of the rollout was taken back."""
+        st = self._st()
+        if st.previous_version is None:
+            return None
+        versions = self._call(lambda: self.nomad.job_versions(self.job_id, namespace=self.ns))
+        if not versions:
+            return None
+        current = versions[0]
+        for g in [*st.zones_done, group]:
+            images = task_images(dict(current.spec), g)
+            if images and all(i == st.image for i in images):
+                continue
+            ours = [
+                v.version for v in versions
+                if v.version > st.previous_version
+                and (imgs := task_images(dict(v.spec), g)) and all(i == st.image for i in imgs)
+            ]  # fmt: skip
+            if ours:
+                return (
+                    f"zone {g}: job version {max(ours)} ran {st.image}, version "
+                    f"{current.version} runs {', '.join(sorted(set(images))) or 'nothing'} "
+                    "(Nomad failed its deployment and reverted the job)"
+                )
+        return None
