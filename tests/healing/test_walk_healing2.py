@@ -140,9 +140,9 @@ def md() -> Iterator[MetadataServer]:
     s.stop()
 
 
-def test_watcher_reports_the_latest_state_after_nomadscale_was_unreachable(
+def _watcher_while_nomadscale_is_down(
     md: MetadataServer,
-) -> None:
+) -> tuple[FlakySink, FakeClock, MaintenanceWatcher]:
     sink = FlakySink("tok")
     sink.down.set()
     clock = FakeClock()
@@ -154,6 +154,13 @@ def test_watcher_reports_the_latest_state_after_nomadscale_was_unreachable(
         clock=clock,
         backoff_max_s=8,
     )
+    return sink, clock, w
+
+
+def test_watcher_reports_the_latest_state_after_nomadscale_was_unreachable(
+    md: MetadataServer,
+) -> None:
+    sink, clock, w = _watcher_while_nomadscale_is_down(md)
     t = threading.Thread(target=w.run, daemon=True)
     t.start()
     try:
@@ -187,17 +194,7 @@ def test_watcher_reports_the_latest_state_after_nomadscale_was_unreachable(
 def test_watcher_reports_the_notice_with_its_deadline_from_when_it_was_seen(
     md: MetadataServer,
 ) -> None:
-    sink = FlakySink("tok")
-    sink.down.set()
-    clock = FakeClock()
-    w = MaintenanceWatcher(
-        metadata=MetadataClient(base_url=md.url, hang_timeout_s=5),
-        report_url=sink.url,
-        token=Secret("tok"),
-        node="gpu-zone-a-0000",
-        clock=clock,
-        backoff_max_s=8,
-    )
+    sink, clock, w = _watcher_while_nomadscale_is_down(md)
     md.set_event(TERMINATE)
     seen = clock.now()
     t = threading.Thread(target=w.run, daemon=True)

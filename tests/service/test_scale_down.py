@@ -6,6 +6,7 @@ and a zone left half-applied by a crashed leader is finished by the next cycle."
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,20 +36,28 @@ class Fleet:
     nomad: NomadClient
 
 
-@pytest.fixture
-def fleet(twin_factory: TwinFactory) -> Iterator[Fleet]:
-    twin = twin_factory(nodes=6, node_pool="gpu")  # 3 per zone, created oldest first
+@contextmanager
+def _fleet(twin_factory: TwinFactory, zone_names: dict[str, str] | None = None) -> Iterator[Fleet]:
+    """3 nodes per Nomad datacenter zone-a/b (created oldest first) in MIGs mig-a/b, the
+    worker job pinned to those datacenters. ``zone_names``: datacenter -> the policy's (and
+    the MIGs') zone name, when the zones are named after the cloud's."""
+    names = zone_names or {"zone-a": "zone-a", "zone-b": "zone-b"}
+    twin = twin_factory(nodes=6, node_pool="gpu")
     cluster = twin.cluster
     cluster.add_namespace("ekyc")
     sim = ComputeSim(cluster, project="proj")
-    sim.add_mig(name="mig-a", zone="zone-a", node_pool="gpu")
-    sim.add_mig(name="mig-b", zone="zone-b", node_pool="gpu")
+    for dc, zone in names.items():
+        sim.add_mig(name=f"mig-{dc[-1]}", zone=zone, datacenter=dc, node_pool="gpu")
     clock = _SimClock(twin.clock, cluster.advance)
-    policy = make_policy(node_pool=True)
+    by_dc = make_policy(node_pool=True)  # zones named like the datacenters: builds the job
+    doc = by_dc.to_yaml_dict()
+    for z in doc["zones"]["list"]:
+        z["name"] = names[z["name"]]
+    policy = type(by_dc).model_validate(doc)
     level = {"rpm": 560.0}
     with ComputeServer(sim) as gce:
         nomad = NomadClient(address=twin.address, clock=clock)
-        nomad.register_job(worker_job(policy, counts={"zone-a": 3, "zone-b": 3}, image="img:1"))
+        nomad.register_job(worker_job(by_dc, counts={"zone-a": 3, "zone-b": 3}, image="img:1"))
         cluster.advance(600)
         kv = MemoryKV(clock=clock)
         lock = MemoryLock(kv=kv, key="ns/leader", ttl_s=30, lock_delay_s=0)
@@ -60,6 +69,12 @@ def fleet(twin_factory: TwinFactory) -> Iterator[Fleet]:
         svc = Service(settings=Settings(kv_prefix="ns"), policies=[policy], ports=ports,
                       clock=clock, poll_s=10)  # fmt: skip
         yield Fleet(twin, sim, svc, level, clock, nomad)
+
+
+@pytest.fixture
+def fleet(twin_factory: TwinFactory) -> Iterator[Fleet]:
+    with _fleet(twin_factory) as f:
+        yield f
 
 
 def _events(twin: Twin, *types: str) -> list[dict[str, Any]]:
@@ -191,48 +206,21 @@ def test_zones_named_after_the_cloud_find_their_nodes_through_the_pinned_datacen
     """The shipped naming: policy zones are GCE zones (``asia-southeast2-a``, where the MIGs
     live), the job pins each group to a Nomad datacenter (``zone-a``). Scale-in still drains
     the zone's oldest nodes before deleting exactly those instances."""
-    twin = twin_factory(nodes=6, node_pool="gpu")
-    cluster = twin.cluster
-    cluster.add_namespace("ekyc")
     names = {"zone-a": "asia-southeast2-a", "zone-b": "asia-southeast2-b"}
-    sim = ComputeSim(cluster, project="proj")
-    for dc, gce_zone in names.items():
-        sim.add_mig(name=f"mig-{dc[-1]}", zone=gce_zone, datacenter=dc, node_pool="gpu")
-    clock = _SimClock(twin.clock, cluster.advance)
-    by_dc = make_policy(node_pool=True)  # zones named like the datacenters: builds the job
-    doc = by_dc.to_yaml_dict()
-    for z in doc["zones"]["list"]:
-        z["name"] = names[z["name"]]
-    policy = type(by_dc).model_validate(doc)
-    level = {"rpm": 560.0}
-    with ComputeServer(sim) as gce:
-        nomad = NomadClient(address=twin.address, clock=clock)
-        nomad.register_job(worker_job(by_dc, counts={"zone-a": 3, "zone-b": 3}, image="img:1"))
-        cluster.advance(600)
-        kv = MemoryKV(clock=clock)
-        lock = MemoryLock(kv=kv, key="ns/leader", ttl_s=30, lock_delay_s=0)
-        clock.on_tick = lock.acquire
-        pool = GceMigPool(project="proj", credentials=AnonymousCredentials(),
-                          base_url=gce.base_url, clock=clock, poll_s=1)  # fmt: skip
-        ports = Ports(nomad=nomad, kv=kv, lock=lock, pool_for=lambda _p: pool,
-                      demand_for=lambda _p: LevelDemand(lambda _t: level["rpm"]))  # fmt: skip
-        svc = Service(settings=Settings(kv_prefix="ns"), policies=[policy], ports=ports,
-                      clock=clock, poll_s=10)  # fmt: skip
-        oldest = {
-            dc: [n.name for n in sorted(cluster.nodes.values(), key=lambda n: n.create_index)
-                 if n.datacenter == dc][:2]
-            for dc in names
-        }  # fmt: skip
+    with _fleet(twin_factory, names) as fleet:
+        cluster = fleet.twin.cluster
+        by_age = sorted(cluster.nodes.values(), key=lambda n: n.create_index)
+        oldest = [n.name for dc in names for n in [m for m in by_age if m.datacenter == dc][:2]]
         mark = len(cluster.events)
-        level["rpm"] = 120.0  # -> 2 workers: 1 per zone
-        out = svc.run_policy("ekyc")
+        fleet.demand["rpm"] = 120.0  # -> 2 workers: 1 per zone
+        out = fleet.svc.run_policy("ekyc")
         assert out is not None and out.record.outcome == "applied", out.record.line()
         events = cluster.events[mark:]
         by_id = {n.id: n.name for n in cluster.nodes.values()}
         drained = [by_id[e["node_id"]] for e in events
                    if e["type"] == "drain" and e["phase"] == "start"]  # fmt: skip
         removed = [e["name"] for e in events if e["type"] == "node_removed"]
-        assert sorted(drained) == sorted(oldest["zone-a"] + oldest["zone-b"]), drained
+        assert sorted(drained) == sorted(oldest), drained
         assert sorted(removed) == sorted(drained)
-        assert sim.size("asia-southeast2-a", "mig-a") == 1
-        assert sim.size("asia-southeast2-b", "mig-b") == 1
+        assert fleet.sim.size("asia-southeast2-a", "mig-a") == 1
+        assert fleet.sim.size("asia-southeast2-b", "mig-b") == 1

@@ -204,19 +204,24 @@ def test_plan_exits_1_when_its_cycle_fails(twin_factory: TwinFactory, tmp_path: 
 # --- HTTP --------------------------------------------------------------------------------
 
 
-def test_run_reports_http_start_failures_in_one_line_and_logs_json(tmp_path: Path) -> None:
-    """A port out of range used to print a thread traceback; uvicorn's own error line was
-    plain text in the middle of JSON logs."""
+def _env_without_consul(tmp_path: Path) -> dict[str, str]:
+    """A process environment with one valid policy and a Consul address nothing listens on."""
     pol = tmp_path / "policies"
     pol.mkdir()
     (pol / "ekyc.yaml").write_text(yaml.safe_dump(make_policy().to_yaml_dict()))
     (tmp_path / "settings.yaml").write_text("{}\n")
-    env = {
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith(("NOMAD", "CONSUL"))},
         "CONSUL_HTTP_ADDR": f"http://127.0.0.1:{free_port()}",
         "NOMADSCALE_CONFIG": str(tmp_path / "settings.yaml"),
         "NOMADSCALE_POLICIES": str(pol), "PYTHONPATH": str(ROOT),
     }  # fmt: skip
+
+
+def test_run_reports_http_start_failures_in_one_line_and_logs_json(tmp_path: Path) -> None:
+    """A port out of range used to print a thread traceback; uvicorn's own error line was
+    plain text in the middle of JSON logs."""
+    env = _env_without_consul(tmp_path)
     res = _nomadscale("run", env={**env, "NOMADSCALE_HTTP_PORT": "70000"})
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1] == (
@@ -410,16 +415,7 @@ def test_sigterm_stops_run_once_between_two_writes_and_releases_the_lock(
 def test_a_lock_ttl_that_does_not_fit_names_the_setting(tmp_path: Path) -> None:
     """The errors used to read "lock ttl 5s: ..." / "policy ekyc: cycle 1200s must be ...":
     nothing said which knob to turn."""
-    pol = tmp_path / "policies"
-    pol.mkdir()
-    (pol / "ekyc.yaml").write_text(yaml.safe_dump(make_policy().to_yaml_dict()))
-    (tmp_path / "settings.yaml").write_text("{}\n")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("NOMAD", "CONSUL"))},
-        "CONSUL_HTTP_ADDR": f"http://127.0.0.1:{free_port()}",
-        "NOMADSCALE_CONFIG": str(tmp_path / "settings.yaml"),
-        "NOMADSCALE_POLICIES": str(pol), "PYTHONPATH": str(ROOT),
-    }  # fmt: skip
+    env = _env_without_consul(tmp_path)
     for ttl, secs in (("5s", "5"), ("1h", "3600")):
         res = _nomadscale("run", "--once", env={**env, "NOMADSCALE_LOCK_TTL": ttl})
         assert res.returncode == 1, res.stderr
