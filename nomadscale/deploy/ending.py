@@ -38,6 +38,7 @@ class Ending(BlockedWatch):
                 self._call(partial(self.nomad.pause_deployment, dep.id, pause=True))
             if dep.active:
                 self._call(lambda: self.nomad.fail_deployment(dep.id))
+        self._no_canary_back()
         self._settle()
         job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
         prev = st.previous_image
@@ -60,6 +61,53 @@ class Ending(BlockedWatch):
         if failed:
             self._alert(f"rollout of {st.image} rolled back: {reason}", "error")
         self._finish(status, reason)
+
+    def _no_canary_back(self) -> None:
+        """A rollback never waits for a canary. Nomad's auto-revert registers the last stable
+        job version again with its own update blocks: when it is the version the rollout
+        started from (the job file's ``canary``) and an allocation of a zone group still runs
+        another image (a promoted canary, a replaced node), Nomad's reconciler wants a canary
+        for that destructive update and the rollback deployment waits for a promotion that
+        never comes (hashicorp/nomad#10882). Register the previous image again with Canary 0
+        instead: it supersedes that deployment (Nomad stops its unpromoted canary), replaces
+        the rest one at a time and stops the extra allocation; the job's own update blocks
+        come back at the end (``_restore_update_blocks``)."""
+        st = self._st()
+        prev = st.previous_image
+        if not prev:
+            return
+        job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
+        spec = dict(job.spec)
+        if any(i != prev for g in st.zones for i in task_images(spec, g)):
+            return  # not reverted to the previous image: registered below, without canaries
+        canarying = [g for g in st.zones if jobspec.canaries(spec, g) > 0]
+        waiting = self._running_other_image(canarying, prev) if canarying else []
+        if not waiting:
+            return
+        back = jobspec.with_image(spec, image=prev, groups=st.zones, update=None,
+                                  update_group=None)  # fmt: skip
+        self._call(lambda: self.nomad.register_job(back, namespace=self.ns))
+        what = ", ".join(waiting)
+        st.note(self.clock.now(), f"{prev} registered again without canaries: job version "
+                f"{job.version} wanted a canary to replace the new image in {what}")  # fmt: skip
+        log.info("deploy %s: rollback registered without canaries (%s)", st.policy, what)
+
+    def _running_other_image(self, groups: list[str], image: str) -> list[str]:
+        """Those of ``groups`` with a live allocation of a job version whose group runs
+        another image than ``image`` (or of a version Nomad no longer keeps)."""
+        allocs = self._call(lambda: self.nomad.job_allocations(self.job_id, namespace=self.ns))
+        live = [a for a in allocs if a.task_group in groups and not a.terminal]
+        if not live:
+            return []
+        versions = self._call(lambda: self.nomad.job_versions(self.job_id, namespace=self.ns))
+        specs = {v.version: dict(v.spec) for v in versions}
+        out: set[str] = set()
+        for a in live:
+            spec = specs.get(a.job_version)
+            images = task_images(spec, a.task_group) if spec is not None else []
+            if not images or any(i != image for i in images):
+                out.add(a.task_group)
+        return [g for g in groups if g in out]
 
     def _rollout_deployment(self) -> DeploymentInfo | None:
         """The rollout's deployment: the recorded one, else an active deployment of a job

@@ -64,6 +64,14 @@ def with_count(
     return out
 
 
+def canaries(spec: dict[str, Any], group: str) -> int:
+    """The canaries ``group``'s update block asks for (0 without one)."""
+    for tg in spec.get("TaskGroups") or []:
+        if tg.get("Name") == group:
+            return int((tg.get("Update") or {}).get("Canary") or 0)
+    return 0
+
+
 def update_blocks(spec: dict[str, Any]) -> dict[str, Any]:
     """Each task group's update block (None for none), by group name."""
     return {
