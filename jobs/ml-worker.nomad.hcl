@@ -55,7 +55,7 @@ job "ml-worker" {
       driver = "docker"
 
       config {
-        image              = "us-docker.pkg.dev/acme/ml/worker:2026.01.1"
+        image              = "registry.example.com/ekyc/ml-worker:2026.10.2"
         ports              = ["http"]
         image_pull_timeout = "30m"
       }
@@ -113,7 +113,7 @@ job "ml-worker" {
       driver = "docker"
 
       config {
-        image              = "us-docker.pkg.dev/acme/ml/worker:2026.01.1"
+        image              = "registry.example.com/ekyc/ml-worker:2026.10.2"
         ports              = ["http"]
         image_pull_timeout = "30m"
       }

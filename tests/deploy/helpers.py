@@ -17,9 +17,9 @@ from nomadscale.integrations.tracefile import TraceDemandSource
 ROOT = Path(__file__).resolve().parents[2]
 TRACE = str(bundled_trace_path())  # the real alibaba trace shipped as package data
 CALM = datetime(2000, 1, 6, 15, 10, tzinfo=UTC)  # the trace is flat (67729-68135 rpm) until 16:00
-OLD = "us-docker.pkg.dev/acme/ml/worker:2026.01.1"
+OLD = "registry.example.com/ekyc/ml-worker:2026.10.2"
 JOB = ("default", "ml-worker")
-NEW = "us-docker.pkg.dev/acme/ml/worker:2026.02.1"
+NEW = "registry.example.com/ekyc/ml-worker:2026.11.1"
 
 
 def policy(*, rpm: float = 240.0, bmax: int = 40, sli: dict[str, Any] | None = None,

@@ -80,7 +80,7 @@ def test_prefetch_failure_makes_node_ineligible(twin: Any) -> None:
 
 def test_unhealthy_canary_rolls_back(twin: Any) -> None:
     nomad = setup_job(twin)
-    twin.cluster.faults.unhealthy_image("2026.02")
+    twin.cluster.faults.unhealthy_image(NEW)
     st = make(twin, nomad).start(NEW, prefetch=False)
     assert st.status == "rolled_back"
     assert "unhealthy" in st.reason

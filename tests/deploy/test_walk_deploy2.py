@@ -92,7 +92,7 @@ def test_a_rolled_back_rollout_gives_the_job_its_update_blocks_back(twin: Any) -
         # zone A done: Nomad's auto-revert of zone B goes back to zone A's version (the
         # rollout's update blocks), and the rollback registers the previous image itself
         if "ml-worker-a" in st.zones_done and not twin.cluster.faults.image_is_bad(NEW):
-            twin.cluster.faults.unhealthy_image("2026.02")
+            twin.cluster.faults.unhealthy_image(NEW)
 
     st = make(twin, nomad, reporter=zone_b_fails).start(NEW, prefetch=False)
     assert st.status == "rolled_back", st.reason
@@ -192,7 +192,7 @@ def test_resume_after_nomad_auto_reverted_the_zone_rolls_back(twin: Any) -> None
     image again (which would canary it once more)."""
     setup_job(twin)
     kv = MemoryKV(clock=twin.clock)
-    twin.cluster.faults.unhealthy_image("2026.02")
+    twin.cluster.faults.unhealthy_image(NEW)
     outage = OutageAfterZoneRegister(twin)
     st = make(twin, outage, kv, outage_limit_s=60).start(NEW, prefetch=False)
     assert st.status == "paused" and st.deployment_id is None, st.log
@@ -216,7 +216,7 @@ def test_resume_after_nomad_auto_reverted_the_zone_rolls_back(twin: Any) -> None
 def test_resume_of_a_recorded_deployment_nomad_failed_rolls_back(twin: Any) -> None:
     setup_job(twin)
     kv = MemoryKV(clock=twin.clock)
-    twin.cluster.faults.unhealthy_image("2026.02")
+    twin.cluster.faults.unhealthy_image(NEW)
 
     class Crash(Exception):
         pass
@@ -241,7 +241,7 @@ def test_a_rollback_stopped_midway_is_finished_by_resume(twin: Any) -> None:
     by ``resume``, never rolled forward."""
     nomad = setup_job(twin)
     kv = MemoryKV(clock=twin.clock)
-    twin.cluster.faults.unhealthy_image("2026.02")
+    twin.cluster.faults.unhealthy_image(NEW)
 
     class Crash(Exception):
         pass

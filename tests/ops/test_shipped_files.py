@@ -40,6 +40,14 @@ def test_policy_names_what_the_job_files_define(twin) -> None:  # type: ignore[n
     dcs = {pinned_datacenter(worker, z.group) for z in pol.zones.items}
     assert None not in dcs and len(dcs) == len(pol.zones.items)
     assert pol.deploy is not None
+    # the policy's golden image is a new tag of the image the job runs (a rollout changes the
+    # tag, never the repository), and it is not the tag already running
+    running = {t["Config"]["image"] for g in worker["TaskGroups"] for t in g["Tasks"]
+               if t["Driver"] == "docker"}  # fmt: skip
+    assert len(running) == 1, running
+    (now,) = running
+    assert pol.deploy.image.rsplit(":", 1)[0] == now.rsplit(":", 1)[0], (pol.deploy.image, now)
+    assert pol.deploy.image != now
     prefetch = _parse(twin, f"{pol.deploy.prefetch_job}.nomad.hcl")
     assert prefetch["Type"] == "sysbatch"
     assert prefetch["Namespace"] == pol.target.namespace

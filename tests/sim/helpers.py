@@ -8,7 +8,7 @@ from typing import Any
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER_IMAGE = "us-docker.pkg.dev/acme/ml/worker:2026.01.1"
+WORKER_IMAGE = "registry.example.com/ekyc/ml-worker:2026.10.2"
 # nanoseconds, as Nomad's durations; a one-at-a-time update block for deployment tests
 S = 1_000_000_000
 HOUR = 3600 * S
