@@ -23,7 +23,7 @@ from rich.table import Table
 from nomadscale.backtest.protocol import make_params
 from nomadscale.backtest.runner import Report, run_backtest, write_decisions
 from nomadscale.core.clock import utc
-from nomadscale.core.durations import parse_duration
+from nomadscale.core.durations import format_duration, parse_duration
 from nomadscale.core.errors import UsageError
 from nomadscale.data import bundled_trace_path
 from nomadscale.stages.decide import bounds_from, forecast_config_from
@@ -41,6 +41,25 @@ def _seconds(option: str, value: str | None, default: float) -> float:
         return parse_duration(value).total_seconds()
     except ValueError as e:
         raise UsageError(f"{option}: {e}") from None
+
+
+def _check_cycle_and_lead(
+    cycle: str | None, cycle_s: float, lead: str | None, lead_s: float, *, from_policy: bool
+) -> None:
+    """The policy's rule (lead_time < cycle) on the options, naming where each value came from."""
+    if cycle_s <= 0:
+        raise UsageError(f"--cycle: must be longer than 0s, got {cycle!r}")
+    if lead_s >= cycle_s:
+        origin = "the policy's" if from_policy else "default"
+
+        def shown(option: str, text: str | None, seconds: float) -> str:
+            given = f"{option} {text.strip()}" if text is not None else None
+            return given or f"{option} {format_duration(seconds)} ({origin})"
+
+        raise UsageError(
+            f"{shown('--lead', lead, lead_s)} must be shorter than "
+            f"{shown('--cycle', cycle, cycle_s)}"
+        )
 
 
 def policy_settings(policy: Any) -> tuple[ForecastConfig, Bounds, float]:
@@ -128,6 +147,7 @@ def backtest(
         cfg = replace(cfg, target=target_availability)
     cyc = _seconds("--cycle", cycle, cfg.cycle_s)
     ld = _seconds("--lead", lead, cfg.lead_s)
+    _check_cycle_and_lead(cycle, cyc, lead, ld, from_policy=bool(policy_path))
     cfg = replace(cfg, cycle_s=cyc, lead_s=ld)
     if min_workers is not None:
         if min_workers < 0:

@@ -8,7 +8,7 @@ cross-field error reported on a path relative to the model that raises it.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -104,7 +104,7 @@ def hhmm_text(value: Any) -> str:
 
 
 def _cron(v: str) -> str:
-    from nomadscale.core.cron import cron_triggers
+    from nomadscale.core.cron import FIRE_HORIZON, cron_triggers, first_fire
     from nomadscale.core.errors import InputError
 
     if len(v.split()) != 5:
@@ -115,6 +115,14 @@ def _cron(v: str) -> str:
         raise ValueError(
             f"bad cron expression {v!r}: {str(exc).removeprefix('schedule cron: ')}"
         ) from None
+    # the schedule engine itself decides (the live loop's): a window that never opens is a
+    # mistake like Feb 31 (0 7 31 2 *); the dates repeat within the horizon, so none is lost
+    if first_fire(v, "UTC", after=datetime.now(UTC)) is None:
+        years = round(FIRE_HORIZON.days / 365.25)
+        raise ValueError(
+            f"bad cron expression {v!r}: never fires (no date matches its day, month and "
+            f"weekday fields in the next {years} years)"
+        )
     return v
 
 

@@ -1,13 +1,17 @@
 """Standard 5-field cron expressions (as in crontab(5)) turned into APScheduler triggers.
 
 APScheduler's own ``from_crontab`` reads day-of-week 0 as Monday and rejects 7; cron reads 0
-and 7 as Sunday, and matches *either* day field when both are restricted. Policy validation
-and the schedule evaluation both use this one translation so they can never disagree.
+and 7 as Sunday, and matches *either* day field when both are restricted. As in Vixie cron
+(and cronie), a day field whose text starts with ``*`` (``*``, ``*/2``) counts as unrestricted
+for that rule: ``0 0 */2 * 1`` fires on odd-numbered days that are Mondays, ``0 0 1 * 1`` on
+the 1st and on every Monday. Policy validation, ``plan`` and the live loop's schedule windows
+(``stages.overrides.last_start``) all use this one translation so they can never disagree.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -39,8 +43,37 @@ def _cron_dow(field: str, where: str) -> str:
     return ",".join(dict.fromkeys(out))
 
 
+# The Gregorian calendar's dates and weekdays repeat every 28 years (1901-2099): a cron that
+# does not fire within this long never fires.
+FIRE_HORIZON = timedelta(days=28 * 366)
+
+
+def _restricted(field: str) -> bool:
+    """A day field restricts the "either" rule unless it starts with ``*`` (Vixie cron)."""
+    return not field.startswith("*")
+
+
 @lru_cache(maxsize=256)
 def cron_triggers(cron: str, tz: str, name: str) -> tuple[CronTrigger, ...]:
+    return _triggers(cron, tz, name, None)
+
+
+def first_fire(
+    cron: str, tz: str, *, after: datetime, within: timedelta = FIRE_HORIZON, name: str = "cron"
+) -> datetime | None:
+    """The first fire time after ``after`` and no later than ``after + within``, or None.
+
+    ``None`` with the default horizon means the expression never fires (``0 7 31 2 *``).
+    """
+    best: datetime | None = None
+    for trig in _triggers(cron, tz, name, after + within):
+        fire = trig.get_next_fire_time(None, after)
+        if fire is not None and (best is None or fire < best):
+            best = fire
+    return None if best is None else best.astimezone(UTC)
+
+
+def _triggers(cron: str, tz: str, name: str, end: datetime | None) -> tuple[CronTrigger, ...]:
     where = f"schedule {name}"
     try:
         zone = ZoneInfo(tz)
@@ -52,16 +85,29 @@ def cron_triggers(cron: str, tz: str, name: str) -> tuple[CronTrigger, ...]:
     minute, hour, dom, month, dow = fields
     dow_ap = _cron_dow(dow, where)
     try:
-        if dom != "*" and dow != "*":  # cron matches either field; build one trigger per field
+        if _restricted(dom) and _restricted(dow):  # cron matches either field: one trigger each
             return (
-                CronTrigger(minute=minute, hour=hour, day=dom, month=month, timezone=zone),
                 CronTrigger(
-                    minute=minute, hour=hour, month=month, day_of_week=dow_ap, timezone=zone
+                    minute=minute, hour=hour, day=dom, month=month, timezone=zone, end_date=end
+                ),
+                CronTrigger(
+                    minute=minute,
+                    hour=hour,
+                    month=month,
+                    day_of_week=dow_ap,
+                    timezone=zone,
+                    end_date=end,
                 ),
             )
         return (
             CronTrigger(
-                minute=minute, hour=hour, day=dom, month=month, day_of_week=dow_ap, timezone=zone
+                minute=minute,
+                hour=hour,
+                day=dom,
+                month=month,
+                day_of_week=dow_ap,
+                timezone=zone,
+                end_date=end,
             ),
         )
     except ValueError as e:

@@ -11,7 +11,8 @@ a max wins (availability before cost) and the description says so.
 
 Schedules use standard 5-field cron in the schedule's timezone. Numeric days of week follow
 cron (0 and 7 = Sunday); when both day-of-month and day-of-week are restricted a day matches
-either (Vixie cron). A window is active when it started within ``duration`` before ``now``;
+either, and a day field starting with ``*`` (``*/2``) is unrestricted (Vixie cron; the one
+translation in ``core.cron``, which policy validation uses too). A window is active when it started within ``duration`` before ``now``;
 durations are elapsed time, so a window across a DST change still lasts exactly ``duration``.
 """
 
