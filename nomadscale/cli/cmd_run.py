@@ -208,32 +208,35 @@ def serve() -> None:
             "so there is nothing to serve"
         )
     engine = healing.engine.start()
-    resumed = engine.resume_all()
-    metrics = Metrics()
-    metrics.registry.register(DeployCollector(engine.kv, prefix=settings.kv_prefix))
+    http = None
+    try:  # from here on the engine's workers run: stopped however this ends
+        resumed = engine.resume_all()
+        metrics = Metrics()
+        metrics.registry.register(DeployCollector(engine.kv, prefix=settings.kv_prefix))
 
-    def status() -> dict[str, Any]:
-        runs = engine.list_runs()
-        return {
-            "mode": "serve",
-            "time": SystemClock().now().isoformat(),
-            "resumed_at_start": resumed,
-            "runbook_runs": [
-                {k: r.get(k) for k in ("id", "runbook", "status", "trigger")} for r in runs[-20:]
-            ],
-        }
+        def status() -> dict[str, Any]:
+            runs = engine.list_runs()
+            return {
+                "mode": "serve",
+                "time": SystemClock().now().isoformat(),
+                "resumed_at_start": resumed,
+                "runbook_runs": [
+                    {k: r.get(k) for k in ("id", "runbook", "status", "trigger")}
+                    for r in runs[-20:]
+                ],
+            }
 
-    http = HttpServer(
-        create_app(registry=metrics.registry, status=status, extra_routes=healing.routes),
-        host=settings.http_host, port=settings.http_port,
-    ).start()  # fmt: skip
-    systemd.notify("READY=1")
-    try:
+        http = HttpServer(
+            create_app(registry=metrics.registry, status=status, extra_routes=healing.routes),
+            host=settings.http_host, port=settings.http_port,
+        ).start()  # fmt: skip
+        systemd.notify("READY=1")
         watchdog_until_stopped(signals, healthy=lambda: True)
     finally:
         stopping(signals)
         engine.stop()
-        http.stop()
+        if http is not None:
+            http.stop()
 
 
 COMMANDS: list[click.Command] = [run, serve]

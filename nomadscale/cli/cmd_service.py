@@ -99,7 +99,10 @@ def status(as_json: bool) -> None:
         last_txt = "-"
         if last:
             explain = (last.get("decision") or {}).get("explain") or last.get("reason", "")
-            last_txt = f"{last['started_at'][:16]} [{last['outcome']}] {explain}"
+            # who decided and why the cycle ran (records stored before these fields: neither)
+            by = (f" ({last.get('trigger') or '?'} on {last.get('host') or '?'})"
+                  if last.get("trigger") or last.get("host") else "")  # fmt: skip
+            last_txt = f"{last['started_at'][:16]} [{last['outcome']}]{by} {explain}"
         ovr = ", ".join(
             f"{o['kind']} {o['value'] if o['value'] is not None else ''} ({o['who']})".replace(
                 "  ", " "
@@ -125,7 +128,7 @@ def plan(policy: str, as_json: bool) -> None:
     """One dry-run cycle of POLICY (name or file): the decision, why, and the actions."""
     from nomadscale.service.control import Control as _Control
     from nomadscale.service.cycle import CycleRunner
-    from nomadscale.service.records import Recorder
+    from nomadscale.service.records import PLAN, Recorder
     from nomadscale.service.runtime import build_ports
 
     settings = get_settings()
@@ -138,7 +141,7 @@ def plan(policy: str, as_json: bool) -> None:
     now = clock.now()
     if pol.demand.source == "trace":  # a trace: decide right after its last step
         now = min(now, ports.demand(pol).trace.end)  # type: ignore[attr-defined]
-    res = runner.run(leader=False, dry_run=True, now=now)
+    res = runner.run(leader=False, dry_run=True, now=now, trigger=PLAN)
     rec = res.record
     if as_json:
         click.echo(json.dumps(rec.to_dict(), indent=2, default=str))

@@ -398,18 +398,35 @@ class ConsulLock(_ConsulBase):
             return bool(data) and data.get("Session") == sid
 
     def release(self) -> None:
-        """Give the key up (no lock delay for the next holder) and destroy the session."""
+        """Give the key up (no lock delay for the next holder) and destroy the session.
+
+        Consul refuses the release when the session does not hold the key: it had expired or
+        been invalidated (the lock was already lost, maybe taken by another process since:
+        logged as a warning), or it never held it (a standby)."""
         with self._mu:
             sid = self._session
             if sid is None:
                 return
-            self._call(
-                f"lock release {self.key!r}",
-                lambda: self._client.kv.put(self.key, self.holder.to_json(), release=sid),
+            released = bool(
+                self._call(
+                    f"lock release {self.key!r}",
+                    lambda: self._client.kv.put(self.key, self.holder.to_json(), release=sid),
+                )
             )
+            gone = False
+            if not released:
+                _, info = self._call("session info", lambda: self._client.session.info(sid))
+                gone = info is None
             self._call("session destroy", lambda: self._client.session.destroy(sid))
             self._session = None
+        if released:
             log.info("consul lock %s: released", self.key)
+        elif gone:
+            log.warning("consul lock %s: already lost: session %s had expired or been "
+                        "invalidated before the release", self.key, sid)  # fmt: skip
+        else:
+            log.info("consul lock %s: not held by this process; session %s destroyed",
+                     self.key, sid)  # fmt: skip
 
     def leader(self) -> LockHolder | None:
         """The current holder, or None when the lock is free."""

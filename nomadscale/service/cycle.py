@@ -39,7 +39,7 @@ from nomadscale.integrations.consul import update_json
 from nomadscale.service.actuator import Action, Actuator, NodeRef, ZoneView, plan_actions
 from nomadscale.service.control import Control
 from nomadscale.service.forecasts import LiveForecaster
-from nomadscale.service.records import CycleRecord, Recorder
+from nomadscale.service.records import SCHEDULED, CycleRecord, Recorder
 from nomadscale.stages.decide import decide
 
 log = logging.getLogger(__name__)
@@ -253,10 +253,13 @@ class CycleRunner:
         dry_run: bool = False,
         now: datetime | None = None,
         meta: dict[str, Any] | None = None,
+        trigger: str = SCHEDULED,
     ) -> CycleResult:
+        """One cycle; ``trigger`` (``records.TRIGGERS``) says what started it."""
         p = self.policy
         now = now or self.clock.now()
-        rec = CycleRecord(policy=p.name, started_at=now, id=new_id(), dry_run=dry_run)
+        rec = self.recorder.new(p.name, started_at=now, trigger=trigger, id=new_id(),
+                                dry_run=dry_run)  # fmt: skip
         res = CycleResult(record=rec)
         t0 = time.perf_counter()
         try:

@@ -7,6 +7,8 @@
   re-checks ``lock.held()`` before every write.
 * A cycle slot (policy + scheduled time) is claimed in KV before acting, so a failover never
   applies the same slot twice.
+* Every cycle's record names this host and its trigger: the cron tick (``scheduled``), a kick
+  (``apply-now``), the first cycle after taking the lock (``takeover``) or ``run --once``.
 * ``stop()`` (SIGTERM) sets a flag checked before a cycle and between actions, waits for the
   running cycle, then releases the lock: never half-applied by choice. No job is added once
   it began: APScheduler's ``shutdown(wait=True)`` holds its job store lock while it waits for
@@ -35,11 +37,11 @@ from nomadscale.service.control import Control
 from nomadscale.service.cycle import CycleResult, CycleRunner, Ports
 from nomadscale.service.kicks import KickRetries
 from nomadscale.service.leaderwatch import LockWatch
-from nomadscale.service.records import CycleRecord, Metrics, Recorder
+from nomadscale.service.lockalarm import LockAlarm
+from nomadscale.service.records import APPLY_NOW, ONCE, SCHEDULED, TAKEOVER, Metrics, Recorder
 from nomadscale.service.timing import check_timing, trigger_for
 
 log = logging.getLogger(__name__)
-LOCK_ALERT = "nomadscale/lock-unavailable"
 
 
 def renew_interval(ttl_s: float) -> float:
@@ -69,6 +71,7 @@ class Service:
         after_cycle: Callable[[Policy], object] | None = None,
         lock_watch: LockWatch | None = None,
         incremental_forecasts: bool = True,
+        host: str | None = None,  # named in every record; default socket.gethostname()
     ) -> None:
         if not policies:
             raise ConfigError("no policies to run")
@@ -86,8 +89,6 @@ class Service:
         self.misfire_grace_s = misfire_grace_s
         self.every_s = every_s  # replaces every policy's cycle (tests, demos)
         self.stop_event = threading.Event()
-        self._lock_down_since: float | None = None
-        self._lock_alerted = False
         self.lock_error: str | None = None  # why the last election failed, None when it ran
         self.control = Control(ports.kv, prefix=settings.kv_prefix)
         self.metrics = metrics or Metrics()
@@ -98,7 +99,9 @@ class Service:
             alerts=ports.alerts,
             keep=keep,
             log_json=settings.log_json,
+            host=host,
         )
+        self.lock_alarm = LockAlarm(recorder=self.recorder, clock=clock, ttl_s=settings.lock_ttl_s)
         self.runners = {
             p.name: CycleRunner(
                 policy=p, ports=ports, control=self.control, recorder=self.recorder,
@@ -135,43 +138,22 @@ class Service:
             try:
                 now_leader = bool(self.ports.lock.acquire())
                 self.lock_error = None
-                self._lock_reachable()
+                self.lock_alarm.reachable()
             except NomadscaleError as e:
                 log.warning("leader lock: %s", e)
                 now_leader = False
                 self.lock_error = str(e)
-                self._lock_unreachable(e)
+                self.lock_alarm.unreachable(e)
             if now_leader != self.leader:
                 # forecasters stay: standbys keep theirs up to date (see run_policy)
                 log.info("leadership %s", "acquired" if now_leader else "lost")
                 if now_leader:
                     self._background("on-leader", self._run_on_leader)
                     for name in self.policies:  # run the current slot if nobody did
-                        self._run_soon(self._scheduled, [name], f"takeover-{name}")
+                        self._run_soon(self._scheduled, [name, TAKEOVER], f"takeover-{name}")
             self.leader = now_leader
             self.metrics.is_leader.set(1 if now_leader else 0)
             return now_leader
-
-    def _lock_unreachable(self, error: NomadscaleError) -> None:
-        """Alert once the lock store has been unreachable for 2 x TTL (no instance can act)."""
-        now = self.clock.monotonic()
-        if self._lock_down_since is None:
-            self._lock_down_since = now
-        down_s = now - self._lock_down_since
-        if not self._lock_alerted and down_s >= 2 * self.settings.lock_ttl_s:
-            self._lock_alerted = True
-            self.recorder.alert(
-                LOCK_ALERT, on=True,
-                summary=f"nomadscale cannot reach its leader lock for {down_s:.0f}s: "
-                "no autoscaling decisions are applied",
-                details={"error": str(error), "down_s": round(down_s, 1)},
-            )  # fmt: skip
-
-    def _lock_reachable(self) -> None:
-        self._lock_down_since = None
-        if self._lock_alerted:
-            self._lock_alerted = False
-            self.recorder.alert(LOCK_ALERT, on=False, summary="", details={})
 
     def _claim_slot(self, name: str, slot: datetime) -> bool:
         """Record that ``slot`` of ``name`` is being acted on; False if it already was."""
@@ -202,23 +184,25 @@ class Service:
     # --- cycles -------------------------------------------------------------------------
 
     def run_policy(
-        self, name: str, *, now: datetime | None = None, kick: str | None = None
-    ) -> CycleResult | None:
-        """One cycle of ``name`` (what the scheduler, kicks, ``--once`` and simulate call)."""
+        self, name: str, *, now: datetime | None = None, kick: str | None = None,
+        trigger: str | None = None,
+    ) -> CycleResult | None:  # fmt: skip
+        """One cycle of ``name`` (what the scheduler, kicks, ``--once`` and simulate call);
+        ``trigger`` defaults to ``apply-now`` with a ``kick``, else ``scheduled``."""
         if self.stop_event.is_set():
             return None
+        trigger = trigger or (APPLY_NOW if kick is not None else SCHEDULED)
         with self._busy[name]:
             now = now or self.clock.now()
             runner = self.runners[name]
             if self.dry_run:
-                return runner.run(leader=False, dry_run=True, now=now)
+                return runner.run(leader=False, dry_run=True, now=now, trigger=trigger)
             if not self.elect():
-                rec = CycleRecord(policy=name, started_at=now, outcome="skipped",
-                                  skipped="not-leader", reason="not the leader")  # fmt: skip
+                kind, why = "not-leader", "not the leader"
                 if self.lock_error is not None:  # nobody may lead: say why, not "not leader"
-                    rec.skipped = "lock-unavailable"
-                    rec.reason = f"leader lock unavailable: {self.lock_error}"
-                self.metrics.observe(rec)
+                    kind, why = "lock-unavailable", f"leader lock unavailable: {self.lock_error}"
+                rec = self.recorder.skipped(name, started_at=now, trigger=trigger, kind=kind,
+                                            reason=why)  # fmt: skip
                 runner.warm(slot=self.slot_of(name, now))  # a takeover then starts warm
                 return CycleResult(record=rec)
             try:
@@ -227,14 +211,13 @@ class Service:
                 log.error("%s: cannot claim the cycle slot: %s", name, e)
                 fresh = False
             if not fresh:
-                rec = CycleRecord(policy=name, started_at=now, outcome="skipped",
-                                  skipped="slot-done", reason="this cycle slot was already run")  # fmt: skip
-                self.metrics.observe(rec)
+                rec = self.recorder.skipped(name, started_at=now, trigger=trigger,
+                                            kind="slot-done",
+                                            reason="this cycle slot was already run")  # fmt: skip
                 return CycleResult(record=rec)
             slot = self.slot_of(name, now)
-            result = runner.run(
-                leader=self.ports.lock.held(), now=now, meta={"nomadscale.slot": slot.isoformat()}
-            )
+            result = runner.run(leader=self.ports.lock.held(), now=now, trigger=trigger,
+                                meta={"nomadscale.slot": slot.isoformat()})  # fmt: skip
         if self.after_cycle is not None and self.leader and not self.stop_event.is_set():
             self._background(f"after-cycle-{name}", lambda: self._run_after_cycle(name))
         return result
@@ -293,7 +276,7 @@ class Service:
         out = []
         try:
             for name in self.policies:
-                r = self.run_policy(name)
+                r = self.run_policy(name, trigger=ONCE)
                 if r is not None:
                     out.append(r)
         finally:
@@ -307,9 +290,9 @@ class Service:
             if self.leader:
                 self.elect()
 
-    def _scheduled(self, name: str) -> None:
+    def _scheduled(self, name: str, trigger: str = SCHEDULED) -> None:
         try:
-            self.run_policy(name)
+            self.run_policy(name, trigger=trigger)
         except Exception:  # the cycle boundary: a bug in one cycle must not stop the loop
             log.exception("%s: cycle crashed", name)
             self.metrics.errors.labels(name, "crash").inc()
@@ -377,7 +360,7 @@ class Service:
     def _kicked(self, name: str, kid: str) -> None:
         result = None
         try:
-            result = self.run_policy(name, kick=kid)
+            result = self.run_policy(name, kick=kid, trigger=APPLY_NOW)
         except Exception:
             log.exception("%s: kicked cycle crashed", name)
         self.kick_retries.outcome(name, kid, result)
@@ -478,6 +461,7 @@ class Service:
                 holder = None
         out: dict[str, Any] = {
             "time": now.isoformat(),
+            "host": self.recorder.host,  # this process's host, as its records name it
             "leader": holder,
             "this_process_leads": self.leader,
             "dry_run": self.dry_run,

@@ -1,16 +1,19 @@
 """Cycle records: Consul KV history, one log line, Prometheus metrics and alerts.
 
-Each cycle of each policy yields one ``CycleRecord``. The leader stores it under
+Each cycle of each policy yields one ``CycleRecord``, naming the host that ran it and what
+triggered it (``TRIGGERS``). The leader stores it under
 ``<prefix>/decisions/<policy>/<UTC time>-<id>`` (the last ``keep`` per policy), logs it on one
 line (JSON fields when ``log_json``), updates the metrics in its own ``CollectorRegistry`` and
 raises an alert after ``failed_cycles_before_alert`` failures in a row, or when the forecast
-demand exceeds what ``bounds.max`` workers can serve.
+demand exceeds what ``bounds.max`` workers can serve. Records stored before ``host`` and
+``trigger`` existed read back with both ``None``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -26,6 +29,10 @@ from nomadscale.service.ops_metrics import ProcessFamilies
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("applied", "unchanged", "planned", "skipped", "failed", "aborted")
+# what started a cycle: the policy's cron tick, an operator's apply-now kick (`scale --now`,
+# `override set --now`), the first cycle after taking the leader lock, `run --once`, `plan`
+SCHEDULED, APPLY_NOW, TAKEOVER, ONCE, PLAN = "scheduled", "apply-now", "takeover", "once", "plan"
+TRIGGERS = (SCHEDULED, APPLY_NOW, TAKEOVER, ONCE, PLAN)
 
 
 @dataclass
@@ -45,6 +52,8 @@ class CycleRecord:
     applied: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     error_kinds: list[str] = field(default_factory=list)
+    host: str = ""  # the host whose process ran the cycle
+    trigger: str = ""  # one of TRIGGERS
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -53,6 +62,8 @@ class CycleRecord:
 
     def line(self) -> str:
         head = f"{self.policy} [{self.outcome}]"
+        if self.trigger or self.host:
+            head += f" ({self.trigger or '?'} on {self.host or '?'})"
         if self.decision is not None:
             head += f" {self.decision.get('explain', '')}"
         elif self.reason:
@@ -137,8 +148,10 @@ class Recorder:
         alerts: AlertPort | None = None,
         keep: int = 100,
         log_json: bool = False,
+        host: str | None = None,
     ) -> None:
         self.kv = kv
+        self.host = host or socket.gethostname()  # named in every record
         self.prefix = prefix.strip("/")
         self.metrics = metrics or Metrics()
         self.alerts = alerts
@@ -151,6 +164,21 @@ class Recorder:
 
     def key_prefix(self, policy: str) -> str:
         return f"{self.prefix}/decisions/{policy}/"
+
+    def new(self, policy: str, *, started_at: datetime, trigger: str, **kw: Any) -> CycleRecord:
+        """A record of a cycle this process runs (``host`` is this one)."""
+        return CycleRecord(policy=policy, started_at=started_at, host=self.host,
+                           trigger=trigger, **kw)  # fmt: skip
+
+    def skipped(
+        self, policy: str, *, started_at: datetime, trigger: str, kind: str, reason: str
+    ) -> CycleRecord:
+        """A cycle the service skipped before running it (not the leader, slot already run):
+        measured, not stored nor logged (every standby would log one per cycle)."""
+        rec = self.new(policy, started_at=started_at, trigger=trigger, outcome="skipped",
+                       skipped=kind, reason=reason)  # fmt: skip
+        self.metrics.observe(rec)
+        return rec
 
     def record(
         self,
@@ -195,9 +223,13 @@ class Recorder:
         out = []
         for e in reversed(entries[-limit:]):
             try:
-                out.append(json.loads(e.value))
+                doc = json.loads(e.value)
             except ValueError:
                 continue
+            if isinstance(doc, dict):  # stored before these fields existed: unknown
+                doc.setdefault("host", None)
+                doc.setdefault("trigger", None)
+            out.append(doc)
         return out
 
     def alert(self, key: str, *, on: bool, summary: str, details: dict[str, Any]) -> None:

@@ -363,13 +363,14 @@ def run_service(
     if signals is None:
         signals = StopSignals().install()
     http = None
-    if serve_http and not signals.requested:
-        # rollouts run from `nomadscale deploy` in other processes: /metrics reads their KV state
-        svc.metrics.registry.register(DeployCollector(ports.kv, prefix=settings.kv_prefix))
-        app = create_app(registry=svc.metrics.registry, status=svc.status,
-                         healthy=svc.healthy, extra_routes=extra_routes)  # fmt: skip
-        http = HttpServer(app, host=settings.http_host, port=settings.http_port).start()
-    try:
+    try:  # an HTTP server that cannot start ends here too: the on_stop tasks still run
+        if serve_http and not signals.requested:
+            # rollouts run from `nomadscale deploy` in other processes: /metrics reads their
+            # KV state
+            svc.metrics.registry.register(DeployCollector(ports.kv, prefix=settings.kv_prefix))
+            app = create_app(registry=svc.metrics.registry, status=svc.status,
+                             healthy=svc.healthy, extra_routes=extra_routes)  # fmt: skip
+            http = HttpServer(app, host=settings.http_host, port=settings.http_port).start()
         if not signals.requested:
             svc.start()
             systemd.notify("READY=1")
