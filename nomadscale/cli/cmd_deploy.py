@@ -66,10 +66,6 @@ def _ports(
     }
     if policy is not None:
         out["alerts"] = alerts_for([policy])
-        if settings.prometheus_url:
-            from nomadscale.integrations.prometheus import PrometheusClient
-
-            out["prometheus"] = PrometheusClient(url=settings.prometheus_url)
         if need_demand:
             out["demand"] = demand_for(settings)(policy)
     return out
@@ -86,18 +82,15 @@ def _rollout(
     """The policy's rollout; ``gated``: it is driven (start, resume), so the policy's SLI gate
     needs Prometheus (without it the canary would be promoted on health alone). Without
     ``need_kv`` (a dry run) it may have no Consul: its KV is then an empty one in memory."""
+    from nomadscale.service.runtime import rollout_prometheus
+
     settings = load_settings()
     policy = _policy(name, settings)
-    sli = policy.deploy.sli if policy.deploy else None
-    if gated and sli is not None and not settings.prometheus_url:
-        raise ConfigError(
-            f"PROMETHEUS_URL: not set (policy {policy.name}: deploy.sli gates the rollout "
-            "on Prometheus queries)"
-        )
+    prometheus = rollout_prometheus(settings, policy, gated=gated)
     p = _ports(policy, need_demand=need_demand, need_kv=need_kv)
     return Rollout(
         policy=policy, nomad=p["nomad"], kv=p["kv"], clock=SystemClock(), prefix=p["prefix"],
-        prometheus=p.get("prometheus"), demand=p.get("demand"), alerts=p.get("alerts"),
+        prometheus=prometheus, demand=p.get("demand"), alerts=p.get("alerts"),
         reporter=reporter,
     )  # fmt: skip
 

@@ -65,6 +65,7 @@ def resume_rollouts(
     from datetime import datetime
 
     from nomadscale.deploy.rollout import Rollout
+    from nomadscale.service.runtime import rollout_prometheus
 
     tasks: list[Callable[[], object]] = []
     for pol in policies:
@@ -79,18 +80,17 @@ def resume_rollouts(
             except NomadscaleError as e:
                 log.warning("%s: resuming the rollout without a demand source: %s", pol.name, e)
                 demand = None
-            prometheus = None
-            if settings.prometheus_url:
-                from nomadscale.integrations.prometheus import PrometheusClient
-
-                prometheus = PrometheusClient(url=settings.prometheus_url)
+            try:
+                prometheus, ungated = rollout_prometheus(settings, pol, gated=True), False
+            except ConfigError:
+                prometheus, ungated = None, True
             r = Rollout(policy=pol, nomad=ports.nomad, kv=ports.kv, clock=clock,
                         prefix=settings.kv_prefix, alerts=ports.alerts,
                         demand=demand, prometheus=prometheus)  # fmt: skip
             st = r.status()
             if st is None or not st.active:
                 return
-            if prometheus is None and pol.deploy is not None and pol.deploy.sli is not None:
+            if ungated:
                 # never drive a gated rollout ungated: leave it for `deploy resume`
                 log.error("deploy %s: rollout %s not resumed: PROMETHEUS_URL is not set and "
                           "deploy.sli gates it", pol.name, st.id)  # fmt: skip

@@ -157,7 +157,7 @@ def watch_maintenance(report_url: str, metadata_url: str, node_id: str | None) -
     """Watch GCE host maintenance events and report them (token: NOMADSCALE_REPORT_TOKEN).
 
     Logs to stderr as NOMADSCALE_LOG_LEVEL / NOMADSCALE_LOG_JSON say; the token never shows."""
-    from nomadscale.core.logs import register_secret, setup_logging
+    from nomadscale.core.logs import setup_logging
     from nomadscale.healing.watcher import MaintenanceWatcher
     from nomadscale.integrations.gce_metadata import MetadataClient
 
@@ -172,7 +172,6 @@ def watch_maintenance(report_url: str, metadata_url: str, node_id: str | None) -
     token: Secret | None = settings.report_token
     if not token:
         raise UsageError("NOMADSCALE_REPORT_TOKEN (or _FILE): required to report")
-    register_secret(token.reveal())
     level = settings.log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"NOMADSCALE_LOG_LEVEL: unknown level {settings.log_level!r}")

@@ -126,6 +126,7 @@ def status(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def plan(policy: str, as_json: bool) -> None:
     """One dry-run cycle of POLICY (name or file): the decision, why, and the actions."""
+    from nomadscale.integrations.tracefile import read_time
     from nomadscale.service.control import Control as _Control
     from nomadscale.service.cycle import CycleRunner
     from nomadscale.service.records import PLAN, Recorder
@@ -138,9 +139,7 @@ def plan(policy: str, as_json: bool) -> None:
     control = _Control(ports.kv, prefix=settings.kv_prefix)
     runner = CycleRunner(policy=pol, ports=ports, control=control,
                          recorder=Recorder(kv=None), clock=clock)  # fmt: skip
-    now = clock.now()
-    if pol.demand.source == "trace":  # a trace: decide right after its last step
-        now = min(now, ports.demand(pol).trace.end)  # type: ignore[attr-defined]
+    now = read_time(ports.demand(pol), clock.now())  # a trace: right after its last step
     res = runner.run(leader=False, dry_run=True, now=now, trigger=PLAN)
     rec = res.record
     if as_json:
@@ -168,6 +167,7 @@ def plan(policy: str, as_json: bool) -> None:
 def forecast_cmd(policy: str, plot_file: str | None) -> None:
     """Forecast POLICY's next cycle from its demand history (the live loop's forecast: the
     same config, lookback and sizing)."""
+    from nomadscale.integrations.tracefile import read_time
     from nomadscale.service.runtime import demand_for
     from nomadscale.stages.decide import bounds_from, forecast_config_from, lookback_s
     from nomadscale.stages.forecast import forecast
@@ -177,10 +177,8 @@ def forecast_cmd(policy: str, plot_file: str | None) -> None:
     pol = find_policy(settings, policy)
     if plot_file and not Path(plot_file).resolve().parent.is_dir():
         raise UsageError(f"--plot {plot_file}: folder {Path(plot_file).parent} does not exist")
-    now = SystemClock().now()
     src = demand_for(settings)(pol)
-    if pol.demand.source == "trace":  # a trace: forecast right after its last step
-        now = src.trace.end
+    now = read_time(src, SystemClock().now())  # a trace: right after its last step
     series = src.history(end=now, lookback_s=lookback_s(pol), step_s=pol.demand.step_s)
     fc = forecast(series, now=now, config=forecast_config_from(pol))
     sized = size(forecast=fc, capacity_rpm=pol.capacity.rpm_per_worker, current=None,

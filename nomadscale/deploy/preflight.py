@@ -20,7 +20,7 @@ from nomadscale.config.policy import Policy
 from nomadscale.core.errors import PermanentError, SafetyError
 from nomadscale.core.ports import DemandSource, JobInfo, NodeInfo, pinned_datacenter
 from nomadscale.deploy import room
-from nomadscale.deploy.replan import read_time
+from nomadscale.integrations.tracefile import read_time
 from nomadscale.stages.decide import forecast_config_from, lookback_s
 from nomadscale.stages.forecast import forecast
 
@@ -89,7 +89,7 @@ def forecast_upper(
     the live loop's forecast (its config, with headroom calibrated on whole workers, and its
     lookback), one cycle of it stretched to cover the rollout. None when the history has no
     recent data (a Prometheus gap, a wrong query): then nothing is known of demand. A trace
-    that ends before ``now`` is read right after its last step (``replan.read_time``)."""
+    that ends before ``now`` is read right after its last step (``tracefile.read_time``)."""
     now = read_time(demand, now)
     cfg = forecast_config_from(policy)
     n = max(1, math.ceil(horizon_s / policy.cycle_s))

@@ -22,7 +22,7 @@ from nomadscale.config.policy import Policy
 from nomadscale.core.errors import NomadscaleError
 from nomadscale.core.ports import DemandSource, GroupStatus, NodeInfo, pinned_datacenter
 from nomadscale.deploy import room
-from nomadscale.integrations.tracefile import TraceDemandSource
+from nomadscale.integrations.tracefile import read_time
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,6 @@ CURRENT_STEP_S = 15.0
 CURRENT_LOOKBACK_S = 60.0  # tolerate a missing sample or two
 
 GO, SURGE, HOLD = "go", "surge", "hold"
-
-
-def read_time(demand: DemandSource | None, now: datetime) -> datetime:
-    """When ``demand`` is read at ``now``: ``now``, except for a trace that ends before it (a
-    trace-based policy run against the wall clock), read right after its last step, as
-    ``nomadscale plan`` and ``forecast`` do; at ``now`` it holds no recent data."""
-    if isinstance(demand, TraceDemandSource):
-        return min(now, demand.trace.end + demand.shift)
-    return now
 
 
 def current_demand(

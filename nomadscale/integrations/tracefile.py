@@ -92,3 +92,13 @@ class TraceDemandSource:
             sums = np.nansum(vals, axis=1)
             out = np.where(counted > 0, sums / np.maximum(counted, 1), np.nan)
         return DemandSeries(start=start, step_s=step_s, values=out.astype(float))
+
+
+def read_time(demand: object, now: datetime) -> datetime:
+    """When ``demand`` is read at ``now``: ``now``, except for a trace that ends before it (a
+    trace-based policy run against the wall clock), read right after its last step: at
+    ``now`` it would hold no recent data. ``plan``, ``forecast`` and the rollout's planning
+    read it so."""
+    if isinstance(demand, TraceDemandSource):
+        return min(now, demand.trace.end + demand.shift)
+    return now

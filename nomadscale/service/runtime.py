@@ -179,6 +179,22 @@ def demand_for(settings: Settings) -> Any:
     return build
 
 
+def rollout_prometheus(settings: Settings, policy: Policy, *, gated: bool) -> Any:
+    """The Prometheus client a rollout of ``policy`` queries (its SLI gate), None without
+    PROMETHEUS_URL. ``gated``: the rollout is driven (start, resume), so a policy with
+    ``deploy.sli`` needs it: ConfigError rather than a canary promoted on health alone."""
+    if settings.prometheus_url:
+        from nomadscale.integrations.prometheus import PrometheusClient
+
+        return PrometheusClient(url=settings.prometheus_url)
+    if gated and policy.deploy is not None and policy.deploy.sli is not None:
+        raise ConfigError(
+            f"PROMETHEUS_URL: not set (policy {policy.name}: deploy.sli gates the rollout "
+            "on Prometheus queries)"
+        )
+    return None
+
+
 def pool_for(settings: Settings, *, clock: Clock) -> Any:
     def build(policy: Policy) -> NodePoolPort | None:
         np_ = policy.target.node_pool
