@@ -206,7 +206,7 @@ def status(policy: str | None, as_json: bool) -> None:
         if st is None:
             console.print(f"{name}: no rollout recorded")
         else:
-            console.print(status_table(st))
+            console.print(status_table(st, now=SystemClock().now()))
 
 
 @deploy.command("abort")

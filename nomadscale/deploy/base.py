@@ -4,6 +4,8 @@ retried through outages, alerts, progress reports, and stopping (paused or final
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -20,6 +22,11 @@ from nomadscale.deploy.state import RolloutState, StateStore
 log = logging.getLogger(__name__)
 
 Reporter = Callable[[RolloutState, dict[str, Any]], None]
+
+
+def driver() -> str:
+    """This process, as the record names the one driving the rollout (``deploy status``)."""
+    return f"{socket.gethostname()} pid {os.getpid()}"
 
 
 class NothingToDo(Exception):

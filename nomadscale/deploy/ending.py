@@ -8,7 +8,10 @@ Whatever the end (completed, rolled back, aborted), the job's groups get back th
 blocks they had before the rollout, recorded at its start: a change made through Nomad
 afterwards (``nomad job run``) canaries the way the job file says. That registration changes
 only update blocks, which Nomad applies to the running allocations in place (tasksUpdated
-does not compare them): nothing is replaced.
+does not compare them): nothing is replaced. It still starts a short deployment (Nomad
+watches the updated allocations' health again for min_healthy_time), and the rollout ends
+only once that deployment did: the autoscaler's next cycle, ``scale --now`` and the next
+``deploy start`` find the job quiet.
 """
 
 from __future__ import annotations
@@ -127,7 +130,8 @@ class Ending(BlockedWatch):
         """Give the job's groups back the update blocks they had before the rollout (recorded
         at its start; for a record without them, the job version the rollout started from).
         Waits for a deployment still active (a released surge's) first, so the new version
-        supersedes nothing; the registration replaces no allocation."""
+        supersedes nothing; the registration replaces no allocation, but it starts a
+        deployment that the rollout waits for (``_await_blocks_deployment``)."""
         st = self._st()
         blocks = st.update_blocks or self._update_blocks_at_start()
         if not blocks:
@@ -136,17 +140,82 @@ class Ending(BlockedWatch):
         for _ in range(3):
             job = self._call(lambda: self.nomad.get_job(self.job_id, namespace=self.ns))
             spec = jobspec.with_update_blocks(dict(job.spec), blocks)
-            if spec == dict(job.spec):
+            if spec == dict(job.spec):  # given back already (a resumed rollout)
+                latest = self._call(lambda: self.nomad.latest_deployment(self.job_id,
+                                                                         namespace=self.ns))  # fmt: skip
+                if latest is not None and latest.active:
+                    self._await_blocks_deployment(latest, blocks)
                 return
             try:
-                self._call(partial(self.nomad.register_job, spec, namespace=self.ns,
-                                   enforce_index=job.job_modify_index))  # fmt: skip
+                eval_id = self._call(partial(self.nomad.register_job, spec, namespace=self.ns,
+                                             enforce_index=job.job_modify_index))  # fmt: skip
             except ConflictError as e:  # the job changed between the read and the write
                 log.info("deploy %s: giving update blocks back: %s; again", st.policy, e)
                 continue
             st.note(self.clock.now(), "the job's own update blocks given back")
+            dep = self._blocks_deployment(str(eval_id or ""), job.version + 1)
+            if dep is not None:
+                self._await_blocks_deployment(dep, blocks)
             return
         log.warning("deploy %s: the job kept changing: update blocks not given back", st.policy)
+
+    def _blocks_deployment(self, eval_id: str, version: int) -> DeploymentInfo | None:
+        """The deployment the registration of the update blocks started (None: none). Real
+        Nomad starts one: the allocations are updated in place, and an in-place update counts
+        as a spec update (hashicorp/nomad scheduler/reconcile.go, ``createDeployment``:
+        ``updatingSpec := len(destructive) != 0 || len(a.result.inplaceUpdate) != 0``); the
+        clients then watch their health again for min_healthy_time (client/allocrunner/
+        health_hook.go ``Update``: the deployment ID changed). Only a group whose block is
+        empty (``strategy.IsEmpty()``) gets none. Known once the registration's evaluation
+        is no longer pending (the scheduler commits a deployment with its plan)."""
+        for _ in range(60):
+            evals = self._call(lambda: self.nomad.job_evaluations(self.job_id, namespace=self.ns))
+            done = not eval_id or any(e.id == eval_id and e.status != "pending" for e in evals)
+            dep = self._call(lambda: self.nomad.latest_deployment(self.job_id, namespace=self.ns))
+            if dep is not None and dep.job_version >= version:
+                return dep
+            if done:
+                return None
+            self.clock.sleep(1.0)
+        self._pause("giving the job's own update blocks back: its evaluation still pending "
+                    "after 60 s")  # fmt: skip
+        return None
+
+    def _await_blocks_deployment(self, dep: DeploymentInfo, blocks: dict[str, object]) -> None:
+        """Wait (on the rollout's clock) until ``dep``, the deployment that gives the job its
+        own update blocks back, ends: a rollout that ends meanwhile would leave it to the
+        autoscaler's next cycle (skipped while a deployment runs) and to an operator's
+        ``scale --now`` or next ``deploy start``. Bounded by the longest progress deadline of
+        those blocks (Nomad fails the deployment by then); a deployment that fails, is
+        cancelled or outlasts the bound pauses the rollout with why (``deploy resume`` gives
+        the blocks back again and waits, ``deploy abort`` rolls back)."""
+        st = self._st()
+        limit = self._blocks_deadline_s(blocks) + max(60.0, 2 * self.poll_s)
+        what = f"deployment {dep.id[:8]} of the job's own update blocks"
+        self._save(f"waiting for {what} (Nomad watches the workers' health again)")
+        t0 = self.clock.now()
+        dep_id = dep.id
+        while dep.active:
+            waited = (self.clock.now() - t0).total_seconds()
+            if waited > limit:
+                self._pause(f"{what} still {dep.status} after {waited:.0f}s; 'deploy resume' "
+                            "waits again")  # fmt: skip
+            self._report({"phase": st.status, "deployment": dep.status, "note": what})
+            self.clock.sleep(self.poll_s)
+            dep = self._call(lambda: self.nomad.deployment(dep_id))
+        if dep.status != "successful":
+            self._pause(f"{what} {dep.status}: {dep.status_description or 'no reason given'}; "
+                        "'deploy resume' gives the blocks back again")  # fmt: skip
+        st.note(self.clock.now(), f"{what} successful")
+
+    def _blocks_deadline_s(self, blocks: dict[str, object]) -> float:
+        """The longest progress deadline among ``blocks`` (Nomad's Update JSON, nanoseconds),
+        at least the rollout's own."""
+        out = self.d.progress_deadline.total_seconds()
+        for b in blocks.values():
+            if isinstance(b, dict) and isinstance(b.get("ProgressDeadline"), int | float):
+                out = max(out, float(b["ProgressDeadline"]) / jobspec.NS)
+        return out
 
     def _update_blocks_at_start(self) -> dict[str, object]:
         st = self._st()

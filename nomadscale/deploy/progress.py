@@ -3,6 +3,7 @@ the last re-plan before a node step (and a hold)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from rich.console import Console
@@ -12,7 +13,12 @@ from rich.table import Table
 from nomadscale.deploy.state import RolloutState
 
 
-def status_table(st: RolloutState, info: dict[str, Any] | None = None) -> Table:
+def status_table(
+    st: RolloutState, info: dict[str, Any] | None = None, *, now: datetime | None = None
+) -> Table:
+    """The record as a table; ``now`` (``deploy status``) adds how long ago an active
+    rollout last made progress: a record nobody drives any more (its process was killed)
+    shows as one whose last progress is old, with the process that drove it."""
     info = info or {}
     t = Table(title=f"deploy {st.policy}: {st.image}", title_justify="left", show_header=False)
     t.add_row("rollout", f"{st.id} [bold]{st.status}[/bold]")
@@ -26,7 +32,8 @@ def status_table(st: RolloutState, info: dict[str, Any] | None = None) -> Table:
             "prefetched", f"{ok}/{total} nodes" + (f", failed {len(failed)}" if failed else "")
         )
     t.add_row("zones done", ", ".join(st.zones_done) or "-")
-    if st.current_zone and st.active:
+    rolling = st.active and bool(st.current_zone) and st.current_zone not in st.zones_done
+    if rolling:
         # the live counts only while this process follows the deployment (not in `status`)
         counts = (f"{info['healthy']}/{info['total']} healthy, " if "healthy" in info
                   else "")  # fmt: skip
@@ -42,16 +49,36 @@ def status_table(st: RolloutState, info: dict[str, Any] | None = None) -> Table:
                  else f" (not placed: {s['blocked']})" if s.get("blocked") else "")  # fmt: skip
         t.add_row("surge", f"{s['group']} {s['from']} -> {s['to']}{state}")
     last = st.replan.get("last") or {}
-    if last.get("explain") and st.active:
+    if last.get("explain") and rolling:
         t.add_row("re-plan", f"{last['explain']} (at {last.get('at', '?')})")
     if st.status == "held" and st.replan.get("held_since"):
         t.add_row("held since", str(st.replan["held_since"]))
     if st.reason:
         t.add_row("reason", st.reason)
+    if st.active and st.log:
+        t.add_row("last event", st.log[-1])
     t.add_row("started", st.started_at)
+    if st.active and st.updated_at:
+        t.add_row("last progress", st.updated_at + _ago(st.updated_at, now))
+    if st.active and st.owner:
+        t.add_row("driven by", st.owner)
     if st.finished_at:
         t.add_row("finished", f"{st.finished_at} ({st.timings.get('total_s', 0) / 60:.1f} min)")
     return t
+
+
+def _ago(iso: str, now: datetime | None) -> str:
+    if now is None:
+        return ""
+    try:
+        s = (now - datetime.fromisoformat(iso)).total_seconds()
+    except (TypeError, ValueError):
+        return ""
+    if s < 90:
+        return f" ({max(0.0, s):.0f}s ago)"
+    if s < 2 * 3600:
+        return f" ({s / 60:.0f} min ago)"
+    return f" ({s / 3600:.0f} h ago)" if s < 2 * 86400 else f" ({s / 86400:.0f} days ago)"
 
 
 class LiveProgress:

@@ -22,7 +22,7 @@ from typing import Any
 from nomadscale.core.errors import ConflictError, TemporaryError
 from nomadscale.core.ports import DeploymentInfo
 from nomadscale.deploy import spec as jobspec
-from nomadscale.deploy.base import NothingToDo, Reporter, _Stop
+from nomadscale.deploy.base import NothingToDo, Reporter, _Stop, driver
 from nomadscale.deploy.ending import Ending
 from nomadscale.deploy.gate import GateResult
 from nomadscale.deploy.image import parse_image
@@ -80,6 +80,7 @@ class Rollout(Ending):
             zones=[z.group for z in plan.zones], started_at=now.isoformat(),
             updated_at=now.isoformat(), reason=plan.explain(),
         )  # fmt: skip
+        st.owner = driver()
         st.prefetch = {"wanted": prefetch}
         st.update_blocks = jobspec.update_blocks(dict(plan.job.spec))
         st.sli = {"surge_needed": plan.surge, "required_workers": plan.required_workers}
@@ -97,6 +98,7 @@ class Rollout(Ending):
         if st is None or not st.active:
             return st
         self.state, self._index = st, index
+        st.owner = driver()
         if st.ending:  # stopped while rolling back: finish that, never roll forward again
             with contextlib.suppress(_Stop):
                 self._rollback(str(st.ending.get("reason") or "rollback resumed"),
@@ -119,6 +121,7 @@ class Rollout(Ending):
         if st is None or not st.active:
             return st
         self.state, self._index = st, index
+        st.owner = driver()
         with contextlib.suppress(_Stop):
             self._rollback(reason, status="aborted")
         return self.state
@@ -191,6 +194,10 @@ class Rollout(Ending):
             if reverted is not None:  # never register the image again over Nomad's revert
                 self._rollback(reverted, status="rolled_back", failed=True)
             st.timings[f"{group}_start"] = self._elapsed()
+            # a count change (the autoscaler's, scale --now, a runbook's surge) still in its
+            # deployment: let it end rather than cancel it, so its version is stable and an
+            # auto-revert of this zone goes back to that count (see _scale_when_idle)
+            self._settle()
             self._top_up(group)  # nodes that joined the zone since the prefetch
             # re-plan against current demand (and the planned bound): surge or hold first; a
             # surge worker is part of this zone's new version, so it runs the new image

@@ -130,16 +130,29 @@ class StateStore:
         return RolloutState.from_dict(doc), entry.modify_index
 
     def create(self, state: RolloutState) -> int:
-        """Write a new record; ConflictError when an active rollout already holds the key."""
+        """Write a new record; ConflictError when an active rollout already holds the key, or
+        another process wrote one between this read and this write (two operators starting
+        at once: the check-and-set lets exactly one win; the other is told whose it is)."""
         old, index = self.load(state.policy)
         if old is not None and old.active:
-            raise ConflictError(
-                f"deploy {state.policy}: rollout {old.id} of {old.image} is {phase_text(old.status)} "
-                f"(started {old.started_at}); use 'deploy status', 'deploy resume' or "
-                "'deploy abort'",
-                system="kv",
-            )
-        return self._put(state, index)
+            raise self._taken(old, state.policy)
+        try:
+            return self._put(state, index)
+        except ConflictError:
+            now = self.load(state.policy)[0]
+            if now is None or now.id == state.id:
+                raise
+            raise self._taken(now, state.policy, meanwhile=True) from None
+
+    @staticmethod
+    def _taken(old: RolloutState, policy: str, *, meanwhile: bool = False) -> ConflictError:
+        who = " by another nomadscale a moment ago" if meanwhile else ""
+        return ConflictError(
+            f"deploy {policy}: rollout {old.id} of {old.image} is {phase_text(old.status)} "
+            f"(started {old.started_at}{who}); use 'deploy status', 'deploy resume' or "
+            "'deploy abort'",
+            system="kv",
+        )
 
     def save(self, state: RolloutState, index: int) -> int:
         """Write ``state`` if the record is still at ``index``; ConflictError when another

@@ -177,12 +177,19 @@ class SurgeWorkers(Holds):
     def _scale_when_idle(self, group: str, count: int, message: str) -> None:
         """The Scale API once no deployment of the job is active: Nomad refuses it meanwhile,
         and every count change starts one for about min_healthy_time (a runbook's surge may
-        have slipped in after the zone's deployment). One retry when one started since."""
+        have slipped in after the zone's deployment). One retry when one started since.
+        Then waits for the count change's own deployment: a job version becomes stable only
+        when its deployment succeeds (hashicorp/nomad nomad/state/state_store.go
+        ``upsertDeploymentImpl``: "If the deployment is being marked as complete, set the job
+        to stable"), and the next zone's version would cancel it ("Cancelled due to newer
+        version of job"): a failure there would auto-revert to the last stable version,
+        the surge worker's, and bring the released worker back."""
         for attempt in (1, 2):
             self._settle()
             try:
                 self._call(lambda: self.nomad.scale(self.job_id, group, count,
                                                     namespace=self.ns, message=message))  # fmt: skip
+                self._settle()
                 return
             except DeploymentActiveError as e:
                 if attempt == 2:
