@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nomadscale.core.clock import Clock, FakeClock, SystemClock
-from nomadscale.sim import blocked, lifecycle
+from nomadscale.sim import blocked, lifecycle, sched
 from nomadscale.sim.faults import FaultInjector
 from nomadscale.sim.model import (
     ZERO_TIME,
@@ -81,6 +81,7 @@ class Cluster:
         self.awaiting_previous: dict[str, str] = {}  # alloc id -> its waiting replacement
         self.draining: set[str] = set()  # ids of nodes with a drain strategy (drain.py)
         self.drain_dirty: set[JobKey] = set()  # jobs the drainer has to look at again
+        self.status_dirty: set[JobKey] = set()  # jobs whose status may have changed (sched)
         self.queued: dict[tuple[JobKey, str], int] = {}
         self.namespaces: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
@@ -199,7 +200,9 @@ class Cluster:
                     finally:
                         self._now_override = None
                     self._unblock()
+                    sched.sync_dirty(self)
                 self._unblock()
+                sched.sync_dirty(self)
             finally:
                 self._processing = False
 
@@ -210,6 +213,7 @@ class Cluster:
             if self.drain_dirty:
                 lifecycle.drain_pending(self)
             self._unblock()
+            sched.sync_dirty(self)
 
     def _unblock(self) -> None:
         while self._capacity_changed and self.blocked:
@@ -403,6 +407,7 @@ class Cluster:
             self.process_due()
             out = fn()
             self._unblock()
+            sched.sync_dirty(self)
             return out
 
     def __repr__(self) -> str:

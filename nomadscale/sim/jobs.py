@@ -105,6 +105,8 @@ def register(
         for v in sorted(job.versions)[:-TRACKED_VERSIONS]:
             del job.versions[v]
         job.modify_index = idx
+        # state_store.go upsertJobImpl -> setJobStatus in the same write (same index)
+        spec["Status"] = sched.job_status(c, job)
         c.emit(
             "register",
             job_id=job.id,
@@ -180,13 +182,10 @@ def scale(c: Cluster, job_id: str, namespace: str, body: Mapping[str, Any]) -> d
     job = c.jobs.get((namespace, job_id))
     if job is None:
         raise ApiError(404, f'job "{job_id}" not found')
-    jmi = int(body.get("JobModifyIndex") or 0)
-    if jmi and jmi != int(job.spec["JobModifyIndex"]):
-        raise ApiError(
-            500,
-            f"Enforcing job modify index {jmi}: job exists with conflicting "
-            f"job modify index: {job.spec['JobModifyIndex']}",
-        )
+    # nomad/job_endpoint.go Job.Scale, right after the job lookup (before the group, the
+    # scaling policy and the deployment checks); sysbatch jobs have no such limit
+    if job.type == "system" and count is not None and count > 1:
+        raise ApiError(400, 'jobs of type "system" can only be scaled to 1 or 0')
     tg = job.group(group)
     if tg is None:
         raise ApiError(400, f'task group "{group}" specified for scaling does not exist in job')
@@ -194,13 +193,11 @@ def scale(c: Cluster, job_id: str, namespace: str, body: Mapping[str, Any]) -> d
     reply: dict[str, Any] = {
         "EvalID": "",
         "EvalCreateIndex": 0,
-        "JobModifyIndex": job.spec["JobModifyIndex"],
+        "JobModifyIndex": job.modify_index,  # Job.Scale without a count: job.ModifyIndex
         "Warnings": "",
         "Index": c.index,
     }
     if count is not None:
-        if job.type in ("system", "sysbatch") and count > 1:
-            raise ApiError(400, "scaling action count must be 0 or 1 for system jobs")
         sc = tg.get("Scaling")
         if sc is not None and sc.get("Min") is not None and count < sc["Min"]:
             raise ApiError(
@@ -213,6 +210,13 @@ def scale(c: Cluster, job_id: str, namespace: str, body: Mapping[str, Any]) -> d
         dep = c.active_deployment((namespace, job_id))
         if dep is not None and dep.job_create_index == job.create_index:
             raise ApiError(400, "job scaling blocked due to active deployment")
+        jmi = int(body.get("JobModifyIndex") or 0)  # checked after the deployment (Job.Scale)
+        if jmi and jmi != int(job.spec["JobModifyIndex"]):
+            raise ApiError(
+                500,
+                f"Enforcing job modify index {jmi}: job exists with conflicting "
+                f"job modify index: {job.spec['JobModifyIndex']}",
+            )
         spec = copy.deepcopy(job.spec)
         for k in _SERVER_FIELDS:
             spec.pop(k, None)

@@ -104,6 +104,7 @@ def terminate(
     node = c.nodes.get(a.node_id)
     if was_live and not a.live and node is not None:
         node.track(a, -1)
+    c.status_dirty.add((a.namespace, a.job_id))
     if client_status in ("complete", "failed"):
         c.capacity_changed()
     _drainer_wakes(c, a)
@@ -180,6 +181,7 @@ def stop(c: Cluster, a: Alloc, description: str) -> None:
     node = c.nodes.get(a.node_id)
     if node is not None:
         node.track(a, -1)
+    c.status_dirty.add((a.namespace, a.job_id))  # terminal for the server from now on
     _drainer_wakes(c, a)
     c.emit(
         "alloc_stopping",
@@ -363,12 +365,9 @@ def _fail(c: Cluster, a: Alloc) -> None:
 
 
 def _after_terminal(c: Cluster, a: Alloc) -> None:
-    from nomadscale.sim import sched
-
-    job = c.jobs.get((a.namespace, a.job_id))
-    if job is not None:
-        job.spec["Status"] = sched.job_status(c, job)
-        c.bump("jobs")
+    """``a`` is done: its job's status may change (synced once the instant's changes are
+    in, ``sched.sync_dirty``)."""
+    c.status_dirty.add((a.namespace, a.job_id))
 
 
 def _drainer_wakes(c: Cluster, a: Alloc) -> None:

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from nomadscale.sim import devices
+from nomadscale.sim import devices, resources
 
 NS = 1_000_000_000
 ZERO_TIME = "0001-01-01T00:00:00Z"
 TERMINAL_CLIENT = frozenset({"complete", "failed", "lost"})
+OS_NAME = "ubuntu"
 
 
 def new_uuid() -> str:
@@ -111,11 +112,12 @@ class Node:
     def schedulable(self) -> bool:
         return self.status == "ready" and self.eligibility == "eligible" and not self.draining
 
-    def stub(self) -> dict[str, Any]:
-        return {
+    def stub(self, *, with_resources: bool = False, with_os: bool = False) -> dict[str, Any]:
+        """structs.Node.Stub: NodeResources and ReservedResources with ``resources=true``,
+        ``Attributes: {"os.name"}`` with ``os=true``; otherwise absent (omitempty)."""
+        out: dict[str, Any] = {
             "Address": self.address,
             "ID": self.id,
-            "Attributes": None,
             "Datacenter": self.datacenter,
             "Name": self.name,
             "NodeClass": self.node_class,
@@ -127,15 +129,19 @@ class Node:
             "StatusDescription": "",
             "Drivers": {"docker": {"Detected": True, "Healthy": True, "HealthDescription": ""}},
             "HostVolumes": None,
-            "NodeResources": None,
-            "ReservedResources": None,
             "LastDrain": copy.deepcopy(self.last_drain),
             "CreateIndex": self.create_index,
             "ModifyIndex": self.modify_index,
         }
+        if with_resources:
+            out["NodeResources"] = resources.node_resources(self)
+            out["ReservedResources"] = resources.reserved_resources()
+        if with_os:
+            out["Attributes"] = {"os.name": OS_NAME}
+        return out
 
     def full(self) -> dict[str, Any]:
-        out = self.stub()
+        out = self.stub(with_resources=True)
         out.update(
             {
                 "SecretID": "",
@@ -146,14 +152,8 @@ class Node:
                     "unique.hostname": self.name,
                     "driver.docker": "1",
                     "kernel.name": "linux",
-                    "os.name": "ubuntu",
+                    "os.name": OS_NAME,
                     "cpu.arch": "amd64",
-                },
-                "NodeResources": {
-                    "Cpu": {"CpuShares": 32000, "TotalCpuCores": 16},
-                    "Memory": {"MemoryMB": 65536},
-                    "Disk": {"DiskMB": 200000},
-                    "Devices": devices.node_devices(self),
                 },
                 "DrainStrategy": copy.deepcopy(self.drain_strategy),
                 "Events": list(self.events),
@@ -208,14 +208,16 @@ class Alloc:
     task_events: list[dict[str, Any]] = field(default_factory=list)
     devices: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per task
     gen: int = 0  # bumped on each transition; stale timers are ignored
-    _stub_cache: dict[bool, tuple[int, bytes]] = field(default_factory=dict)
+    _stub_cache: dict[tuple[bool, bool], tuple[int, bytes]] = field(default_factory=dict)
 
-    def stub_json(self, *, task_states: bool = True) -> bytes:
+    def stub_json(self, *, task_states: bool = True, with_resources: bool = False) -> bytes:
         """The stub's JSON, cached per ModifyIndex (every stub change bumps it)."""
-        hit = self._stub_cache.get(task_states)
+        key = (task_states, with_resources)
+        hit = self._stub_cache.get(key)
         if hit is None or hit[0] != self.modify_index:
-            hit = (self.modify_index, dumps(self.stub(task_states=task_states)))
-            self._stub_cache[task_states] = hit
+            stub = self.stub(task_states=task_states, with_resources=with_resources)
+            hit = (self.modify_index, dumps(stub))
+            self._stub_cache[key] = hit
         return hit[1]
 
     @property
@@ -279,8 +281,18 @@ class Alloc:
             "ModifyIndex": self.health_index,
         }
 
-    def stub(self, *, task_states: bool = True) -> dict[str, Any]:
+    def _desired_transition(self) -> dict[str, Any]:
         return {
+            "Migrate": self.migrating or None,
+            "Reschedule": self.reschedule_ok or None,
+            "ForceReschedule": None,
+            "NoShutdownDelay": None,
+        }
+
+    def stub(self, *, task_states: bool = True, with_resources: bool = False) -> dict[str, Any]:
+        """structs.Allocation.Stub: AllocatedResources with ``resources=true`` (omitempty),
+        TaskStates unless ``task_states=false``."""
+        out: dict[str, Any] = {
             "ID": self.id,
             "EvalID": self.eval_id,
             "Name": self.name,
@@ -295,9 +307,11 @@ class Alloc:
             "DesiredDescription": self.desired_description,
             "ClientStatus": self.client_status,
             "ClientDescription": self.client_description,
+            "DesiredTransition": self._desired_transition(),
             "TaskStates": self._task_states() if task_states else None,
             "DeploymentStatus": self._deployment_status(),
             "FollowupEvalID": "",
+            "NextAllocation": self.next_allocation,
             "RescheduleTracker": (
                 {"Events": [dict(e) for e in self.reschedule_events]}
                 if self.reschedule_events
@@ -310,27 +324,17 @@ class Alloc:
             "CreateTime": unix_ns(self.create_time),
             "ModifyTime": unix_ns(self.modify_time),
         }
+        if with_resources:
+            out["AllocatedResources"] = resources.alloc_resources(self)
+        return out
 
     def full(self) -> dict[str, Any]:
-        out = self.stub()
+        out = self.stub(with_resources=True)
         out.update(
             {
                 "Job": self.job,
                 "DeploymentID": self.deployment_id,
                 "PreviousAllocation": self.previous_allocation,
-                "NextAllocation": self.next_allocation,
-                "DesiredTransition": {
-                    "Migrate": self.migrating or None,
-                    "Reschedule": self.reschedule_ok or None,
-                    "ForceReschedule": None,
-                    "NoShutdownDelay": None,
-                },
-                "AllocatedResources": {
-                    "Tasks": {
-                        t: {"Devices": copy.deepcopy(self.devices.get(t)) or None}
-                        for t in self.task_names
-                    }
-                },
             }
         )
         return out
@@ -457,3 +461,12 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class NotFound(ApiError):
+    """A read found nothing: 404 ``message`` once the blocking query on ``index`` (the
+    index of the table the object would be in) returns."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(404, message)
+        self.index = index

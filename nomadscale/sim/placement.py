@@ -7,6 +7,7 @@ import heapq
 import re
 from typing import TYPE_CHECKING, Any
 
+from nomadscale.sim import devices
 from nomadscale.sim.model import Node
 
 if TYPE_CHECKING:
@@ -106,6 +107,18 @@ def group_gpus(tg: dict[str, Any]) -> int:
     return total
 
 
+def gpu_models_fit(node: Node, tg: dict[str, Any]) -> bool:
+    """Every GPU request of ``tg`` that names a model (``nvidia/gpu/NVIDIA L4``) names the
+    model of ``node``'s GPUs (scheduler/feasible.go DeviceChecker: a device group matches a
+    request when ``RequestedDevice.ID().Matches(group ID)``)."""
+    for task in tg.get("Tasks") or []:
+        for dev in (task.get("Resources") or {}).get("Devices") or []:
+            name = str(dev.get("Name", ""))
+            if GPU_DEVICE.match(name) and not devices.request_matches(name, node):
+                return False
+    return True
+
+
 def distinct_hosts(job: dict[str, Any], tg: dict[str, Any]) -> bool:
     return any(c.get("Operand") == "distinct_hosts" for c in constraints_of(job, tg))
 
@@ -132,7 +145,7 @@ class Placer:
             if not node.schedulable():
                 continue
             self.evaluated += 1
-            if static_fit(node, spec, cons):
+            if static_fit(node, spec, cons) and (not self.gpus or gpu_models_fit(node, tg)):
                 self.candidates.append(node)
             else:
                 self.filtered += 1

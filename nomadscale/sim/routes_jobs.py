@@ -7,7 +7,7 @@ from typing import Any
 
 from nomadscale.sim import filters, jobs, jobspec, sched
 from nomadscale.sim.cluster import Cluster
-from nomadscale.sim.model import ApiError, JobRecord
+from nomadscale.sim.model import ApiError, JobRecord, NotFound
 from nomadscale.sim.server import Request, Route, route
 
 # One escaped segment, or an unescaped dispatched/periodic child ("parent/dispatch-...").
@@ -15,17 +15,26 @@ _ID = r"([^/]+(?:/(?:dispatch|periodic)-[^/]+)?)"
 
 
 def _job(c: Cluster, req: Request) -> JobRecord:
+    """The job of the path; a read of a missing one blocks on the jobs table (Job.GetJob:
+    ``state.Index("jobs")``) before its 404."""
     job = c.jobs.get((req.namespace, req.params[0]))
     if job is None:
-        raise ApiError(404, "job not found")
+        raise NotFound("job not found", c.table_index["jobs"])
     return job
+
+
+def _maybe_job(c: Cluster, req: Request) -> JobRecord | None:
+    """The job's lists (allocations, evaluations, deployments) of a missing job are empty:
+    Job.Allocations, Job.Evaluations, Job.Deployments and Job.LatestDeployment query by job
+    ID without looking the job up (nomad/job_endpoint.go)."""
+    return c.jobs.get((req.namespace, req.params[0]))
 
 
 def _job_summary(c: Cluster, job: JobRecord) -> dict[str, Any]:
     children = None
     if job.parameterized or job.periodic:
         kids = [j for j in c.jobs.values() if j.spec.get("ParentID") == job.id]
-        st = [sched.job_status(c, k) for k in kids]
+        st = [_status(c, k) for k in kids]
         children = {
             "Pending": st.count("pending"),
             "Running": st.count("running"),
@@ -56,7 +65,7 @@ def _stub(c: Cluster, job: JobRecord, *, meta: bool) -> dict[str, Any]:
         "Periodic": job.periodic,
         "ParameterizedJob": job.parameterized,
         "Stop": job.stopped,
-        "Status": sched.job_status(c, job),
+        "Status": _status(c, job),
         "StatusDescription": "",
         "JobSummary": _job_summary(c, job),
         "CreateIndex": job.create_index,
@@ -69,9 +78,14 @@ def _stub(c: Cluster, job: JobRecord, *, meta: bool) -> dict[str, Any]:
     return out
 
 
+def _status(c: Cluster, job: JobRecord) -> str:
+    """The stored status (set with the job's ModifyIndex, ``sched.sync_status``)."""
+    return str(job.spec.get("Status") or sched.job_status(c, job))
+
+
 def _full(c: Cluster, job: JobRecord) -> dict[str, Any]:
     out = dict(job.spec)
-    out["Status"] = sched.job_status(c, job)
+    out["Status"] = _status(c, job)
     out["ModifyIndex"] = job.modify_index
     return out
 
@@ -92,12 +106,10 @@ def list_jobs(c: Cluster, req: Request) -> tuple[Any, int]:
 
 
 def get_job(c: Cluster, req: Request) -> tuple[Any, int]:
-    """Blocks on the job's ModifyIndex (nomad/job_endpoint.go GetJob). Nomad bumps it when
-    the job's status changes; the twin derives the status from the allocations, so the
-    job's own allocations' changes count too (never another job's)."""
+    """Blocks on the job's ModifyIndex (nomad/job_endpoint.go GetJob), which a new version
+    and a status change move (state_store.go setJobStatus; ``sched.sync_status``)."""
     job = _job(c, req)
-    allocs = c.job_allocs((job.namespace, job.id))
-    return _full(c, job), max([job.modify_index, *(a.modify_index for a in allocs)])
+    return _full(c, job), job.modify_index
 
 
 def versions(c: Cluster, req: Request) -> tuple[Any, int]:
@@ -107,7 +119,9 @@ def versions(c: Cluster, req: Request) -> tuple[Any, int]:
 
 
 def job_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
-    job = _job(c, req)
+    job = _maybe_job(c, req)
+    if job is None:
+        return [], c.table_index["allocs"]
     all_ = req.query.get("all", "") in ("true", "True", "1")
     out = [
         a.stub()
@@ -118,20 +132,17 @@ def job_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
 
 
 def job_deployments(c: Cluster, req: Request) -> tuple[Any, int]:
-    job = _job(c, req)
-    deps = c.deployments_by_job.get((job.namespace, job.id), [])
+    deps = c.deployments_by_job.get((req.namespace, req.params[0]), [])
     return [d.to_json() for d in deps], c.table_index["deployments"]
 
 
 def job_deployment(c: Cluster, req: Request) -> tuple[Any, int]:
-    job = _job(c, req)
-    deps = c.deployments_by_job.get((job.namespace, job.id), [])
+    deps = c.deployments_by_job.get((req.namespace, req.params[0]), [])
     return (deps[-1].to_json() if deps else None), c.table_index["deployments"]
 
 
 def job_evals(c: Cluster, req: Request) -> tuple[Any, int]:
-    job = _job(c, req)
-    return list(c.evals_by_job.get((job.namespace, job.id), [])), c.table_index["evals"]
+    return list(c.evals_by_job.get((req.namespace, req.params[0]), [])), c.table_index["evals"]
 
 
 def job_summary(c: Cluster, req: Request) -> tuple[Any, int]:

@@ -8,8 +8,8 @@ from typing import Any
 
 from nomadscale.sim import deploy, drain, filters, sched
 from nomadscale.sim.cluster import Cluster
-from nomadscale.sim.model import ApiError, Deployment, Node, RawJSON
-from nomadscale.sim.server import Request, Route, route
+from nomadscale.sim.model import ApiError, Deployment, Node, NotFound, RawJSON, dumps
+from nomadscale.sim.server import Request, Route, parse_bool, route
 
 _META_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
 
@@ -30,10 +30,22 @@ def _raw_list(parts: list[bytes]) -> RawJSON:
 
 
 def list_nodes(c: Cluster, req: Request) -> tuple[Any, int]:
+    """Node stubs; ``resources=true`` adds NodeResources and ReservedResources, ``os=true``
+    the ``os.name`` attribute (command/agent/node_endpoint.go nodesRequest -> Node.Stub);
+    ``filter`` sees the whole node."""
     prefix = req.query.get("prefix", "")
+    fields = {
+        "with_resources": parse_bool(req.query.get("resources")),
+        "with_os": parse_bool(req.query.get("os")),
+    }
+    plain = not any(fields.values())
     if not req.query.get("filter") and not req.query.get("per_page"):
         nodes = sorted(c.nodes.values(), key=lambda n: n.id)
-        parts = [n.stub_json() for n in nodes if n.id.startswith(prefix)]
+        parts = [
+            n.stub_json() if plain else dumps(n.stub(**fields))
+            for n in nodes
+            if n.id.startswith(prefix)
+        ]
         return _raw_list(parts), c.table_index["nodes"]
     pred = filters.compile_filter(req.query["filter"]) if req.query.get("filter") else None
     out = []
@@ -42,7 +54,7 @@ def list_nodes(c: Cluster, req: Request) -> tuple[Any, int]:
             continue
         if pred is not None and not pred(node.full()):
             continue
-        out.append(node.stub())
+        out.append(node.stub(**fields))
     return _paged(req, out), c.table_index["nodes"]
 
 
@@ -54,13 +66,19 @@ def _node(c: Cluster, node_id: str, status: int = 404) -> Node:
 
 
 def get_node(c: Cluster, req: Request) -> tuple[Any, int]:
-    node = _node(c, req.params[0])
+    node = c.nodes.get(req.params[0])
+    if node is None:  # Node.GetNode: a blocking query on the nodes table, then 404
+        raise NotFound("node not found", c.table_index["nodes"])
     return node.full(), node.modify_index
 
 
 def node_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
-    node = _node(c, req.params[0])
-    return [a.full() for a in c.allocs_by_node.get(node.id, ())], c.table_index["allocs"]
+    """nomad/node_endpoint.go GetAllocs: the allocations by node ID, without looking the node
+    up (an unknown node has none); the index is their newest ModifyIndex, or the allocs
+    table's when there are none."""
+    allocs = c.allocs_by_node.get(req.params[0], ())
+    index = max((a.modify_index for a in allocs), default=c.table_index["allocs"])
+    return [a.full() for a in allocs], index
 
 
 def drain_node(c: Cluster, req: Request) -> Any:
@@ -105,9 +123,11 @@ def list_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
     ns = req.namespace
     prefix = req.query.get("prefix", "")
     task_states = req.query.get("task_states", "true") not in ("false", "False", "0")
+    # command/agent/alloc_endpoint.go allocsRequest: AllocStubFields{Resources, TaskStates}
+    with_resources = parse_bool(req.query.get("resources"))
     if not req.query.get("filter"):
         parts = [
-            a.stub_json(task_states=task_states)
+            a.stub_json(task_states=task_states, with_resources=with_resources)
             for a in c.allocs.values()
             if (ns == "*" or a.namespace == ns) and a.id.startswith(prefix)
         ]
@@ -119,7 +139,7 @@ def list_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
     for a in c.allocs.values():
         if (ns != "*" and a.namespace != ns) or not a.id.startswith(prefix):
             continue
-        stub = a.stub(task_states=task_states)
+        stub = a.stub(task_states=task_states, with_resources=with_resources)
         if pred is None or pred(stub):
             out.append(stub)
     if req.query.get("reverse") == "true":
@@ -130,7 +150,7 @@ def list_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
 def get_alloc(c: Cluster, req: Request) -> tuple[Any, int]:
     a = c.allocs.get(req.params[0])
     if a is None:
-        raise ApiError(404, "alloc not found")
+        raise NotFound("alloc not found", c.table_index["allocs"])
     return a.full(), a.modify_index
 
 
@@ -194,7 +214,7 @@ def list_evals(c: Cluster, req: Request) -> tuple[Any, int]:
 def get_eval(c: Cluster, req: Request) -> tuple[Any, int]:
     ev = c.evals.get(req.params[0])
     if ev is None:
-        raise ApiError(404, "eval not found")
+        raise NotFound("eval not found", c.table_index["evals"])
     return ev, ev["ModifyIndex"]
 
 
@@ -224,7 +244,11 @@ def _dep(c: Cluster, dep_id: str, status: int = 404) -> Deployment:
 
 
 def get_deployment(c: Cluster, req: Request) -> tuple[Any, int]:
-    dep = _dep(c, req.params[0])
+    """nomad/deployment_endpoint.go GetDeployment: a missing deployment is a blocking query
+    on the deployment table's index like any other; the 404 comes when it returns."""
+    dep = c.deployments.get(req.params[0])
+    if dep is None:
+        raise NotFound("deployment not found", c.table_index["deployments"])
     return dep.to_json(), dep.modify_index
 
 

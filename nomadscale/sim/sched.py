@@ -182,8 +182,11 @@ def create_alloc(
         task_names=tuple(t.get("Name", "task") for t in tg.get("Tasks") or []) or ("task",),
     )
     if previous is not None:
+        # state_store.go upsertAllocsImpl: the previous allocation gets NextAllocation at
+        # the plan's index
         a.previous_allocation = previous.id
         previous.next_allocation = a.id
+        previous.modify_index = idx
     a.devices = devices.assign(c, node, tg, GPU_DEVICE.match)
     c.allocs[a.id] = a
     c.allocs_by_job[(job.namespace, job.id)].append(a)
@@ -259,7 +262,8 @@ def reconcile(
             blocked.complete(c, key, ev)
     ev["ModifyTime"] = unix_ns(c.now_s())
     ev["ModifyIndex"] = c.bump("evals", "jobs")
-    job.spec["Status"] = job_status(c, job)
+    c.status_dirty.discard(key)
+    sync_status(c, job)  # the plan's changes applied at once (no status flapping within)
     dep = c.active_deployment(key)
     if dep is not None:
         deploy.check(c, dep)
@@ -271,6 +275,14 @@ def _reconcile_per_node(
 ) -> None:
     key = (job.namespace, job.id)
     for tg in job.spec.get("TaskGroups") or []:
+        if int(tg.get("Count", 1)) == 0:
+            # scheduler/util.go materializeSystemTaskGroups: a group with count 0 wants no
+            # allocation on any node (how a system job is scaled to 0)
+            for a in list(c.job_allocs(key)):
+                if a.task_group == tg["Name"] and a.live:
+                    stop_alloc(c, a, "alloc not needed due to job update")
+            queued[tg["Name"]] = 0
+            continue
         placer = Placer(c, job, tg)
         have: set[str] = set()
         for a in c.job_allocs(key):
@@ -293,16 +305,46 @@ def _reconcile_per_node(
 
 
 def job_status(c: Cluster, job: JobRecord) -> str:
-    if job.parameterized or job.periodic:
-        return "dead" if job.stopped else "running"
-    allocs = c.job_allocs((job.namespace, job.id))
+    """nomad/state/state_store.go getJobStatus: ``running`` with a non-terminal allocation;
+    else ``pending`` with a non-terminal evaluation (a blocked one, or a follow-up waiting to
+    reschedule a failed allocation: createRescheduleLaterEvals); a system job is ``running``
+    until stopped; else ``dead`` once it had evaluations or allocations; a periodic or
+    parameterized job with neither is ``running`` until stopped; else ``pending``."""
+    key = (job.namespace, job.id)
+    allocs = c.job_allocs(key)
     if any(a.live for a in allocs):
         return "running"
-    if job.stopped:
+    evals = c.evals_by_job.get(key, ())
+    now = c.now_s()
+    if any(e["Status"] in ("pending", "blocked") for e in evals) or any(
+        a.followup_at is not None and a.followup_at >= now and not a.next_allocation for a in allocs
+    ):
+        return "pending"
+    if job.type == "system":
+        return "dead" if job.stopped else "running"
+    if evals or allocs:
         return "dead"
-    if job.type in ("batch", "sysbatch") and allocs and all(a.terminal for a in allocs):
-        return "dead"
+    if job.parameterized or job.periodic:
+        return "dead" if job.stopped else "running"
     return "pending"
+
+
+def sync_status(c: Cluster, job: JobRecord) -> None:
+    """Store the job's status; a change writes the job at a new ModifyIndex (state_store.go
+    setJobStatus: ``updated.ModifyIndex = index``, the jobs table's index too; the job's
+    versions and JobModifyIndex stay)."""
+    status = job_status(c, job)
+    if job.spec.get("Status") != status:
+        job.spec["Status"] = status
+        job.modify_index = c.bump("jobs")
+
+
+def sync_dirty(c: Cluster) -> None:
+    """Sync the status of every job an allocation or evaluation change marked."""
+    while c.status_dirty:
+        job = c.jobs.get(c.status_dirty.pop())
+        if job is not None:
+            sync_status(c, job)
 
 
 # a job summary's per-group counters, and the client status each alloc counts under

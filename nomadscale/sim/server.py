@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import re
 import socket
 import ssl
@@ -19,11 +20,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from nomadscale.sim import jobspec
 from nomadscale.sim.cluster import Cluster
-from nomadscale.sim.model import ApiError, RawJSON
+from nomadscale.sim.model import ApiError, NotFound, RawJSON
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 300.0
+JITTER_FRACTION = 16  # nomad/structs/structs.go JitterFraction
 POLL_S = 0.05
 _GO_DURATION = re.compile(r"^(\d+(?:\.\d+)?(ns|us|µs|ms|s|m|h))+$")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -112,8 +114,12 @@ class TwinServer:
         host: str = "127.0.0.1",
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        """``rng``: the source of the blocking queries' jitter (seeded with the cluster's
+        seed by default, so runs repeat)."""
         self.cluster = cluster
+        self.rng = rng if rng is not None else random.Random(cluster.seed)
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
@@ -220,6 +226,13 @@ class TwinServer:
             raise ApiError(403, "ACL token not found")
 
     def _read(self, r: Route, req: Request) -> tuple[int, dict[str, str], bytes]:
+        """A read, blocking while ``index`` is given and the result's index is not past it.
+        Like nomad/rpc.go blockingRPC: the wait (default and cap 300 s) gets a random stagger
+        of up to wait/16 (``helper.RandomStagger(wait / structs.JitterFraction)``), and a
+        missing object is a blocking query like any other on its table's index: the 404
+        comes when it returns, with the index headers set (the HTTP handlers call setMeta
+        before ``CodedError(404, ...)``, e.g. command/agent/deployment_endpoint.go
+        deploymentQuery)."""
         c = self.cluster
         try:
             min_index = int(req.query.get("index") or 0)
@@ -233,23 +246,33 @@ class TwinServer:
                 wait = min(parse_go_duration(req.query["wait"]), MAX_WAIT_S)
             except ValueError:
                 raise ApiError(400, "Invalid wait time") from None
+        if min_index > 0:
+            wait += self.rng.random() * wait / JITTER_FRACTION
         deadline = time.monotonic() + wait
+        missing: NotFound | None = None
         with c.lock:
             while True:
                 c.process_due()
-                body, index = r.fn(c, req)
+                try:
+                    body, index = r.fn(c, req)
+                    missing = None
+                except NotFound as err:
+                    body, index, missing = None, err.index, err
                 index = max(int(index), 1)
                 remaining = deadline - time.monotonic()
                 if min_index <= 0 or index > min_index or remaining <= 0 or (self._httpd is None):
                     break
                 c.cond.wait(timeout=min(remaining, POLL_S))
-            payload = _dump(body)
+            payload = _dump(body) if missing is None else missing.message.encode()
         headers = {
             "Content-Type": "application/json",
             "X-Nomad-Index": str(index),
             "X-Nomad-KnownLeader": "true",
             "X-Nomad-LastContact": "0",
         }
+        if missing is not None:
+            headers["Content-Type"] = "text/plain; charset=utf-8"
+            return missing.status, headers, payload
         next_token = req.query.get("_next_token")
         if next_token:
             headers["X-Nomad-NextToken"] = next_token

@@ -147,7 +147,7 @@ def test_allocations_on_one_node_hold_different_gpus_of_its_group(twin_factory):
     for jid in ("web", "other"):
         (a,) = live_allocs(n, jid)
         (dev,) = _devices(n, a["ID"])["server"]["Devices"]
-        assert (dev["Vendor"], dev["Type"], dev["Name"]) == ("nvidia", "gpu", "l4")
+        assert (dev["Vendor"], dev["Type"], dev["Name"]) == ("nvidia", "gpu", "NVIDIA L4")
         held += dev["DeviceIDs"]
     assert len(held) == 3 and sorted(held) == sorted(_node_gpus(n, node_id))
 
