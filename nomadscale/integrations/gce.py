@@ -8,6 +8,11 @@ REST calls (``base_url`` = ``settings.gce_api_url``, e.g. ``https://compute.goog
 * ``POST projects/P/zones/Z/instanceGroupManagers/NAME/deleteInstances {"instances": [...]}``
 * ``GET  projects/P/zones/Z/operations/OP`` (polled until ``DONE``, with the injected clock)
 
+Rate limits and server errors: a 429 (the request was not processed) is retried for every
+call, a 5xx only for the idempotent ones (reads, ``resize`` to an absolute size, operation
+polls; never ``deleteInstances``), at most ``retries`` attempts in all, each wait the reply's
+``Retry-After`` (seconds or an HTTP date) capped at ``max_retry_wait_s``, on the clock.
+
 Credentials come from ``google.auth.default()`` unless given; tests and the simulator pass
 ``AnonymousCredentials`` against a loopback base URL (``nomadscale.sim.compute``).
 """
@@ -16,7 +21,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
@@ -42,6 +48,25 @@ def _parse_time(raw: Any) -> datetime | None:
         return datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+def retry_after_s(raw: str | None, *, now: datetime, default: float = 5.0) -> float:
+    """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date (RFC 9110 10.2.3);
+    ``default`` when absent or unreadable, never negative."""
+    if not raw or not raw.strip():
+        return default
+    text = raw.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return default
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
 
 
 def _first_error(body: Any) -> str:
@@ -70,6 +95,8 @@ class GceMigPool:
         timeout_s: float = 30.0,
         operation_timeout_s: float = 300.0,
         poll_s: float = 2.0,
+        retries: int = 3,
+        max_retry_wait_s: float = 30.0,
     ) -> None:
         self.project = project
         self.base_url = base_url.rstrip("/")
@@ -77,6 +104,8 @@ class GceMigPool:
         self._timeout = timeout_s
         self._op_timeout = operation_timeout_s
         self._poll = poll_s
+        self._retries = max(1, retries)
+        self._max_wait = max_retry_wait_s
         if session is None:
             from google.auth.transport.requests import AuthorizedSession
 
@@ -113,6 +142,32 @@ class GceMigPool:
         params: dict[str, Any] | None = None,
         body: Any = None,
         what: str,
+        idempotent: bool = True,
+    ) -> dict[str, Any]:
+        """One REST call, retried (bounded) on 429 and, when ``idempotent``, on 5xx and
+        connection errors; see the module docstring."""
+        attempt = 1
+        while True:
+            try:
+                return self._call_once(method, url, params=params, body=body, what=what)
+            except ExternalTemporaryError as e:
+                again = e.status == 429 or idempotent
+                if not again or attempt >= self._retries:
+                    raise
+                wait = min(self._max_wait, e.retry_after)
+                log.warning("%s (attempt %s of %s): retrying in %.0fs", e, attempt,
+                            self._retries, wait)  # fmt: skip
+                self._clock.sleep(wait)
+                attempt += 1
+
+    def _call_once(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: dict[str, Any] | None,
+        body: Any,
+        what: str,
     ) -> dict[str, Any]:
         try:
             resp = self._session.request(
@@ -134,7 +189,7 @@ class GceMigPool:
             if code in (409, 412):
                 raise ConflictError(msg, system=SYSTEM, status=code)
             if code == 429 or code >= 500:
-                retry = float(resp.headers.get("Retry-After", "5") or 5)
+                retry = retry_after_s(resp.headers.get("Retry-After"), now=self._clock.now())
                 raise ExternalTemporaryError(msg, system=SYSTEM, status=code, retry_after=retry)
             raise ExternalPermanentError(msg, system=SYSTEM, status=code)
         if not resp.content:
@@ -222,6 +277,7 @@ class GceMigPool:
             self._mig_url(group, zone) + "/deleteInstances",
             body={"instances": urls},
             what=what,
+            idempotent=False,  # a second call may name instances the first one deleted
         )
         self._wait(op, zone=zone, what=what)
         log.info("gce: deleted %s from %s/%s", ",".join(names), zone, group)

@@ -10,8 +10,12 @@ safe order:
    deadline from the policy, ``drained_by=nomadscale`` + decision id in the drain meta;
 4. ``wait_drain``: until the drains finish, bounded by the deadline (on the injected clock);
 5. ``delete``: exactly the drained instances (never one still draining past its deadline:
-   that is recorded and alerted instead);
-6. ``resize`` down: only instances that never joined as nodes.
+   that is recorded and alerted instead; never one whose drain ended with workers still
+   running on it, i.e. a drain cancelled meanwhile);
+6. ``resize`` down: only instances that never joined as nodes, and only when every planned
+   delete of that instance group went through and its size is still the planned one: a
+   resize down lets the cloud pick which instances go, so after a failed or partial delete
+   it could take a node that runs workers (skipped, left to the next cycle).
 
 Because the plan is derived from actual state, a zone half-applied by a crashed leader is
 fixed by the next cycle. ``Actuator.apply`` calls ``lock.held()`` right before every write
@@ -195,6 +199,7 @@ class Actuator:
         drain_grace_s: float = 60.0,
         deployment_wait_s: float = 900.0,
         on_removing: Callable[[str, Sequence[NodeRef], bool], None] | None = None,
+        on_applied: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         self.nomad = nomad
         self.pool = pool
@@ -206,6 +211,8 @@ class Actuator:
         self.drain_grace_s = drain_grace_s
         self.deployment_wait_s = deployment_wait_s
         self.on_removing = on_removing  # (zone, nodes, started) -> persist pending removals
+        self.on_applied = on_applied  # (applied so far) after every write: the cycle journal
+        self._short: set[tuple[str, str]] = set()  # instance groups with a delete not done
 
     def guard(self) -> None:
         """Right before every write: stop when shutting down or when the lock is lost."""
@@ -213,6 +220,12 @@ class Actuator:
             raise Abandoned("shutting down: remaining actions not started")
         if not self.lock.held():
             raise LockLostError("leader lock lost: remaining actions not started")
+
+    def _still_leading(self, doing: str) -> None:
+        """Between two polls of a long wait: a lost lock ends the cycle now, not after the
+        wait (the rest would be refused anyway, and the next leader may already act)."""
+        if not self.lock.held():
+            raise LockLostError(f"leader lock lost while {doing}: remaining actions not started")
 
     def apply(
         self,
@@ -225,6 +238,7 @@ class Actuator:
     ) -> ApplyResult:
         res = ApplyResult()
         drained_ok: dict[tuple[str, str], set[str]] = {}
+        self._short = set()
         scaled = False
         for act in actions:
             try:
@@ -241,6 +255,8 @@ class Actuator:
             except NomadscaleError as e:
                 res.errors.append(f"{act.describe()}: {e}")
                 log.error("%s: %s failed: %s", decision.policy, act.describe(), e)
+                if act.kind == "delete":
+                    self._short.add((act.zone, act.target))
                 if act.kind != "delete":
                     break  # later actions depend on this one; the next cycle reconciles
         return res
@@ -258,6 +274,8 @@ class Actuator:
     ) -> None:
         if act.kind in ("resize_up", "resize_down"):
             assert self.pool is not None
+            if act.kind == "resize_down":
+                self._check_resize_down(act)
             self.guard()
             self.pool.resize(act.target, act.count, zone=act.zone)
         elif act.kind == "scale":
@@ -291,6 +309,8 @@ class Actuator:
             assert self.pool is not None
             done = drained_ok.get((act.zone, act.target), set())
             names = [n.name for n in act.nodes if n.id in done]
+            if len(names) < len(act.nodes):
+                self._short.add((act.zone, act.target))
             if not names:
                 return
             self.guard()
@@ -299,6 +319,24 @@ class Actuator:
                 self.on_removing(act.zone, [n for n in act.nodes if n.id in done], False)
         res.applied.append(act.describe())
         log.info("%s: %s (decision %s)", decision.policy, act.describe(), decision.id)
+        if self.on_applied is not None and act.kind != "wait_drain":
+            self.on_applied(tuple(res.applied))
+
+    def _check_resize_down(self, act: Action) -> None:
+        """Refuse a resize down that could take a node with workers (module docstring 6)."""
+        assert self.pool is not None
+        why = ""
+        if (act.zone, act.target) in self._short:
+            why = "not every planned instance was deleted"
+        else:
+            size = self.pool.size(act.target, zone=act.zone)
+            if size != act.previous:
+                why = f"its size is {size}, not the {act.previous} planned"
+        if why:
+            raise PermanentError(
+                f"skipped: {why}, and a resize down lets the cloud choose which instances "
+                "go; left to the next cycle"
+            )
 
     def _wait_deployment(self, job: str, namespace: str | None) -> None:
         started = self.clock.monotonic()
@@ -314,6 +352,7 @@ class Actuator:
                 )
             if self.stop.is_set():
                 raise Abandoned("shutting down while waiting for a deployment")
+            self._still_leading("waiting for a deployment")
             self.clock.sleep(self.poll_s)
 
     def _drained(self, node_id: str) -> bool:
@@ -324,6 +363,22 @@ class Actuator:
         nodes = {n.id: n for n in self.nomad.list_nodes()}
         n = nodes.get(node_id)
         return n is None or not n.draining or n.status == "down"
+
+    def _busy(self, ids: set[str]) -> dict[str, int]:
+        """Running service/batch allocations (desired ``run``) per node of ``ids`` that is
+        not down: a drain that ended is not an empty node (Nomad ends a drain when it is
+        cancelled too: ``nomad node drain -disable``)."""
+        if not ids:
+            return {}
+        try:
+            nodes = self.nomad.list_nodes(with_allocs=True)  # type: ignore[call-arg]
+        except TypeError:  # a port without allocation counts
+            return {}
+        return {
+            n.id: n.allocs_running
+            for n in nodes
+            if n.id in ids and n.allocs_running > 0 and n.status != "down"
+        }
 
     def _wait(self, act: Action, res: ApplyResult, decision: Decision) -> set[str]:
         """Wait (bounded by deadline + grace) until the nodes finished draining."""
@@ -342,7 +397,21 @@ class Actuator:
                 break
             if self.stop.is_set():
                 raise Abandoned("shutting down while waiting for drains")
+            self._still_leading("waiting for drains")
             self.clock.sleep(self.poll_s)
+        busy = self._busy(done)
+        for nid, count in busy.items():  # the drain ended, yet workers run: cancelled
+            done.discard(nid)
+            n = next(x for x in act.nodes if x.id == nid)
+            msg = (
+                f"node {n.name} in {act.zone}: its drain ended (cancelled?) with {count} "
+                "allocation(s) still running: not deleted"
+            )
+            res.kept.append(n.name)
+            res.errors.append(msg)
+            log.error("%s: %s", decision.policy, msg)
+        if busy and self.on_removing is not None:  # re-planned from scratch next cycle
+            self.on_removing(act.zone, [n for n in act.nodes if n.id in busy], False)
         for n in waiting.values():
             msg = (
                 f"node {n.name} in {act.zone} still draining {limit:.0f}s after the drain "

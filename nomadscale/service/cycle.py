@@ -5,6 +5,12 @@ while a Nomad deployment is active or the job is missing) -> demand history -> c
 the target's newest scale event (whoever made it) -> ``stages.decide`` -> plan from actual
 state -> apply through the actuator (fenced) -> record. Any ``NomadscaleError`` ends the cycle
 as ``failed`` with a recorded reason; nothing else is caught here.
+
+A leader's cycle first finishes the journal of an earlier cycle that was interrupted mid-apply
+(``Recorder.finish_interrupted``: the process died or lost the lock); when that cycle's count
+change left a Nomad deployment running, this cycle waits for it (bounded) instead of
+skipping, so a takeover completes the interrupted decision at once. Before its first write a
+cycle journals its record, and again after every write.
 """
 
 from __future__ import annotations
@@ -111,6 +117,7 @@ class CycleRunner:
         poll_s: float = 5.0,
         drain_grace_s: float = 60.0,
         incremental: bool = True,
+        deployment_wait_s: float = 900.0,
     ) -> None:
         self.policy = policy
         self.ports = ports
@@ -120,6 +127,7 @@ class CycleRunner:
         self.stop = stop or threading.Event()
         self.poll_s = poll_s
         self.drain_grace_s = drain_grace_s
+        self.deployment_wait_s = deployment_wait_s
         self.removals_key = f"{control.prefix}/scaling/{policy.name}/removals"
         self.forecaster = LiveForecaster(policy)
         # False: forecast from the whole lookback every cycle (for demand sources that rewrite
@@ -244,6 +252,27 @@ class CycleRunner:
             actions = plan_actions(decision, status, views, **kw)
         return actions
 
+    def _journal(self, rec: CycleRecord, applied: Sequence[str]) -> None:
+        rec.applied = list(applied)
+        try:
+            self.recorder.journal(rec)
+        except NomadscaleError as e:  # the write is made; the final record says it
+            log.warning("%s: journaling the cycle failed: %s", self.policy.name, e)
+
+    def _await_deployment(self, status: JobStatus) -> JobStatus:
+        """Wait (bounded, on the clock) until no deployment of the job is active."""
+        t = self.policy.target
+        started = self.clock.monotonic()
+        if status.active_deployment:
+            log.info("%s: waiting for deployment %s (likely started by the interrupted cycle)",
+                     self.policy.name, status.active_deployment)  # fmt: skip
+        while status.active_deployment and not self.stop.is_set():
+            if self.clock.monotonic() - started >= self.deployment_wait_s:
+                break
+            self.clock.sleep(self.poll_s)
+            status = self.ports.nomad.job_status(t.job, namespace=t.namespace)
+        return status
+
     # --- the cycle ----------------------------------------------------------------------
 
     def run(
@@ -262,8 +291,15 @@ class CycleRunner:
                                 dry_run=dry_run)  # fmt: skip
         res = CycleResult(record=rec)
         t0 = time.perf_counter()
+        interrupted = None
+        if leader and not dry_run:
+            try:
+                interrupted = self.recorder.finish_interrupted(p.name, current_id=rec.id)
+            except NomadscaleError as e:
+                log.warning("%s: reading the cycle journal failed: %s", p.name, e)
         try:
-            self._run(rec, res, now=now, leader=leader, dry_run=dry_run, meta=meta or {})
+            self._run(rec, res, now=now, leader=leader, dry_run=dry_run, meta=meta or {},
+                      interrupted=interrupted)  # fmt: skip
         except NomadscaleError as e:
             rec.outcome = "failed"
             rec.errors.append(str(e))
@@ -294,6 +330,7 @@ class CycleRunner:
         leader: bool,
         dry_run: bool,
         meta: dict[str, Any],
+        interrupted: dict[str, Any] | None = None,
     ) -> None:
         p = self.policy
         if self.stop.is_set():
@@ -316,6 +353,9 @@ class CycleRunner:
         if status.stopped:
             self._skip(rec, "job-stopped", f"job {p.target.job} is stopped")
             return
+        if status.active_deployment and interrupted is not None:
+            # most likely the count change of the interrupted cycle: finish its decision
+            status = self._await_deployment(status)
         if status.active_deployment:
             self._skip(rec, "deployment", f"deployment {status.active_deployment} is active")
             return
@@ -351,6 +391,8 @@ class CycleRunner:
             "overrides": [o.label() for o in overrides],
             "current": current,
         }
+        if interrupted is not None:
+            rec.inputs["interrupted"] = interrupted.get("id")
         wanted = {z.zone: z.count for z in decision.zones}
         rec.zones = {
             zone: {"desired": wanted.get(zone), "actual": g.running if g else None}
@@ -375,7 +417,9 @@ class CycleRunner:
             poll_s=self.poll_s,
             drain_grace_s=self.drain_grace_s,
             on_removing=self._on_removing,
+            on_applied=lambda done: self._journal(rec, done),
         )
+        self.recorder.journal(rec)  # before the first write: raises, and nothing is written
         out = act.apply(
             actions, decision=decision, job=p.target.job, namespace=p.target.namespace, meta=meta
         )

@@ -6,7 +6,9 @@
   kicks from KV. Each cycle renews the lock too; only the leader writes, and the actuator
   re-checks ``lock.held()`` before every write.
 * A cycle slot (policy + scheduled time) is claimed in KV before acting, so a failover never
-  applies the same slot twice.
+  applies the same slot twice; the claim stays ``open`` until the cycle's record is final, so
+  a leader that died (or lost the lock) mid-apply leaves its slot to the next leader, whose
+  takeover cycle finishes the interrupted decision at once instead of a cycle later.
 * Every cycle's record names this host and its trigger: the cron tick (``scheduled``), a kick
   (``apply-now``), the first cycle after taking the lock (``takeover``) or ``run --once``.
 * ``stop()`` (SIGTERM) sets a flag checked before a cycle and between actions, waits for the
@@ -156,22 +158,41 @@ class Service:
             return now_leader
 
     def _claim_slot(self, name: str, slot: datetime) -> bool:
-        """Record that ``slot`` of ``name`` is being acted on; False if it already was."""
+        """Record that ``slot`` of ``name`` is being acted on; False if it already was (a
+        slot left ``open`` by a leader that died mid-apply can be claimed again)."""
         key = f"{self.control.prefix}/slots/{name}"
         claimed: list[bool] = []
 
         def fn(old: Any) -> Any:
-            done = (old or {}).get("slot")
-            if done is not None and done >= slot.isoformat():
+            done, mine = (old or {}).get("slot"), slot.isoformat()
+            if done is not None and (done > mine or (done == mine and not old.get("open"))):
                 claimed[:] = [False]
                 return old
             claimed[:] = [True]
-            return {"slot": slot.isoformat(), "by": str(getattr(self.ports.lock, "holder", ""))}
+            return {"slot": slot.isoformat(), "by": str(getattr(self.ports.lock, "holder", "")),
+                    "open": True}  # fmt: skip
 
         if not self.ports.lock.held():
             return False
         update_json(self.ports.kv, key, fn, default={})
         return bool(claimed and claimed[0])
+
+    def _close_slot(self, name: str, slot: datetime, result: CycleResult) -> None:
+        """The slot's cycle ended with its record stored: the slot is done."""
+        key = f"{self.control.prefix}/slots/{name}"
+
+        def fn(old: Any) -> Any:
+            doc = dict(old or {})
+            if doc.get("slot") == slot.isoformat():
+                doc.pop("open", None)
+            return doc
+
+        try:
+            if result.record.outcome != "aborted" and self.ports.lock.held():
+                update_json(self.ports.kv, key, fn, default={})
+            # else interrupted (lock lost, shutting down): the next leader may finish it
+        except NomadscaleError as e:
+            log.warning("%s: closing the cycle slot failed: %s", name, e)
 
     def cycle_s(self, name: str) -> float:
         return self.every_s or self.policies[name].cycle_s
@@ -218,6 +239,8 @@ class Service:
             slot = self.slot_of(name, now)
             result = runner.run(leader=self.ports.lock.held(), now=now, trigger=trigger,
                                 meta={"nomadscale.slot": slot.isoformat()})  # fmt: skip
+            if kick is None:
+                self._close_slot(name, slot, result)
         if self.after_cycle is not None and self.leader and not self.stop_event.is_set():
             self._background(f"after-cycle-{name}", lambda: self._run_after_cycle(name))
         return result

@@ -7,6 +7,13 @@ line (JSON fields when ``log_json``), updates the metrics in its own ``Collector
 raises an alert after ``failed_cycles_before_alert`` failures in a row, or when the forecast
 demand exceeds what ``bounds.max`` workers can serve. Records stored before ``host`` and
 ``trigger`` existed read back with both ``None``.
+
+A cycle that writes is journaled: before its first write its record is stored with outcome
+``applying`` (and ``<prefix>/scaling/<policy>/applying`` points at it), and again after every
+write with what was applied so far. When the process dies or loses the leader lock before
+the record is final, the next leader's next cycle of the policy finds the journal and stores
+that record as ``aborted`` with the reason ``interrupted: ...`` and the writes it made
+(``finish_interrupted``), so the history tells what happened.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from nomadscale.service.ops_metrics import ProcessFamilies
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("applied", "unchanged", "planned", "skipped", "failed", "aborted")
+APPLYING = "applying"  # a journaled record whose cycle is still writing (KV only)
 # what started a cycle: the policy's cron tick, an operator's apply-now kick (`scale --now`,
 # `override set --now`), the first cycle after taking the leader lock, `run --once`, `plan`
 SCHEDULED, APPLY_NOW, TAKEOVER, ONCE, PLAN = "scheduled", "apply-now", "takeover", "once", "plan"
@@ -161,9 +169,72 @@ class Recorder:
         self.last: dict[str, CycleRecord] = {}
         self.recent: deque[CycleRecord] = deque(maxlen=500)  # this process, newest last
         self._capacity_alerted: set[str] = set()
+        self._journaled: set[str] = set()  # record ids this process journaled
 
     def key_prefix(self, policy: str) -> str:
         return f"{self.prefix}/decisions/{policy}/"
+
+    def key_of(self, rec: CycleRecord) -> str:
+        return f"{self.key_prefix(rec.policy)}{rec.started_at:%Y%m%dT%H%M%S}Z-{rec.id}"
+
+    def journal_key(self, policy: str) -> str:
+        return f"{self.prefix}/scaling/{policy}/applying"
+
+    def journal(self, rec: CycleRecord) -> None:
+        """Store ``rec`` as still applying (before the first write, then after each one); the
+        first call also points the policy's journal key at it. Raises NomadscaleError."""
+        if self.kv is None:
+            return
+        doc = rec.to_dict()
+        doc["outcome"] = APPLYING
+        doc["errors"] = [redact(e) for e in rec.errors]
+        key = self.key_of(rec)
+        self.kv.put(key, json.dumps(doc, default=str).encode())
+        if rec.id not in self._journaled:
+            pointer = {"key": key, "id": rec.id, "host": self.host}
+            self.kv.put(self.journal_key(rec.policy), json.dumps(pointer).encode())
+            self._journaled.add(rec.id)
+
+    def finish_interrupted(self, policy: str, *, current_id: str) -> dict[str, Any] | None:
+        """The journaled record of an earlier cycle of ``policy`` that never finished (its
+        process died or lost the lock mid-apply), now stored as ``aborted`` with the reason;
+        None when there is none. Raises NomadscaleError (Consul)."""
+        if self.kv is None:
+            return None
+        entry = self.kv.get(self.journal_key(policy))
+        if entry is None or not entry.value:
+            return None
+        try:
+            pointer = json.loads(entry.value)
+            key, rid = str(pointer["key"]), str(pointer["id"])
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            self.kv.delete(self.journal_key(policy), cas=entry.modify_index)
+            return None
+        if rid == current_id:
+            return None
+        stored = self.kv.get(key)
+        doc: dict[str, Any] | None = None
+        if stored is not None and stored.value:
+            try:
+                loaded = json.loads(stored.value)
+            except (ValueError, UnicodeDecodeError):
+                loaded = None
+            doc = loaded if isinstance(loaded, dict) else None
+        if doc is not None and doc.get("outcome") == APPLYING:
+            applied = doc.get("applied") or []
+            doc["outcome"] = "aborted"
+            doc["reason"] = (
+                f"interrupted: the cycle on {doc.get('host') or pointer.get('host') or '?'} "
+                "ended before its record was final (the process died or lost the leader "
+                f"lock mid-apply); applied before that: {', '.join(applied) or 'nothing'}; "
+                "the next cycle reconciles from the actual state"
+            )
+            doc["error_kinds"] = [*(doc.get("error_kinds") or []), "interrupted"]
+            self.kv.put(key, json.dumps(doc, default=str).encode())
+            self.metrics.errors.labels(policy, "interrupted").inc()
+            log.warning("%s: cycle %s %s", policy, rid, doc["reason"])
+        self.kv.delete(self.journal_key(policy), cas=entry.modify_index)
+        return doc
 
     def new(self, policy: str, *, started_at: datetime, trigger: str, **kw: Any) -> CycleRecord:
         """A record of a cycle this process runs (``host`` is this one)."""
@@ -201,11 +272,25 @@ class Recorder:
             log.info("cycle %s", rec.line())
         if store and self.kv is not None:
             self._store(rec)
+            if rec.id in self._journaled:
+                self._journaled.discard(rec.id)
+                self._end_journal(rec)
+        else:  # not the leader any more: the next leader finishes the journal
+            self._journaled.discard(rec.id)
         self._alerts(rec, fail_threshold=fail_threshold, capacity_rpm=capacity_rpm)
+
+    def _end_journal(self, rec: CycleRecord) -> None:
+        assert self.kv is not None
+        try:
+            entry = self.kv.get(self.journal_key(rec.policy))
+            if entry is not None and entry.value and json.loads(entry.value).get("id") == rec.id:
+                self.kv.delete(self.journal_key(rec.policy), cas=entry.modify_index)
+        except (NomadscaleError, ValueError, AttributeError) as e:
+            log.error("%s: clearing the cycle journal failed: %s", rec.policy, e)
 
     def _store(self, rec: CycleRecord) -> None:
         assert self.kv is not None
-        key = f"{self.key_prefix(rec.policy)}{rec.started_at:%Y%m%dT%H%M%S}Z-{rec.id}"
+        key = self.key_of(rec)
         try:
             self.kv.put(key, json.dumps(rec.to_dict(), default=str).encode())
             entries = sorted(e.key for e in self.kv.list(self.key_prefix(rec.policy)))

@@ -131,3 +131,145 @@ def leader_scale_times(cluster: Any) -> list[Any]:
         for e in list(cluster.events)
         if e["type"] == "scale" and (e.get("meta") or {}).get("nomadscale.decision_id")
     ]
+
+
+class GceFaults:
+    """A loopback HTTP proxy in front of the twin's Compute endpoint
+    (``nomadscale.sim.compute``), adding the faults that endpoint lacks: error replies
+    (429/503 with any headers) and zone operations that end in error or never finish.
+    ``base_url`` is what ``GceMigPool`` takes. Requests are matched as ``"METHOD /path"``.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+        import urllib.parse
+
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self._mu = threading.Lock()
+        self._rules: list[dict[str, Any]] = []
+        self._ops: dict[str, dict[str, Any]] = {}  # operation name -> forced reply
+        self.seen: list[str] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def _send(self, code: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(code)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _handle(self, method: str) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                data = self.rfile.read(n) if n else b""
+                code, body, headers = owner._serve(method, self.path, data)
+                self._send(code, body, headers)
+
+            def do_GET(self) -> None:
+                self._handle("GET")
+
+            def do_POST(self) -> None:
+                self._handle("POST")
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)  # fmt: skip
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}{self.upstream.path}"
+
+    def fail(self, pattern: str, status: int, *, times: int | None = 1,
+             headers: dict[str, str] | None = None, message: str = "") -> None:  # fmt: skip
+        """Answer matching requests with ``status`` (GCE's error body), not forwarded."""
+        with self._mu:
+            self._rules.append({"re": re.compile(pattern), "kind": "fail", "status": status,
+                                "times": times, "headers": dict(headers or {}),
+                                "message": message or f"simulated {status}"})  # fmt: skip
+
+    def operation(self, pattern: str, *, ends: str, forward: bool = True,
+                  times: int | None = 1) -> None:  # fmt: skip
+        """The zone operation of matching writes ``ends`` in ``"error"`` (DONE with an error)
+        or ``"never"`` (RUNNING forever); ``forward``: the write reaches the twin."""
+        with self._mu:
+            self._rules.append({"re": re.compile(pattern), "kind": "op", "ends": ends,
+                                "forward": forward, "times": times})  # fmt: skip
+
+    def clear(self) -> None:
+        """No more faults (operations already forced keep their answer)."""
+        with self._mu:
+            self._rules.clear()
+
+    def _take(self, target: str) -> dict[str, Any] | None:
+        with self._mu:
+            self.seen.append(target)
+            for r in self._rules:
+                if r["re"].search(target) and (r["times"] is None or r["times"] > 0):
+                    if r["times"] is not None:
+                        r["times"] -= 1
+                    return r
+        return None
+
+    def _forward(self, method: str, path: str, data: bytes) -> tuple[int, bytes]:
+        import http.client
+
+        conn = http.client.HTTPConnection(self.upstream.hostname or "", self.upstream.port,
+                                          timeout=10)  # fmt: skip
+        try:
+            conn.request(method, path, body=data or None,
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def _serve(self, method: str, path: str, data: bytes) -> tuple[int, bytes, dict[str, str]]:
+        import json
+
+        target = f"{method} {path.split('?', 1)[0]}"
+        op_name = path.split("?", 1)[0].rsplit("/operations/", 1)
+        if len(op_name) == 2:
+            with self._mu:
+                forced = self._ops.get(op_name[1])
+            if forced is not None:
+                return 200, json.dumps(forced).encode(), {}
+        rule = self._take(target)
+        if rule is not None and rule["kind"] == "fail":
+            body = {"error": {"code": rule["status"], "message": rule["message"], "errors": []}}
+            return rule["status"], json.dumps(body).encode(), rule["headers"]
+        if rule is not None and rule["kind"] == "op":
+            name = f"operation-chaos-{len(self._ops) + 1}"
+            if rule["forward"]:
+                self._forward(method, path, data)
+            reply: dict[str, Any] = {"kind": "compute#operation", "name": name,
+                                     "status": "RUNNING", "progress": 0}  # fmt: skip
+            final = dict(reply)
+            if rule["ends"] == "error":
+                final.update(status="DONE", progress=100, httpErrorStatusCode=400,
+                             error={"errors": [{"code": "RESOURCE_NOT_READY",
+                                                "message": "simulated operation error"}]})  # fmt: skip
+            with self._mu:
+                self._ops[name] = final
+            return 200, json.dumps(reply).encode(), {}
+        code, body = self._forward(method, path, data)
+        return code, body, {}
+
+    def __enter__(self) -> GceFaults:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
