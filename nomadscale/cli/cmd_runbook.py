@@ -77,8 +77,10 @@ def _param(values: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for v in values:
         k, sep, val = v.partition("=")
-        if not sep or not k:
+        if not sep or not k.strip():
             raise UsageError(f"--param {v!r}: expected key=value")
+        if k.strip() in out:  # never silently run with only one of them
+            raise UsageError(f"--param {k.strip()}: given more than once")
         out[k.strip()] = val.strip()
     return out
 
@@ -136,13 +138,35 @@ def run_cmd(name: str, params: tuple[str, ...], dry_run: bool, path: str | None)
         click.echo(f"run {run['id']}: already {run.get('status', 'running')} for these "
                    f"parameters (trigger {run.get('trigger', '-')}); not started again")  # fmt: skip
         raise SystemExit(EXIT_INVALID)
-    if run["status"] == "pending":
-        run = engine.run(run["id"])
-    for r in run["results"]:
-        click.echo(f"[{r['phase']} {r['step']}] {r['action']}: {r['status']}: {r['detail']}")
-    click.echo(f"run {run['id']}: {run['status']}" + (f" ({run['error']})" if run["error"] else ""))
-    if run["status"] != "succeeded":
+    ok = True
+    while True:
+        run = _drive(engine, run)
+        click.echo(f"run {run['id']}: {run['status']}"
+                   + (f" ({run['error']})" if run["error"] else ""))  # fmt: skip
+        ok = ok and run["status"] == "succeeded"
+        follow = run.get("followup")
+        if not follow:
+            break
+        # a stronger maintenance event came too late for this run: its own run goes on here
+        done, run = run, engine.get_run(follow)
+        click.echo(f"run {follow}: started for {run['values'].get('event', '-')}, which came "
+                   f"too late for run {done['id']}")  # fmt: skip
+    if not ok:
         raise SystemExit(EXIT_INVALID)
+
+
+def _drive(engine: Any, run: dict[str, Any]) -> dict[str, Any]:
+    """Drive ``run`` to its end one step call at a time, printing each step's result as it
+    comes (a host-maintenance run waits up to hours for the node: on-call sees where it is)."""
+    shown = 0
+    while True:
+        if run["status"] in ("pending", "running"):
+            run = engine.run(run["id"], max_calls=1)
+        for r in run["results"][shown:]:
+            click.echo(f"[{r['phase']} {r['step']}] {r['action']}: {r['status']}: {r['detail']}")
+        shown = len(run["results"])
+        if run["status"] not in ("pending", "running"):
+            return run
 
 
 @click.command("watch-maintenance")

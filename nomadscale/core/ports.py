@@ -122,6 +122,12 @@ class NomadPort(Protocol):
 
     def set_eligibility(self, node_id: str, eligible: bool) -> None: ...
 
+    def allocations_by_prefix(self, prefix: str) -> list[AllocInfo]:
+        """Allocations (list stubs) whose id starts with ``prefix``, in every namespace: one
+        ``GET /v1/allocations?prefix=`` (an even-length hex prefix, e.g. the 8 characters
+        the Nomad CLI shows)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class JobInfo:

@@ -31,11 +31,11 @@ from nomadscale.core.ports import (
     pinned_datacenter,
 )
 from nomadscale.healing import gpucheck
-from nomadscale.healing.resolve import resolve_allocation, resolve_node
+from nomadscale.healing.resolve import node_zone, resolve_allocation, resolve_node
 from nomadscale.healing.runbook import render
 
 log = logging.getLogger(__name__)
-__all__ = ["ACTIONS", "call", "resolve_allocation", "resolve_node"]
+__all__ = ["ACTIONS", "call", "node_zone", "resolve_allocation", "resolve_node"]
 IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]{0,254}$")
 NOTE_RETRIES = 1  # a note PagerDuty could not take is retried once, then the run goes on
 
@@ -124,10 +124,6 @@ class Ctx:
     now_iso: Callable[[], str]
 
 
-def node_zone(node: NodeInfo) -> str:
-    return str(node.meta.get("zone") or node.datacenter)
-
-
 def _node_id(run: Mapping[str, Any]) -> str:
     nid = run["values"].get("node.id")
     if not nid:
@@ -205,16 +201,24 @@ def drain(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
     if step.check_capacity and ctx.policy:
         t = _target(ctx, run)
         _group(ctx, t)  # the job has the zone's group
+        # the workers the drain takes away: those running there (one still pending there
+        # serves nobody yet, so it takes nothing away)
         on_node = sum(
             1
             for a in ctx.nomad.node_allocations(nid)
             if a.job_id == t.job and a.task_group == t.group and not a.terminal
-        )
-        left = _serving(ctx, t.job, t.namespace, t.group) - on_node
+            and a.client_status == "running"
+        )  # fmt: skip
+        left = max(0, _serving(ctx, t.job, t.namespace, t.group) - on_node)
+        s, planned = run.get("surge"), ""
+        if ctx.dry_run and s and s.get("target") is None and s.get("group") == t.group:
+            # a dry run scaled nothing: count the surge the real run would have waited for
+            left += int(s["count"])
+            planned = f" (counting the {s['count']} surge worker(s) this run would add)"
         if left < t.min_healthy:
             raise SafetyError(
                 f"drain of {node.name} refused: zone {t.zone} would keep {left} healthy "
-                f"worker(s), policy {t.policy} needs at least {t.min_healthy}"
+                f"worker(s){planned}, policy {t.policy} needs at least {t.min_healthy}"
             )
     deadline = step.deadline.total_seconds()
     until = run.get("deadline_epoch")
@@ -279,7 +283,17 @@ def release_surge(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
         return Done(f"would release the surge of {s['job']}/{s['group']} ({s['count']} worker(s))")
     st = ctx.nomad.job_status(s["job"], namespace=s["namespace"])
     if s.get("release_target") is None:
-        s["release_target"] = max(0, st.groups[s["group"]].desired - int(s["count"]))
+        g = st.groups[s["group"]]
+        # counts are absolute: when someone scaled the group after the surge (the
+        # autoscaler's cycle), that count is theirs and the surge is gone; taking the surge
+        # off it would leave the zone below their decision (nomad/state/state_store.go
+        # UpsertScalingEvent prepends each event: newest first, with the request's Meta)
+        last = next((e for e in g.events if not e.error and e.count is not None), None)
+        if last is not None and (last.meta or {}).get("nomadscale.run") != run["id"]:
+            s["released"] = True
+            return Done(f"no surge to release: {s['job']}/{s['group']} was scaled to "
+                        f"{last.count} since ({last.message or 'no message'})")  # fmt: skip
+        s["release_target"] = max(0, g.desired - int(s["count"]))
     if st.active_deployment:
         return _deployment_busy(s["job"], st.active_deployment)
     busy = _scale(ctx, s["job"], s["group"], s["release_target"], message=_msg(run, "release"),

@@ -8,8 +8,10 @@ zone, value = run id), a global rate limit (runs started in the last hour), and 
 action refuses to go below the policy's per-zone share of ``bounds.min``.
 
 A trigger for the parameters of an active run is its duplicate, but a stronger maintenance
-event is passed on to it (``healing.escalation``); a dry run is never a duplicate (it changes
-nothing) and never makes one. ``RunbookMetrics`` (``healing.metrics``) counts triggers and
+event is passed on to it (``healing.escalation``); when that run can no longer honour it (the
+node serves again, or the run ended while the event was being passed on), a new run starts
+for it: the event is never lost. A dry run is never a duplicate (it changes nothing) and never
+makes one. ``RunbookMetrics`` (``healing.metrics``) counts triggers and
 finished runs, times them and gauges the runs this process drives.
 """
 
@@ -19,7 +21,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,14 +35,14 @@ from nomadscale.core.errors import (
     UsageError,
 )
 from nomadscale.core.ports import KVPort
-from nomadscale.core.values import new_id
-from nomadscale.healing import actions, escalation
+from nomadscale.healing import actions, escalation, runs
 from nomadscale.healing.metrics import DEFAULT_METRICS, TRIGGER_SOURCES, RunbookMetrics
-from nomadscale.healing.runbook import PARAM_PATTERNS, Runbook, step_timeout
+from nomadscale.healing.resolve import parameter_values
+from nomadscale.healing.runbook import Runbook, step_timeout
+from nomadscale.healing.runs import ACTIVE, summary
 
 __all__ = ["DEFAULT_METRICS", "TRIGGER_SOURCES", "EngineLimits", "RunbookEngine", "RunbookMetrics"]
 log = logging.getLogger(__name__)
-ACTIVE = ("pending", "running")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class RunbookEngine:
         self._workers: list[threading.Thread] = []
         self._stop = threading.Event()
         self._submit_lock = threading.Lock()
+        self._stoppers: list[Callable[[float], object]] = []
 
     # --- keys and records -----------------------------------------------------------------
 
@@ -124,33 +127,17 @@ class RunbookEngine:
         rb = self.runbooks.get(runbook)
         if rb is None:
             raise UsageError(f"runbook {runbook!r} not found (have: {', '.join(self.runbooks)})")
-        values = self._values(rb, params)
+        values = parameter_values(self.nomad, rb, params)
         now = self.clock.now()
-        run: dict[str, Any] = {
-            "id": new_id(),
-            "runbook": rb.name,
-            "values": values,
-            "trigger": trigger,
-            "dry_run": dry_run,
-            "status": "pending",
-            "phase": "main",
-            "step": 0,
-            "step_state": {},
-            "step_started": None,
-            "attempts": 0,
-            "results": [],
-            "surge": None,
-            "zone_lock": None,
-            "error": None,
-            "finalized": False,
-            "created_at": now.isoformat(),
-            "deadline_epoch": deadline.timestamp() if deadline else None,
-        }
-        run["values"]["run.id"] = run["id"]
+        run = runs.new_run(rb, values, trigger=trigger, dry_run=dry_run, now=now,
+                           deadline=deadline)  # fmt: skip
         with self._submit_lock:
             active = self._active_duplicate(rb.name, values)
             if active is not None and not dry_run:
-                return self._duplicate(rb, active, values, trigger, now)
+                dup = self._duplicate(rb, active, values, trigger, now)
+                if dup is not None:
+                    return dup
+                active = None  # it ended while its event was passed on: this run takes it
             if active is not None:  # a dry run changes nothing: it runs, and says so
                 self._note_active(run, active)
             refusal = self._refusal(run, now)
@@ -158,7 +145,17 @@ class RunbookEngine:
                 if self._lock_zone(values["zone"], run["id"]):
                     run["zone_lock"] = values["zone"]
                 else:
-                    refusal = f"another node in zone {values['zone']} is being healed"
+                    holder = self._zone_holder(values["zone"])
+                    if holder is not None and runs.same_target(rb.name, values, holder):
+                        # a run for the same node started meanwhile in another process
+                        # (e.g. two replicas took one incident's webhooks at once)
+                        dup = self._duplicate(rb, holder["id"], values, trigger, now)
+                        if dup is not None:
+                            return dup
+                    if self._lock_zone(values["zone"], run["id"]):  # its holder just ended
+                        run["zone_lock"] = values["zone"]
+                    else:
+                        refusal = runs.zone_busy(values["zone"], holder)
             if refusal:
                 run["status"] = "refused"
                 run["error"] = refusal
@@ -176,43 +173,26 @@ class RunbookEngine:
             self._finalize(run)
         return run
 
-    def _values(self, rb: Runbook, params: Mapping[str, str]) -> dict[str, str]:
-        values: dict[str, str] = {"runbook": rb.name}
-        unknown = set(params) - set(rb.parameters)
-        if unknown:
-            raise UsageError(f"runbook {rb.name}: unknown parameter(s) {sorted(unknown)}")
-        for name, spec in rb.parameters.items():
-            raw = params.get(name)
-            if raw is None or raw == "":
-                if spec.required:
-                    raise UsageError(f"runbook {rb.name}: parameter {name} is required")
-                continue
-            if not PARAM_PATTERNS[name].match(str(raw)):
-                raise UsageError(f"runbook {rb.name}: parameter {name}: invalid value")
-            values[
-                {"incident_id": "incident.id", "allocation": "allocation.id"}.get(name, name)
-            ] = str(raw)
-        if "allocation.id" in values:  # a prefix becomes the full id
-            alloc = actions.resolve_allocation(self.nomad, values["allocation.id"])
-            values["allocation.id"] = alloc.id
-        if "node" in values:
-            node = actions.resolve_node(self.nomad, values.pop("node"))
-            values["node.id"] = node.id
-            values["node.name"] = node.name
-            values["zone"] = actions.node_zone(node)
-            values["datacenter"] = node.datacenter
-        return values
-
     def _duplicate(
         self, rb: Runbook, active: str, values: Mapping[str, str], trigger: str, now: datetime
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
         """The active run for a trigger with the same parameters; a stronger maintenance
-        event (a stop after a live-migration notice) is passed on to it."""
+        event (a stop after a live-migration notice) is passed on to it. None when that run
+        ended while the event was being passed on and nobody claimed it: the trigger must
+        start a run of its own (the ending run claims a request it sees: ``_finalize``)."""
         other = self.get_run(active) or {"id": active, "values": {}}
         event = values.get("event")
         result = "duplicate"
         if event and escalation.escalates(rb, other["values"].get("event"), event):
-            escalation.request(self.kv, self.prefix, active, event, trigger, now.isoformat())
+            index = escalation.request(self.kv, self.prefix, active, event=event,
+                                       trigger=trigger, at=now.isoformat(),
+                                       params=runs.params_of(rb, values))  # fmt: skip
+            after = self.get_run(active)  # read after the write: see escalation's docstring
+            ended = after is None or after["status"] not in ACTIVE
+            if ended and escalation.withdraw(self.kv, self.prefix, active, index):
+                log.info("runbook %s run %s ended as %s came: a new run takes it", rb.name,
+                         active, event)  # fmt: skip
+                return None
             result = "escalated"
         log.info("runbook %s already running for these parameters as %s (%s)", rb.name,
                  active, result)  # fmt: skip
@@ -234,12 +214,9 @@ class RunbookEngine:
 
     def _active_duplicate(self, runbook: str, values: Mapping[str, str]) -> str | None:
         """The active (not dry) run of ``runbook`` for the same node/allocation/zone."""
-        key = values.get("node.id") or values.get("allocation.id") or values.get("zone")
         for r in self.list_runs():
-            if r["runbook"] == runbook and r["status"] in ACTIVE and not r.get("dry_run"):
-                v = r["values"]
-                if (v.get("node.id") or v.get("allocation.id") or v.get("zone")) == key:
-                    return str(r["id"])
+            if r["status"] in ACTIVE and runs.same_target(runbook, values, r):
+                return str(r["id"])
         return None
 
     def _refusal(self, run: Mapping[str, Any], now: datetime) -> str | None:
@@ -267,6 +244,12 @@ class RunbookEngine:
         if other is not None and other["status"] in ACTIVE:
             return False
         return self.kv.put(key, run_id.encode(), cas=e.modify_index)  # stale lock
+
+    def _zone_holder(self, zone: str) -> dict[str, Any] | None:
+        """The active run holding ``zone``'s lock (None when it is free or stale)."""
+        e = self.kv.get(self._lock_key(zone))
+        other = self.get_run(e.value.decode()) if e is not None else None
+        return other if other is not None and other["status"] in ACTIVE else None
 
     def _unlock_zone(self, run: Mapping[str, Any]) -> None:
         zone = run.get("zone_lock")
@@ -313,6 +296,8 @@ class RunbookEngine:
                 self._step_once(rb, ctx, run)
         if run["status"] not in ACTIVE:
             self._finalize(run)
+            if run.get("followup") and self._workers and not self._stop.is_set():
+                self._queue.put(run["followup"])
         return run
 
     def _step_once(self, rb: Runbook, ctx: actions.Ctx, run: dict[str, Any]) -> None:
@@ -405,12 +390,16 @@ class RunbookEngine:
         self._save(run)
 
     def _finalize(self, run: dict[str, Any]) -> None:
-        """Release the zone lock, then tell the incident (note; resolve on success)."""
+        """Release the zone lock, tell the incident (note; resolve on success), and start a
+        new run for a stronger event this run could not honour (``run["followup"]``)."""
         if run.get("finalized"):
             return
         self._unlock_zone(run)
-        if run["values"].get("event"):  # an escalation that came too late
-            self.kv.delete(escalation.key(self.prefix, run["id"]))
+        passed = None
+        if run["values"].get("event"):  # a stronger event this run did not take
+            passed = escalation.claim(self.kv, self.prefix, run["id"])
+        if passed is not None and not run["dry_run"]:
+            run["followup"] = self._follow_up(run, passed)
         incident = run["values"].get("incident.id")
         if incident and self.notes is not None and not run["dry_run"]:
             self._tell(run, "add the final note to", self.notes.add_note, incident, summary(run))
@@ -420,6 +409,23 @@ class RunbookEngine:
         self._save(run)
         self.metrics.finished(run, self.clock.now())  # after the save: counted once
         log.info("runbook %s run %s finished: %s", run["runbook"], run["id"], run["status"])
+
+    def _follow_up(self, run: Mapping[str, Any], passed: Mapping[str, Any]) -> str | None:
+        """Submit the run for an event ``run`` ended without honouring; its id when it is
+        pending (the caller drives or queues it)."""
+        params = dict(passed["params"]) or {"node": run["values"].get("node.id", ""),
+                                            "event": passed["event"]}  # fmt: skip
+        try:
+            new = self.submit(run["runbook"], params, trigger=passed["trigger"])
+        except NomadscaleError as exc:
+            log.error("runbook %s run %s: %s (trigger %s) came too late for it and no new run "
+                      "could start: %s", run["runbook"], run["id"], passed["event"],
+                      passed["trigger"], exc)  # fmt: skip
+            return None
+        log.warning("runbook %s run %s: %s came too late for it: run %s %s", run["runbook"],
+                    run["id"], passed["event"], new["id"],
+                    "is active for it" if new.get("duplicate") else f"started ({new['status']})")  # fmt: skip
+        return str(new["id"]) if new["status"] == "pending" and not new.get("duplicate") else None
 
     def _tell(self, run: Mapping[str, Any], what: str, fn: Any, incident: str, *a: str) -> None:
         try:
@@ -447,7 +453,17 @@ class RunbookEngine:
             self._workers.append(t)
         return self
 
+    def on_stop(self, fn: Callable[[float], object]) -> None:
+        """Call ``fn(timeout)`` first when the engine stops (the webhook dispatcher: what it
+        still submits stays pending in KV for the next process)."""
+        self._stoppers.append(fn)
+
     def stop(self, timeout: float = 5.0) -> None:
+        for fn in self._stoppers:
+            try:
+                fn(timeout)
+            except Exception:  # the workers must stop whatever happened there
+                log.exception("stopping %s failed", fn)
         self._stop.set()
         for _ in self._workers:
             self._queue.put(None)
@@ -476,16 +492,3 @@ class RunbookEngine:
                 log.exception("run %s crashed", rid)
             finally:
                 self._queue.task_done()
-
-
-def summary(run: Mapping[str, Any]) -> str:
-    """A multi-line audit summary for the incident."""
-    head = f"nomadscale runbook {run['runbook']} run {run['id']}: {run['status'].upper()}"
-    if run["status"] != "succeeded":
-        head += " - escalated, left for a human" if run["status"] != "refused" else ""
-    lines = [head]
-    if run.get("error"):
-        lines.append(f"reason: {run['error']}")
-    for r in run.get("results", []):
-        lines.append(f"- [{r['phase']} {r['step']}] {r['action']}: {r['status']}: {r['detail']}")
-    return "\n".join(lines)

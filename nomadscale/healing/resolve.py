@@ -1,13 +1,15 @@
-"""Parameters naming Nomad objects, resolved to them: a node by id, name or id prefix, an
+"""Runbook parameters, validated and resolved: a node by id, name or id prefix, an
 allocation by id or 8-char prefix (as the Nomad CLI shows them)."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from nomadscale.core.errors import NotFoundError, PermanentError
+from nomadscale.core.errors import NotFoundError, PermanentError, UsageError
 from nomadscale.core.ports import AllocInfo, NodeInfo
+from nomadscale.healing.runbook import PARAM_HINTS, PARAM_PATTERNS, Runbook
 
 if TYPE_CHECKING:
     from nomadscale.healing.actions import HealingNomad
@@ -31,21 +33,55 @@ def resolve_node(nomad: HealingNomad, ref: str) -> NodeInfo:
 
 def resolve_allocation(nomad: HealingNomad, ref: str) -> AllocInfo:
     """An allocation by full id or unique 8-char prefix (as ``nomad alloc status`` shows it).
-    ``GET /v1/allocation/:id`` takes only a full id, so a prefix is looked up on the nodes'
-    allocations."""
+    ``GET /v1/allocation/:id`` takes only a full id; a prefix is one ``GET /v1/allocations
+    ?prefix=`` over every namespace (``allocations_by_prefix``), as the Nomad CLI does."""
     if len(ref) == 36:
         try:
             return nomad.allocation(ref)
         except NotFoundError:
             raise PermanentError(f"allocation {ref!r} not found in Nomad") from None
-    found = {
-        a.id: a
-        for n in nomad.list_nodes()
-        for a in nomad.node_allocations(n.id)
-        if a.id.startswith(ref)
-    }
+    found = {a.id: a for a in nomad.allocations_by_prefix(ref) if a.id.startswith(ref)}
     if len(found) > 1:
-        raise PermanentError(f"allocation {ref!r} is ambiguous: give the full id")
+        some = ", ".join(sorted(found)[:3]) + (", ..." if len(found) > 3 else "")
+        raise PermanentError(
+            f"allocation {ref!r} is ambiguous: {len(found)} allocations start with it "
+            f"({some}); give the full id"
+        )
     if not found:
         raise PermanentError(f"allocation {ref!r} not found in Nomad")
-    return nomad.allocation(next(iter(found)))
+    return next(iter(found.values()))
+
+
+def node_zone(node: NodeInfo) -> str:
+    return str(node.meta.get("zone") or node.datacenter)
+
+
+def parameter_values(nomad: HealingNomad, rb: Runbook, params: Mapping[str, str]) -> dict[str, str]:
+    """The run's values from trigger/CLI parameters: validated (``UsageError`` naming the
+    parameter and what it must look like), the node and allocation resolved through Nomad
+    (``PermanentError`` when not found or ambiguous)."""
+    values: dict[str, str] = {"runbook": rb.name}
+    unknown = set(params) - set(rb.parameters)
+    if unknown:
+        raise UsageError(f"runbook {rb.name}: unknown parameter(s) {sorted(unknown)}")
+    for name, spec in rb.parameters.items():
+        raw = params.get(name)
+        if raw is None or raw == "":
+            if spec.required:
+                raise UsageError(f"runbook {rb.name}: parameter {name} is required")
+            continue
+        if not PARAM_PATTERNS[name].fullmatch(str(raw)):  # (``$`` alone allows a newline)
+            shown = repr(str(raw)[:64]) + ("..." if len(str(raw)) > 64 else "")
+            raise UsageError(f"runbook {rb.name}: parameter {name}: invalid value {shown} "
+                             f"(expected {PARAM_HINTS[name]})")  # fmt: skip
+        key = {"incident_id": "incident.id", "allocation": "allocation.id"}.get(name, name)
+        values[key] = str(raw)
+    if "allocation.id" in values:  # a prefix becomes the full id
+        values["allocation.id"] = resolve_allocation(nomad, values["allocation.id"]).id
+    if "node" in values:
+        node = resolve_node(nomad, values.pop("node"))
+        values["node.id"] = node.id
+        values["node.name"] = node.name
+        values["zone"] = node_zone(node)
+        values["datacenter"] = node.datacenter
+    return values

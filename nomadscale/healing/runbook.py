@@ -45,6 +45,13 @@ PARAM_PATTERNS: Mapping[str, re.Pattern[str]] = {
     "allocation": ALLOC_RE,
     "event": re.compile("^(" + "|".join(MAINTENANCE_EVENTS) + ")$"),
 }
+PARAM_HINTS: Mapping[str, str] = {  # what a parameter's value must look like, for its error
+    "node": "a Nomad node id, id prefix or name (letters, digits, '.', '_', '-'; up to 64)",
+    "zone": "a zone name (lowercase letters, digits, '-')",
+    "incident_id": "a PagerDuty incident id (letters and digits)",
+    "allocation": "a full allocation id or its first 8 characters (lowercase hex)",
+    "event": " or ".join(MAINTENANCE_EVENTS),
+}
 TEMPLATE_FIELDS: Mapping[str, str] = {  # template field -> parameter it needs ("" = always)
     "node.id": "node",
     "node.name": "node",

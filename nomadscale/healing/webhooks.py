@@ -9,6 +9,7 @@ rule extracts a node/zone, which is validated and resolved through Nomad like an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -16,6 +17,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -152,34 +154,113 @@ def match_maintenance(runbooks: Mapping[str, Runbook], event: str) -> str | None
 
 
 class Dispatcher:
-    """Matches accepted events to runbooks off the request path."""
+    """Matches accepted events to runbooks off the request path.
 
-    def __init__(self, engine: RunbookEngine, *, maxsize: int = 10000) -> None:
+    It stops with the engine (``RunbookEngine.stop`` calls ``stop`` first): from then on an
+    event is refused (the route answers 503 and forgets the webhook id, so PagerDuty's retry
+    reaches the next process and is not dropped as a duplicate); the events already queued
+    are still matched and submitted (their runs stay pending in KV for the next process to
+    resume). Those the drain has no time for are handed back: their ids forgotten, each
+    logged as an error."""
+
+    def __init__(
+        self, engine: RunbookEngine, *, maxsize: int = 10000, seen: SeenIds | None = None
+    ) -> None:
         self.engine = engine
-        self.queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=maxsize)
-        self.stats = {"accepted": 0, "matched": 0, "ignored": 0, "errors": 0}
+        self.seen = seen  # set by ``routes``: to forget the ids of events handed back
+        self.queue: queue.Queue[tuple[str, Any, str | None] | None] = queue.Queue(maxsize)
+        self.stats = {"accepted": 0, "matched": 0, "ignored": 0, "errors": 0, "handed_back": 0}
+        self._closed = False
+        self._abandon = threading.Event()
+        self._offer_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="webhook-dispatch", daemon=True)
         self._thread.start()
+        engine.on_stop(self.stop)
 
-    def offer(self, kind: str, item: Any) -> bool:
-        try:
-            self.queue.put_nowait((kind, item))
-        except queue.Full:
-            return False
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop`` began: events are refused."""
+        return self._closed
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued event was handled (tests, benchmarks)."""
+        done = threading.Event()
+
+        def waiter() -> None:
+            self.queue.join()
+            done.set()
+
+        threading.Thread(target=waiter, daemon=True).start()
+        return done.wait(timeout)
+
+    def offer(self, kind: str, item: Any, *, webhook_id: str | None = None) -> bool:
+        """Queue an event; False when full or stopping (answer 503: the sender retries)."""
+        with self._offer_lock:
+            if self._closed:
+                return False
+            try:
+                self.queue.put_nowait((kind, item, webhook_id))
+            except queue.Full:
+                return False
         self.stats["accepted"] += 1
         return True
 
+    def stop(self, timeout: float = 5.0) -> None:
+        """Refuse new events, handle the queued ones for up to ``timeout`` seconds, hand back
+        the rest, and end the thread."""
+        with self._offer_lock:
+            if self._closed:
+                return
+            self._closed = True
+        end = time.monotonic() + max(0.0, timeout)
+        with contextlib.suppress(queue.Full):  # offers are refused now: the queue drains
+            self.queue.put(None, timeout=max(0.0, end - time.monotonic()))
+        self._thread.join(max(0.0, end - time.monotonic()))
+        if self._thread.is_alive():
+            self._abandon.set()  # the thread hands back what it takes from now on
+        while True:
+            try:
+                got = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if got is not None:
+                self._hand_back(*got)
+            self.queue.task_done()
+        if self._thread.is_alive():
+            log.warning("webhook dispatcher still busy with an event after %.0fs; stopping "
+                        "without it", timeout)  # fmt: skip
+
+    def _hand_back(self, kind: str, item: Any, webhook_id: str | None) -> None:
+        self.stats["handed_back"] += 1
+        ref = item.get("id") if kind == "pagerduty" else item.get("node")
+        what = item.get("event_type") if kind == "pagerduty" else item.get("event")
+        log.error("webhook %s %s (%s) not handled before shutdown: %s", kind, ref, what,
+                  "its retry will be taken" if webhook_id else "send it again")  # fmt: skip
+        if webhook_id and self.seen is not None:
+            self.seen.forget(webhook_id)
+
     def _loop(self) -> None:
         while True:
-            kind, item = self.queue.get()
+            got = self.queue.get()
             try:
-                self._handle(kind, item)
-            except NomadscaleError as exc:
-                self.stats["errors"] += 1
-                log.warning("webhook %s not acted on: %s", kind, exc)
-            except Exception:
-                self.stats["errors"] += 1
-                log.exception("webhook %s handling crashed", kind)
+                if got is None:
+                    return
+                if self._abandon.is_set():
+                    self._hand_back(*got)
+                    continue
+                kind, item, _ = got
+                try:
+                    self._handle(kind, item)
+                except NomadscaleError as exc:
+                    self.stats["errors"] += 1
+                    log.warning("webhook %s not acted on: %s", kind, exc)
+                except Exception:
+                    self.stats["errors"] += 1
+                    log.exception("webhook %s handling crashed", kind)
             finally:
                 self.queue.task_done()
 
@@ -218,6 +299,12 @@ class Dispatcher:
             self._tell(incident, f"nomadscale runbook {name} not started: {exc}")
             raise
         if run.get("duplicate"):  # e.g. the watcher reported this maintenance first
+            if incident and run.get("values", {}).get("incident.id") == incident:
+                # the run is this incident's own (it was delivered twice, e.g. by two
+                # webhook subscriptions): it tells the incident itself
+                log.info("pagerduty event %s: incident %s already has run %s", item.get("id"),
+                         incident, run["id"])  # fmt: skip
+                return
             passed = f" {params.get('event')} was passed on to it;" if run.get("escalated") else ""
             self._tell(
                 incident,
@@ -250,6 +337,8 @@ def routes(
 ) -> list[Route]:
     seen = SeenIds(kv if kv is not None else engine.kv, prefix=engine.prefix)
     disp = dispatcher or Dispatcher(engine)
+    if disp.seen is None:
+        disp.seen = seen
 
     async def read_body(request: Request) -> bytes | None:
         cl = request.headers.get("content-length")
@@ -287,7 +376,7 @@ def routes(
             return JSONResponse({"error": "cannot record the webhook id"}, status_code=503)
         if not first:
             return JSONResponse({"status": "duplicate"}, status_code=200)
-        if not disp.offer("pagerduty", event):
+        if not disp.offer("pagerduty", event, webhook_id=wid):
             await run_in_threadpool(seen.forget, wid)
             return JSONResponse({"error": "busy"}, status_code=503)
         return JSONResponse({"status": "accepted"}, status_code=202)
@@ -304,7 +393,7 @@ def routes(
             doc = json.loads(body)
             node, event = str(doc["node"]), str(doc["event"])
             deadline = datetime.fromisoformat(doc["deadline"]) if doc.get("deadline") else None
-            if not NODE_RE.match(node):
+            if not NODE_RE.fullmatch(node):
                 raise ValueError("node")
         except (ValueError, KeyError, TypeError):
             return JSONResponse({"error": "expected {node, event, deadline}"}, status_code=400)

@@ -377,6 +377,20 @@ class NomadClient(NomadNodes):
         resp = self._http.get(self._api.allocation, seg(alloc_id), what=f"GET alloc {alloc_id}")
         return parse.alloc_info(json_body(resp))
 
+    def allocations_by_prefix(self, prefix: str) -> list[AllocInfo]:
+        """Allocation stubs whose id starts with ``prefix``, in every namespace: one
+        ``GET /v1/allocations?prefix=P&namespace=*`` (nomad/alloc_endpoint.go ``Alloc.List``:
+        a prefix in every namespace reads ``state.AllocsByIDPrefixAllNSs``; the stubs omit
+        task states and resources here). Through the transport like the other list calls
+        (retries, error translation, ``X-Nomad-NextToken`` paging)."""
+        allocs = self._http.get_all(
+            self._api.allocations,
+            what=f"GET allocations with prefix {prefix}",
+            params={"prefix": prefix, "namespace": "*", "task_states": "false",
+                    "resources": "false"},
+        )  # fmt: skip
+        return [parse.alloc_info(a) for a in allocs]
+
     def stop_allocation(self, alloc_id: str) -> str:
         resp = self._http.write(
             self._api.allocation, seg(alloc_id), "stop", what=f"stop alloc {alloc_id}", body={}

@@ -105,6 +105,7 @@ class Rig:
     url: str
     gpu: GpuResponder
     make_engine: Callable[[], RunbookEngine]
+    app: Any = None
     _servers: list[Any] = field(default_factory=list)
 
     def node_id(self, zone: str, i: int = 0) -> str:
@@ -177,7 +178,7 @@ def rig_factory(twin_factory: TwinFactory) -> Iterator[Callable[..., Rig]]:
         )
         url, server, thread = serve(app)
         gpu = GpuResponder(nomad, list(twin.cluster.nodes))
-        rig = Rig(twin, nomad, kv, pd, engine, url, gpu, make_engine, [server, thread])
+        rig = Rig(twin, nomad, kv, pd, engine, url, gpu, make_engine, app, [server, thread])
         made.append(rig)
         return rig
 

@@ -4,11 +4,9 @@ dry runs."""
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ from nomadscale.healing.watcher import MaintenanceWatcher
 from nomadscale.integrations.gce_metadata import MetadataClient
 from tests.harness.gce_metadata_server import MetadataServer
 from tests.healing.conftest import ZONES, Rig
+from tests.healing.sinks import ReportSink
 from tests.healing.test_e2e import play_host_maintenance
 
 MIGRATE = "MIGRATE_ON_HOST_MAINTENANCE"
@@ -89,50 +88,6 @@ def test_terminate_notice_during_a_live_migration_run_waits_for_the_restart(
 # --- 2. the watcher keeps following the metadata server while it cannot report ------------------
 
 
-class FlakySink:
-    """nomadscale's report endpoint, unreachable (503) while ``down`` is set."""
-
-    def __init__(self, token: str) -> None:
-        self.down = threading.Event()
-        self.attempts: list[dict[str, Any]] = []
-        self.reports: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        sink = self
-
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                assert self.headers.get("Authorization") == f"Bearer {token}"
-                with sink.cond:
-                    sink.attempts.append(body)
-                    status = 503 if sink.down.is_set() else 202
-                    if status == 202:
-                        sink.reports.append(body)
-                    sink.cond.notify_all()
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.srv.daemon_threads = True
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.srv.server_address[1]}/maintenance/report"
-
-    def wait(self, pred: Callable[[], bool], timeout: float = 10) -> bool:
-        with self.cond:
-            return self.cond.wait_for(pred, timeout=timeout)
-
-    def stop(self) -> None:
-        self.srv.shutdown()
-        self.srv.server_close()
-
-
 @pytest.fixture()
 def md() -> Iterator[MetadataServer]:
     s = MetadataServer(hang_s=2.0).start()
@@ -142,8 +97,8 @@ def md() -> Iterator[MetadataServer]:
 
 def _watcher_while_nomadscale_is_down(
     md: MetadataServer,
-) -> tuple[FlakySink, FakeClock, MaintenanceWatcher]:
-    sink = FlakySink("tok")
+) -> tuple[ReportSink, FakeClock, MaintenanceWatcher]:
+    sink = ReportSink("tok")
     sink.down.set()
     clock = FakeClock()
     w = MaintenanceWatcher(

@@ -2,12 +2,9 @@
 loopback nomadscale report endpoint (the real starlette routes would do; a plain recorder here
 keeps the watcher's own contract in view)."""
 
-import json
 import threading
 from collections.abc import Iterator
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 
@@ -16,40 +13,7 @@ from nomadscale.core.clock import FakeClock
 from nomadscale.healing.watcher import MaintenanceWatcher
 from nomadscale.integrations.gce_metadata import MetadataClient
 from tests.harness.gce_metadata_server import MetadataServer
-
-
-class ReportSink:
-    def __init__(self, token: str, fail_first: int = 0) -> None:
-        self.reports: list[dict[str, Any]] = []
-        self.fail_first = fail_first
-        self.got = threading.Event()
-        sink = self
-
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.headers.get("Authorization") != f"Bearer {token}":
-                    status = 401
-                elif sink.fail_first > 0:
-                    sink.fail_first -= 1
-                    status = 503
-                else:
-                    sink.reports.append(json.loads(body))
-                    sink.got.set()
-                    status = 202
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.srv.server_address[1]}/maintenance/report"
+from tests.healing.sinks import ReportSink
 
 
 @pytest.fixture()
@@ -85,6 +49,7 @@ def test_notice_after_503_is_reported(md: MetadataServer) -> None:
     md.set_event("NONE")  # wake the hanging GET so the thread ends
     t.join(5)
     w.close()
+    sink.stop()
     (report,) = sink.reports
     assert report["node"] == "gpu-zone-a-0000"
     assert report["event"] == "TERMINATE_ON_HOST_MAINTENANCE"
