@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
+from nomadscale.backtest.outputs import write_files
 from nomadscale.backtest.protocol import effective_workers
 from nomadscale.backtest.runner import Report
-from nomadscale.core.errors import InputError
+from nomadscale.core.errors import InputError, UsageError
+
+
+def plot_format(option: str, path: str | Path) -> str:
+    """The image format ``path`` asks for by its suffix (png without one); UsageError for a
+    suffix matplotlib cannot write, before any work is done."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return "png"
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if suffix not in FigureCanvasBase.get_supported_filetypes():
+        raise UsageError(
+            f"{option} {path}: cannot draw a '.{suffix}' file (use .png, .svg or .pdf)"
+        )
+    return suffix
 
 
 def plot_report(report: Report, rate: np.ndarray, path: str | Path) -> None:
+    """Draw the replay into ``path`` (written atomically)."""
+    data = render_plot(report, rate, fmt=plot_format("--plot", path))
+    write_files([("--plot", path, data)])
+
+
+def render_plot(report: Report, rate: np.ndarray, *, fmt: str = "png") -> bytes:
+    """The replay drawn as an image in ``fmt``: demand, nomadscale's capacity, the forecast
+    band and the oracle."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,9 +65,11 @@ def plot_report(report: Report, rate: np.ndarray, path: str | Path) -> None:
     ax.set_ylabel("requests / min")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
+    buf = io.BytesIO()
     try:
-        fig.savefig(str(path), dpi=110)
-    except (OSError, ValueError) as e:
-        raise InputError(f"--plot {path}: cannot write: {e}") from None
+        fig.savefig(buf, format=fmt, dpi=110)
+    except ValueError as e:
+        raise InputError(f"cannot draw the plot as {fmt}: {e}") from None
     finally:
         plt.close(fig)
+    return buf.getvalue()

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from nomadscale.backtest.anchors import anchor_decisions, tuned_decisions
+from nomadscale.backtest.outputs import write_files
 from nomadscale.backtest.protocol import Metrics, Params, oracle, score
-from nomadscale.core.errors import InputError
 from nomadscale.core.values import Forecast
 from nomadscale.stages.forecast import ForecastConfig, Forecaster
 from nomadscale.stages.sizing import Bounds, size
@@ -111,12 +111,15 @@ def run_backtest(
     return Report(params=p, rows=rows, decisions=rows_dec, replay=rep)
 
 
-def write_decisions(path: str | Path, p: Params, decisions: np.ndarray) -> None:
+def decisions_csv(p: Params, decisions: np.ndarray) -> str:
+    """``decided_at,workers``, one row per boundary (the reference scorer's decisions file)."""
     lines = ["decided_at,workers"]
     for d, n in zip(p.boundaries, decisions, strict=True):
         t = p.time_of(int(d)).strftime("%Y-%m-%dT%H:%M:%SZ")
         lines.append(f"{t},{int(n)}")
-    try:
-        Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot write decisions: {e.strerror}") from None
+    return "\n".join(lines) + "\n"
+
+
+def write_decisions(path: str | Path, p: Params, decisions: np.ndarray) -> None:
+    """Write :func:`decisions_csv` to ``path`` atomically (never half a file)."""
+    write_files([("", path, decisions_csv(p, decisions).encode("utf-8"))])

@@ -11,6 +11,7 @@ their hindsight-tuned rows and the oracle.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
@@ -20,15 +21,17 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from nomadscale.backtest.outputs import check_output, same_file, write_files
+from nomadscale.backtest.plot import plot_format
 from nomadscale.backtest.protocol import make_params
-from nomadscale.backtest.runner import Report, run_backtest, write_decisions
+from nomadscale.backtest.runner import Report, decisions_csv, run_backtest
 from nomadscale.core.clock import utc
 from nomadscale.core.durations import format_duration, parse_duration
 from nomadscale.core.errors import UsageError
 from nomadscale.data import bundled_trace_path
+from nomadscale.integrations.tracefile import load_trace_file
 from nomadscale.stages.decide import bounds_from, forecast_config_from
 from nomadscale.stages.forecast import ForecastConfig
-from nomadscale.stages.history import load_trace
 from nomadscale.stages.sizing import Bounds
 
 
@@ -50,16 +53,45 @@ def _check_cycle_and_lead(
     if cycle_s <= 0:
         raise UsageError(f"--cycle: must be longer than 0s, got {cycle!r}")
     if lead_s >= cycle_s:
-        origin = "the policy's" if from_policy else "default"
-
-        def shown(option: str, text: str | None, seconds: float) -> str:
-            given = f"{option} {text.strip()}" if text is not None else None
-            return given or f"{option} {format_duration(seconds)} ({origin})"
-
         raise UsageError(
-            f"{shown('--lead', lead, lead_s)} must be shorter than "
-            f"{shown('--cycle', cycle, cycle_s)}"
+            f"{_shown('--lead', lead, lead_s, from_policy=from_policy)} must be shorter than "
+            f"{_shown('--cycle', cycle, cycle_s, from_policy=from_policy)}"
         )
+
+
+def _shown(option: str, text: str | None, seconds: float, *, from_policy: bool) -> str:
+    """How an option's value is named in an error: as typed, else where it came from."""
+    if text is not None:
+        return f"{option} {text.strip()}"
+    origin = "the policy's" if from_policy else "default"
+    return f"{option} {format_duration(seconds)} ({origin})"
+
+
+def _start(start: str | None) -> datetime | None:
+    if not start:
+        return None
+    try:
+        dt = datetime.fromisoformat(start.strip())
+    except ValueError:
+        raise UsageError(f"--start: not an ISO-8601 time: {start!r}") from None
+    if dt.tzinfo is None:
+        raise UsageError(
+            f"--start: give a time zone: {start.strip()}Z for UTC, or an offset (+02:00)"
+        )
+    return utc(dt)
+
+
+def _check_outputs(
+    trace: str, policy: str | None, *, decisions_out: str | None, plot: str | None
+) -> None:
+    """Refuse, before any work, an output that would replace an input or the other output,
+    or that cannot be written (``backtest.outputs``)."""
+    inputs = {"trace": trace, "policy": policy}
+    if decisions_out and plot and same_file(decisions_out, plot):
+        raise UsageError(f"--plot and --decisions-out are the same file: {plot}")
+    for option, out in (("--decisions-out", decisions_out), ("--plot", plot)):
+        if out:
+            check_output(option, out, inputs=inputs)
 
 
 def policy_settings(policy: Any) -> tuple[ForecastConfig, Bounds, float]:
@@ -132,18 +164,27 @@ def backtest(
     plot: str | None,
 ) -> None:
     """Replay TRACE.csv (default: the bundled trace) and compare with the anchors."""
+    path = trace or str(bundled_trace_path())
+    _check_outputs(path, policy_path, decisions_out=decisions_out, plot=plot)
+    plot_fmt = plot_format("--plot", plot) if plot else "png"
     cfg, bounds, cap = ForecastConfig(), Bounds(min=2), None
     if policy_path:
         from nomadscale.config.policy import load_policy
 
         cfg, bounds, cap = policy_settings(load_policy(policy_path))
     if capacity_per_worker is not None:
-        if not capacity_per_worker > 0:
-            raise UsageError("--capacity-per-worker: must be positive")
+        if not (capacity_per_worker > 0 and math.isfinite(capacity_per_worker)):
+            raise UsageError(
+                f"--capacity-per-worker: must be a positive finite number, "
+                f"got {capacity_per_worker:g}"
+            )
         cap = capacity_per_worker
     if target_availability is not None:
         if not 0.5 <= target_availability < 1:
-            raise UsageError("--target-availability: must be in [0.5, 1)")
+            raise UsageError(
+                "--target-availability: must be at least 0.5 and below 1, "
+                f"got {target_availability:g}"
+            )
         cfg = replace(cfg, target=target_availability)
     cyc = _seconds("--cycle", cycle, cfg.cycle_s)
     ld = _seconds("--lead", lead, cfg.lead_s)
@@ -153,26 +194,30 @@ def backtest(
         if min_workers < 0:
             raise UsageError("--min-workers: must not be negative")
         bounds = replace(bounds, min=min_workers, max=max(bounds.max, min_workers))
-    start_dt: datetime | None = None
-    if start:
-        try:
-            start_dt = utc(datetime.fromisoformat(start.replace("Z", "+00:00")))
-        except ValueError:
-            raise UsageError(f"--start: not an ISO-8601 time: {start!r}") from None
-    path = trace or str(bundled_trace_path())
-    tr = load_trace(path)
+    start_dt = _start(start)
+    tr = load_trace_file(path)
+    for option, text, seconds in (("--cycle", cycle, cyc), ("--lead", lead, ld)):
+        if abs(seconds / tr.step_s - round(seconds / tr.step_s)) > 1e-9:
+            raise UsageError(
+                f"{_shown(option, text, seconds, from_policy=bool(policy_path))} is not a "
+                f"multiple of the trace step {format_duration(tr.step_s)} ({path})"
+            )
     p = make_params(tr, cycle_s=cyc, lead_s=ld, min_workers=bounds.min, capacity_rpm=cap,
                     start=start_dt)  # fmt: skip
     rate = tr.series.values
     # headroom is calibrated on the whole workers of this replay (after the options)
     cfg = replace(cfg, capacity_rpm=p.capacity_rpm, min_workers=bounds.min)
     report = run_backtest(rate, p, config=cfg, bounds=bounds)
+    # every output is complete before any is written, and each is written whole
+    files: list[tuple[str, str, bytes]] = []
     if decisions_out:
-        write_decisions(decisions_out, p, report.decisions["nomadscale"])
+        csv = decisions_csv(p, report.decisions["nomadscale"])
+        files.append(("--decisions-out", decisions_out, csv.encode("utf-8")))
     if plot:
-        from nomadscale.backtest.plot import plot_report
+        from nomadscale.backtest.plot import render_plot
 
-        plot_report(report, rate, plot)
+        files.append(("--plot", plot, render_plot(report, rate, fmt=plot_fmt)))
+    write_files(files)
     if report.replay.capped:
         # the policy cannot follow this trace: say so, not just a low availability figure
         click.echo(

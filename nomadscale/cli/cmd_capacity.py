@@ -15,35 +15,60 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from nomadscale.config.validate import field_path
+from nomadscale.config.yamlpos import YamlSyntaxError, load_yaml
 from nomadscale.core.durations import format_duration, parse_duration
-from nomadscale.core.errors import InputError, UsageError
+from nomadscale.core.errors import ConfigError, InputError, UsageError
+from nomadscale.core.files import read_small_text
 from nomadscale.stages.capacity import (
     CapacityPlan,
     Catalog,
     WorkerNeeds,
+    catalog_problems,
+    memory_shortfall,
     parse_catalog,
     plan_capacity,
 )
 
+MAX_CATALOG_BYTES = 1024 * 1024  # a catalog is a few kB; a larger file is a mistake
 
-def load_catalog(path: str | Path) -> Catalog:
+
+def load_catalog(path: str | Path, *, check_worker: bool = True) -> Catalog:
+    """Read and validate a catalog; ConfigError with every problem as ``file:line: field:
+    message`` (``check_worker=False`` when options replace the catalog's worker needs)."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = read_small_text(p, limit=MAX_CATALOG_BYTES)
     except FileNotFoundError:
         raise UsageError(f"--catalog: no such file: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{p}: cannot read: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-        raise InputError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    return parse_catalog(data, where=str(p))
+    except IsADirectoryError:
+        raise UsageError(f"--catalog: {p} is a folder, expected a catalog file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{p}: not a UTF-8 text file") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{p}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        doc = load_yaml(text)
+    except YamlSyntaxError as e:
+        where = f"{p}:{e.line}" if e.line else str(p)
+        raise InputError(f"{where}: not valid YAML: {e.message}") from None
+    if doc.data is None:
+        raise InputError(f"{p}: the file is empty")
+    problems = [
+        (line, f"{p}:{line}: {field_path(loc)}: duplicate key (first at line {first})")
+        for loc, line, first in doc.duplicates
+    ]
+    for loc, message in catalog_problems(doc.data, check_worker=check_worker):
+        line = doc.line_of(loc)
+        problems.append((line, f"{p}:{line}: {field_path(loc) if loc else 'catalog'}: {message}"))
+    if problems:
+        errors = [line_text for _, line_text in sorted(problems, key=lambda lp: lp[0])]
+        raise ConfigError(errors[0], errors=errors)
+    return parse_catalog(doc.data, where=str(p))
 
 
 _WORKER_OPTIONS = {
@@ -66,13 +91,22 @@ def _worker(catalog: Catalog, overrides: dict[str, Any]) -> WorkerNeeds:
         if not math.isfinite(value):
             raise UsageError(f"{_WORKER_OPTIONS[key]}: must be a finite number, got {value:g}")
     try:
-        return WorkerNeeds.model_validate({**base, **given})
+        worker = WorkerNeeds.model_validate({**base, **given})
     except ValidationError as e:
         err = e.errors()[0]
         key = str(err["loc"][0]) if err["loc"] else ""
         what = f"{err['msg'].removeprefix('Input should be ')}, got {err.get('input')!r}"
         where = _WORKER_OPTIONS.get(key, key) if key in given else f"catalog worker.{key}"
         raise UsageError(f"{where}: must be {what}") from None
+    short = memory_shortfall(catalog.shapes, worker)
+    if short:  # the options made it so (the catalog's own worker was checked with the file)
+        if "gpu_memory_gb" in given:
+            raise UsageError(f"--worker-gpu-memory {worker.gpu_memory_gb:g}: {short}")
+        raise UsageError(
+            f"--worker-gpus {worker.gpus}: the catalog's worker.gpu_memory_gb "
+            f"{worker.gpu_memory_gb:g} GB is {short}"
+        )
+    return worker
 
 
 def _fmt_money(x: float, currency: str) -> str:
@@ -98,7 +132,7 @@ def render(plan: CapacityPlan, *, console: Console) -> None:
         ("price/h", "right"),
         ("cost/day", "right"),
         ("cost/30d", "right"),
-        ("served", "right"),
+        ("availability", "right"),
     ):
         table.add_column(col, justify=just, no_wrap=True, min_width=len(col))  # type: ignore[arg-type]
     unusable = Table(title="Unusable shapes", title_justify="left")
@@ -180,20 +214,19 @@ def capacity(
     as_json: bool,
 ) -> None:
     """Rank GPU VM shapes by the cost of serving a demand profile (cheapest first)."""
-    from nomadscale.stages.history import load_trace
+    from nomadscale.integrations.tracefile import load_trace_file
 
     if (trace_path is None) == (policy_path is None):
         raise UsageError("give exactly one of --trace CSV or --policy FILE")
-    catalog = load_catalog(catalog_path)
-    worker = _worker(
-        catalog,
-        {
-            "gpus": worker_gpus,
-            "gpu_memory_gb": worker_gpu_memory,
-            "vcpus": worker_vcpus,
-            "ram_gb": worker_ram,
-        },
-    )
+    needs = {
+        "gpus": worker_gpus,
+        "gpu_memory_gb": worker_gpu_memory,
+        "vcpus": worker_vcpus,
+        "ram_gb": worker_ram,
+    }
+    overridden = worker_gpus is not None or worker_gpu_memory is not None
+    catalog = load_catalog(catalog_path, check_worker=not overridden)
+    worker = _worker(catalog, needs)
     cycle_s, n_zones, target, min_workers = 1200.0, 2, 0.99, 0
     if policy_path is not None:
         from nomadscale.config.policy import load_policy
@@ -211,7 +244,9 @@ def capacity(
         n_zones = len(pol.zones.items)
         target = pol.forecast.target_availability
         min_workers = pol.bounds.min
+    cycle_from = f"the policy's cycle {format_duration(cycle_s)}" if policy_path else ""
     if cycle is not None:
+        cycle_from = f"--cycle {cycle.strip()}"
         if cycle.strip().replace(".", "", 1).isdigit():
             raise UsageError(f"--cycle: {cycle!r} has no unit (write e.g. {cycle.strip()}m)")
         try:
@@ -233,7 +268,13 @@ def capacity(
     assert trace_path is not None
     if not Path(trace_path).is_file():
         raise UsageError(f"--trace: no such file: {trace_path}")
-    series = load_trace(trace_path).series
+    series = load_trace_file(trace_path).series
+    per = cycle_s / series.step_s
+    if per < 1 - 1e-9 or abs(per - round(per)) > 1e-9:
+        raise UsageError(
+            f"{cycle_from or '--cycle ' + format_duration(cycle_s) + ' (default)'} is not a "
+            f"multiple of the trace step {format_duration(series.step_s)} ({trace_path})"
+        )
     plan = plan_capacity(
         catalog,
         series,

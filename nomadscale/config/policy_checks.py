@@ -41,8 +41,14 @@ def business_hours_rules(days: Sequence[str], start: str, end: str) -> list[Prob
         out.append((("days",), "must name at least one day"))
     elif len(set(days)) != len(days):
         out.append((("days",), "lists a day twice"))
-    if _minute(start) >= _minute(end):
-        out.append((("end",), f"must be later than start ({end} <= {start})"))
+    if _minute(start) >= 24 * 60:
+        out.append(
+            (("start",), "24:00 is only an end time; a window starting at midnight starts at 00:00")
+        )
+    elif _minute(start) == _minute(end):
+        out.append((("end",), f"must differ from start ({start}): the window would be empty"))
+    # start after end is a window over midnight (22:00-06:00), as the forecaster reads it
+    # (stages.forecast.BusinessHours.in_hours); ``days`` names the local day of each moment
     return out
 
 

@@ -412,3 +412,15 @@ def _message(err: Any) -> str:
     else:
         text = str(err["msg"])
     return " ".join(text.split()) or etype
+
+
+def field_path(path: Iterable[str | int]) -> str:
+    """``("shapes", 1, "vcpus")`` -> ``shapes[1].vcpus``: fields named as policy errors name
+    them, for the other YAML files nomadscale validates (the capacity catalog)."""
+    return _field(path)
+
+
+def error_message(err: Any) -> str:
+    """One pydantic error (an item of ``ValidationError.errors()``) in the words policy errors
+    use ("required", "must be > 0, got 0", "must be a number, got a string 'fast'")."""
+    return _message(err)

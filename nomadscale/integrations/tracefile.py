@@ -15,9 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from nomadscale.core.durations import format_duration
 from nomadscale.core.errors import InputError
+from nomadscale.core.files import read_small_text
 from nomadscale.core.ports import DemandSeries
-from nomadscale.stages.history import load_trace
+from nomadscale.stages.history import MAX_TRACE_BYTES, TraceData, load_trace
+
+#: Rows in a row at the same multiple of the step: the trace changed its step there (a
+#: coarser export), not a run of gaps. Shorter runs are read as gaps.
+MIXED_STEP_RUN = 12
 
 
 @dataclass(frozen=True)
@@ -35,10 +41,77 @@ class Trace:
         return self.step_s * len(self.rpm)
 
 
+def load_trace_file(path: str | Path) -> TraceData:
+    """Read a ``timestamp,requests`` CSV onto its grid, for every command that reads a trace
+    file (``backtest``, ``capacity``, a policy's trace demand).
+
+    ``stages.history.load_trace`` parses it; before that, mistakes it would read wrongly get
+    their own line: an empty file, a byte-order mark (the reference scorer refuses it as a
+    header), a timestamp without a time zone (UTC or local time?); and after it, a trace whose
+    step changes (rows from some line on a multiple of the step apart: a coarser export read
+    as gaps would count each of its rows as one step's requests)."""
+    name = str(path)
+    try:
+        text = read_small_text(path, limit=MAX_TRACE_BYTES)
+    except (OSError, ValueError):  # UnicodeDecodeError too: load_trace words each of them
+        return load_trace(path)
+    if not text.strip():
+        raise InputError(f"{name}: the file is empty (expected the header 'timestamp,requests')")
+    if text.startswith("\ufeff"):
+        raise InputError(
+            f"{name}:1: starts with a byte-order mark (BOM, as spreadsheet 'CSV UTF-8' exports "
+            "write); save it as plain UTF-8 CSV"
+        )
+    data = load_trace(path)  # the header and every row first, in line order
+    _check_one_step(data, _row_lines(name, text))
+    return data
+
+
+def _row_lines(name: str, text: str) -> list[int]:
+    """Line number of each data row, in order (blank lines are skipped, as ``load_trace``
+    skips them); refuses a timestamp without a time zone."""
+    out: list[int] = []
+    for no, line in enumerate(text.splitlines()[1:], start=2):
+        if not line.strip():
+            continue
+        out.append(no)
+        stamp = line.split(",", 1)[0].strip()
+        try:
+            when = datetime.fromisoformat(stamp)
+        except ValueError:
+            continue  # load_trace names the bad timestamp
+        if when.tzinfo is None:
+            raise InputError(
+                f"{name}:{no}: timestamp {stamp!r} has no time zone: write UTC with Z "
+                f"({when:%Y-%m-%dT%H:%M:%S}Z) or the offset (+02:00)"
+            )
+    return out
+
+
+def _check_one_step(data: TraceData, lines: list[int]) -> None:
+    idx = np.flatnonzero(~np.isnan(data.requests))  # grid step of each row, in file order
+    gaps = np.diff(idx)
+    if len(gaps) < MIXED_STEP_RUN or len(lines) != len(idx):
+        return
+    # start of each run of equal spacings, and its length
+    change = np.flatnonzero(np.diff(gaps) != 0) + 1
+    starts = np.concatenate([[0], change])
+    lengths = np.diff(np.concatenate([starts, [len(gaps)]]))
+    for s, n in zip(starts, lengths, strict=True):
+        k = int(gaps[s])
+        if k >= 2 and n >= MIXED_STEP_RUN:
+            raise InputError(
+                f"{data.path}:{lines[s]}: rows from here on are "
+                f"{format_duration(k * data.step_s)} apart, but the trace's step is "
+                f"{format_duration(data.step_s)} (its closest rows): a trace has one fixed "
+                "step, where a missing row is a gap; resample it to one step"
+            )
+
+
 def read_trace(path: str | Path) -> Trace:
-    """Read a ``timestamp,requests`` CSV (``stages.history.load_trace``: the same checks and
-    limits as the backtest); gaps (absent steps) become NaN."""
-    series = load_trace(path).series
+    """Read a ``timestamp,requests`` CSV (``load_trace_file``: the same checks and limits as
+    the backtest); gaps (absent steps) become NaN."""
+    series = load_trace_file(path).series
     return Trace(start=series.start, step_s=series.step_s, rpm=np.asarray(series.values))
 
 

@@ -21,7 +21,7 @@ Two steps, both pure (the CLI reads the files):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,63 @@ def parse_catalog(data: Any, *, where: str = "catalog") -> Catalog:
     if dup:
         raise InputError(f"{where}: shapes: duplicate shape name {dup[0]!r}")
     return cat
+
+
+Loc = tuple[str | int, ...]
+
+
+def catalog_problems(data: Any, *, check_worker: bool = True) -> list[tuple[Loc, str]]:
+    """Every problem of catalog data at once, each as (path, message): the fields pydantic
+    refuses, duplicate shape names, and (``check_worker``) a worker that needs more GPU
+    memory than any shape's GPUs hold. Empty when ``parse_catalog`` will accept it."""
+    from nomadscale.config.validate import error_message
+
+    if not isinstance(data, Mapping):
+        return [((), f"expected a mapping with 'shapes:', got {type(data).__name__}")]
+    out: list[tuple[Loc, str]] = []
+    try:
+        Catalog.model_validate(data)
+    except ValidationError as e:
+        out.extend((tuple(err["loc"]), error_message(err)) for err in e.errors())
+    raw_shapes = data.get("shapes")
+    shapes = raw_shapes if isinstance(raw_shapes, list) else []
+    first: dict[str, int] = {}
+    for i, raw in enumerate(shapes):
+        name = raw.get("name") if isinstance(raw, Mapping) else None
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            message = f"duplicate shape name {name!r} (first at shapes[{first[name]}])"
+            out.append((("shapes", i, "name"), message))
+        else:
+            first[name] = i
+    if check_worker and isinstance(data.get("worker"), Mapping):
+        try:
+            worker = WorkerNeeds.model_validate(data["worker"])
+        except ValidationError:
+            return out  # its fields are reported above
+        valid = []
+        for raw in shapes:
+            try:
+                valid.append(Shape.model_validate(raw))
+            except ValidationError:
+                continue
+        short = memory_shortfall(valid, worker)
+        if short:
+            out.append((("worker", "gpu_memory_gb"), f"{worker.gpu_memory_gb:g} GB is {short}"))
+    return out
+
+
+def memory_shortfall(shapes: Sequence[Shape], worker: WorkerNeeds) -> str | None:
+    """Why no shape can host ``worker`` for GPU memory (a worker's memory is spread over its
+    own GPUs), or None when one can."""
+    if not shapes:
+        return None
+    best = max(s.gpu_memory_gb * worker.gpus for s in shapes)
+    if worker.gpu_memory_gb <= best:
+        return None
+    names = ", ".join(s.name for s in shapes if s.gpu_memory_gb * worker.gpus == best)
+    return f"more than any shape's GPUs hold for one worker (at most {best:g} GB, on {names})"
 
 
 # --- fit ------------------------------------------------------------------------------------
@@ -240,7 +297,7 @@ class CapacityPlan:
 
 
 METHOD = (
-    "oracle: each cycle sized to its own {q:g}-quantile minute (perfect forecast), workers "
+    "oracle: each cycle sized to its own {q:g}-quantile step (perfect forecast), workers "
     "split odd/even over {z} zones, each zone rounded up to whole VMs; a lower bound, a real "
     "forecast adds headroom"
 )
@@ -267,9 +324,14 @@ def plan_capacity(
             f"cycle ({cycle_s:g}s) is shorter than the demand step ({series.step_s:g}s)"
         )
     per = max(1, round(cycle_s / series.step_s))
-    cycle_h = per * series.step_s / 3600.0
     values = np.asarray(series.values, dtype=float)
     days = len(values) * series.step_s / 86400.0
+    # hours of each cycle: the last one only as far as the profile goes (VMs are paid for the
+    # profile's length, as its cost per day is spread over it)
+    steps = np.full(math.ceil(len(values) / per), per)
+    if len(steps):
+        steps[-1] = len(values) - per * (len(steps) - 1)
+    hours = steps * series.step_s / 3600.0
     usable: list[ShapePlan] = []
     unusable: list[ShapePlan] = []
     for shape in catalog.shapes:
@@ -295,7 +357,7 @@ def plan_capacity(
         availability = (
             float(np.mean(values[known] <= served_cap[known] + 1e-9)) if known.any() else 1.0
         )
-        vm_hours = float(vms.sum()) * cycle_h
+        vm_hours = float(np.dot(vms, hours))
         cost = vm_hours * shape.price_per_hour
         usable.append(
             ShapePlan(

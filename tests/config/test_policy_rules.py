@@ -36,7 +36,7 @@ RULES: list[tuple[tuple[str | int, ...], Any, str, str]] = [
     ((*BH, "days"), ["mon", "mon"], "forecast.business_hours.days", "twice"),
     ((*BH, "start"), "8am", "forecast.business_hours.start", '"HH:MM"'),
     ((*BH, "start"), 1200, "forecast.business_hours.start", "quoted"),
-    ((*BH, "end"), "07:00", "forecast.business_hours.end", "later than start"),
+    ((*BH, "end"), "08:00", "forecast.business_hours.end", "must differ from start"),
     ((*BH, "timezone"), "Asia/Jakata", f"{'.'.join(BH)}.timezone", "unknown time zone"),
     ((*BH, "min_workers"), 41, "forecast.business_hours.min_workers", "<= bounds.max (41 > 40)"),
     ((*BH, "target_availability"), 2, "forecast.business_hours.target_availability", "<"),

@@ -46,11 +46,11 @@ def _lines(tmp_path: Path, edits: list[tuple[str, str]]) -> list[str]:
             ["62: schedules[0].min: needs exactly one of min, max, fixed (got min and max)",
              "64: schedules[1].name: duplicate schedule name 'month-end-close'"],
         ),
-        (  # business hours: a day twice, end before start, and a bad minimum
+        (  # business hours: a day twice, an empty window, and a bad minimum
             [("days: [mon, tue, wed, thu, fri]", "days: [mon, mon]"),
-             ('end: "20:00"', 'end: "07:00"'), ("min_workers: 4", "min_workers: -1")],
+             ('end: "20:00"', 'end: "08:00"'), ("min_workers: 4", "min_workers: -1")],
             ["18: forecast.business_hours.days: lists a day twice",
-             "20: forecast.business_hours.end: must be later than start (07:00 <= 08:00)",
+             "20: forecast.business_hours.end: must differ from start (08:00): the window would be empty",
              "23: forecast.business_hours.min_workers: must be >= 0, got -1"],
         ),
         (  # zones: both the name and the group repeated, and a bad capacity elsewhere
