@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from nomadscale.config.policy import Policy, load_policy
 from nomadscale.config.settings import Settings
 from nomadscale.core.clock import Clock, SystemClock
 from nomadscale.core.durations import format_duration
-from nomadscale.core.errors import InputError, NomadscaleError, PermanentError, UsageError
+from nomadscale.core.errors import NomadscaleError, PermanentError, UsageError
 from nomadscale.service.control import Control
 
 # --- status / plan / forecast -------------------------------------------------------------
@@ -175,8 +176,15 @@ def forecast_cmd(policy: str, plot_file: str | None) -> None:
 
     settings = get_settings()
     pol = find_policy(settings, policy)
-    if plot_file and not Path(plot_file).resolve().parent.is_dir():
-        raise UsageError(f"--plot {plot_file}: folder {Path(plot_file).parent} does not exist")
+    fmt = "png"
+    if plot_file:  # before any work: never the policy or its trace, a folder that exists
+        from nomadscale.backtest.outputs import check_output
+        from nomadscale.backtest.plot import plot_format
+
+        trace = getattr(pol.demand, "trace", None)
+        inputs = {"policy": str(pol.source) if pol.source else None, "trace": trace}
+        check_output("--plot", plot_file, inputs=inputs)
+        fmt = plot_format("--plot", plot_file)
     src = demand_for(settings)(pol)
     now = read_time(src, SystemClock().now())  # a trace: right after its last step
     series = src.history(end=now, lookback_s=lookback_s(pol), step_s=pol.demand.step_s)
@@ -211,12 +219,14 @@ def forecast_cmd(policy: str, plot_file: str | None) -> None:
         ax.legend(loc="upper left")
         fig.autofmt_xdate()
         fig.tight_layout()
+        buf = io.BytesIO()
         try:
-            fig.savefig(plot_file, dpi=100)
-        except OSError as e:
-            raise InputError(f"--plot {plot_file}: cannot write: {e.strerror or e}") from None
+            fig.savefig(buf, format=fmt, dpi=100)
         finally:
             plt.close(fig)
+        from nomadscale.backtest.outputs import write_files
+
+        write_files([("--plot", plot_file, buf.getvalue())])
         click.echo(f"plot written to {plot_file}")
 
 

@@ -273,6 +273,37 @@ def test_forecast_and_simulate_reject_unwritable_outputs_in_one_line(tmp_path: P
     )
 
 
+def test_forecast_plot_mistakes_are_one_line_before_any_work_and_write_nothing(
+    tmp_path: Path,
+) -> None:
+    """``--plot x.csv`` ended in matplotlib's traceback after the forecast was printed, and
+    ``--plot`` naming the policy's trace overwrote the trace with an image."""
+    from nomadscale.data import bundled_trace_path
+
+    trace = tmp_path / "trace.csv"
+    trace.write_bytes(bundled_trace_path().read_bytes())
+    doc = make_policy().to_yaml_dict()
+    doc["demand"] = {"source": "trace", "trace": str(trace), "step": "10m"}
+    pol = tmp_path / "ekyc.yaml"
+    pol.write_text(yaml.safe_dump(doc))
+    env = {"NOMADSCALE_CONFIG": str(tmp_path / "settings.yaml")}
+    (tmp_path / "settings.yaml").write_text("{}\n")
+    before = trace.read_bytes()
+    for target, message in (
+        (tmp_path / "f.csv", "cannot draw a '.csv' file (use .png, .svg or .pdf)"),
+        (trace, "is the trace file; write the output elsewhere"),
+        (pol, "is the policy file; write the output elsewhere"),
+    ):
+        res = _cli("forecast", str(pol), "--plot", str(target), env=env)
+        assert res.exit_code == 2, res.output
+        assert res.output.strip().splitlines() == [f"error: --plot {target}: {message}"]
+    assert trace.read_bytes() == before and not (tmp_path / "f.csv").exists()
+    res = _cli("forecast", str(pol), "--plot", str(tmp_path / "f.svg"), env=env)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "f.svg").read_text().lstrip().startswith("<?xml")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_simulate_with_an_unreachable_consul_fails_at_once(tmp_path: Path) -> None:
     """It used to run every cycle without the lock (all skipped) and report the initial
     fleet's availability as the autoscaler's, exit 0."""
