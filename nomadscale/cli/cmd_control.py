@@ -12,9 +12,11 @@ from pathlib import Path
 
 import click
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from nomadscale.cli.service_common import consul_kv, get_settings
 from nomadscale.config.policy import Policy
+from nomadscale.config.policy_fields import Name
 from nomadscale.config.settings import Settings
 from nomadscale.config.validate import check_paths
 from nomadscale.core.clock import SystemClock
@@ -26,6 +28,19 @@ from nomadscale.stages.overrides import Override
 # --- helpers ------------------------------------------------------------------------------
 
 MAX_FOR = timedelta(days=3650)  # like a policy's durations; longer is a typo (500000w)
+
+
+_NAME: TypeAdapter[str] = TypeAdapter(Name)
+
+
+def _policy_arg(name: str) -> str:
+    """POLICY as a policy's ``name:`` spells it. It becomes part of a Consul KV key
+    (``<prefix>/overrides/<name>``): ``../leader`` must never reach the leader lock's key."""
+    try:
+        return _NAME.validate_python(name)
+    except ValidationError as e:
+        why = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UsageError(f"POLICY: not a policy name: {why}") from None
 
 
 def _control(settings: Settings) -> Control:
@@ -157,6 +172,7 @@ def override_set(
     """Override POLICY's worker count: --min N, --max N or --fixed N.
 
     Overrides are applied as given, beyond the policy's bounds too (a note says so)."""
+    policy = _policy_arg(policy)
     given = [(k, v) for k, v in (("min", min_), ("max", max_), ("fixed", fixed)) if v is not None]
     if len(given) != 1:
         raise UsageError("override set: give exactly one of --min, --max, --fixed")
@@ -214,7 +230,11 @@ def _still_paused(control: Control, policy: str, now: datetime) -> None:
 @override.command("clear")
 @click.argument("policy")
 def override_clear(policy: str) -> None:
-    """Remove every override (and pause) of POLICY."""
+    """Remove every override (and pause) of POLICY.
+
+    Exits 0 when POLICY is left unpaused, 1 when a pause of all policies still holds it (or
+    Consul KV fails), 2 for a name that is not a known policy."""
+    policy = _policy_arg(policy)
     settings = get_settings()
     control = _control(settings)
     if control.kv.get(control.overrides_key(policy)) is None:  # leftovers can always be cleared
@@ -232,6 +252,7 @@ def override_clear(policy: str) -> None:
               help="How long, e.g. 30m, 1h (default: until resumed).")  # fmt: skip
 def pause(policy: str | None, reason: str, for_: str | None) -> None:
     """Stop scaling POLICY (all policies without one) until resumed or --for has passed."""
+    policy = _policy_arg(policy) if policy is not None else None
     duration = _duration(for_, "--for")
     settings = get_settings()
     control = _control(settings)
@@ -247,7 +268,11 @@ def pause(policy: str | None, reason: str, for_: str | None) -> None:
 @click.command("resume")
 @click.argument("policy", required=False)
 def resume(policy: str | None) -> None:
-    """Undo ``pause`` for POLICY (all policies without one)."""
+    """Undo ``pause`` for POLICY (all policies without one).
+
+    Exits 0 when POLICY is left unpaused, 1 when a pause of all policies still holds it (or
+    Consul KV fails), 2 for a name that is not a known policy."""
+    policy = _policy_arg(policy) if policy is not None else None
     settings = get_settings()
     control = _control(settings)
     if policy and control.kv.get(control.overrides_key(policy)) is None:
@@ -267,6 +292,7 @@ def resume(policy: str | None) -> None:
 @click.option("--now", "apply_now", is_flag=True, help="Ask the leader to apply it at once.")
 def scale(policy: str, count: int, reason: str, for_: str, apply_now: bool) -> None:
     """Hold POLICY at COUNT workers for a while (a fixed override, beyond the bounds too)."""
+    policy = _policy_arg(policy)
     duration = _duration(for_, "--for")
     settings = get_settings()
     control = _control(settings)

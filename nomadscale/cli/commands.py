@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import re
+
 import click
+
+EXIT_STATUS = (
+    "Exit status: 0 done; 1 the operation failed or an input file or value is invalid; "
+    "2 a usage error (an unknown option, a missing argument). Errors are one line on stderr."
+)
+_SAYS_EXIT = re.compile(r"\bexits?\b|exit status", re.IGNORECASE)
+
+
+def with_exit_status(command: click.Command) -> click.Command:
+    """Give ``command`` (and every subcommand) the CLI's exit-status contract as the epilog of
+    its ``--help``, unless its own help already says what it exits with."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            with_exit_status(sub)
+    if not _SAYS_EXIT.search(f"{command.help or ''} {command.epilog or ''}"):
+        command.epilog = EXIT_STATUS
+    return command
 
 
 def all_commands() -> list[click.Command]:
@@ -16,7 +35,7 @@ def all_commands() -> list[click.Command]:
     from nomadscale.cli.cmd_service import COMMANDS as SERVICE_COMMANDS
     from nomadscale.cli.cmd_sim import sim
 
-    return [
+    commands = [
         *RUN_COMMANDS,
         *SERVICE_COMMANDS,
         *CONTROL_COMMANDS,
@@ -28,3 +47,4 @@ def all_commands() -> list[click.Command]:
         *RUNBOOK_COMMANDS,
         sim,
     ]
+    return [with_exit_status(c) for c in commands]

@@ -44,7 +44,12 @@ class NomadscaleGroup(click.Group):
 @click.version_option(__version__, prog_name="nomadscale")
 def cli() -> None:
     """Predictive autoscaling, golden-image rollouts and scripted healing for GPU inference
-    fleets on Nomad and Consul."""
+    fleets on Nomad and Consul.
+
+    Every command exits 0 when done, 1 when the operation failed or an input file or value
+    is invalid, 2 on a usage error; an error is one line on stderr. Settings come from the
+    environment (NOMAD_ADDR, CONSUL_HTTP_ADDR, PROMETHEUS_URL, NOMADSCALE_*) or
+    /etc/nomadscale/nomadscale.yaml: see ops/README.md."""
 
 
 def _register() -> None:
