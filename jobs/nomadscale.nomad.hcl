@@ -12,16 +12,20 @@ job "nomadscale" {
       value    = "true"
     }
 
+    # a static port: the maintenance watcher on every GPU node reports to
+    # nomadscale.service.consul:9464 (jobs/maintenance-watcher.nomad.hcl), and a DNS name
+    # carries no port (distinct_hosts keeps the two instances from colliding on it)
     network {
       port "http" {
-        to = 9464
+        static = 9464
+        to     = 9464
       }
     }
 
     service {
       name     = "nomadscale"
       port     = "http"
-      provider = "nomad"
+      provider = "consul" # the watcher finds it as nomadscale.service.consul
 
       check {
         type     = "http"
@@ -51,7 +55,7 @@ job "nomadscale" {
       config {
         image   = "registry.example.com/ops/nomadscale:0.1.0"
         command = "nomadscale"
-        args    = ["run", "--http-host", "0.0.0.0"]
+        args    = ["run"]
         ports   = ["http"]
       }
 
@@ -66,6 +70,7 @@ job "nomadscale" {
           CONSUL_HTTP_TOKEN={{ .consul_token }}
           NOMADSCALE_PD_ROUTING_KEY={{ .pd_routing_key }}
           NOMADSCALE_WEBHOOK_SECRETS={{ .pd_webhook_secret }}
+          NOMADSCALE_REPORT_TOKEN={{ .report_token }}
           {{ end }}
         EOT
       }
@@ -74,6 +79,7 @@ job "nomadscale" {
         NOMADSCALE_POLICIES = "/local/policies"
         PROMETHEUS_URL      = "http://prometheus.service.consul:9090"
         NOMADSCALE_LOG_JSON = "true"
+        NOMADSCALE_HTTP_HOST = "0.0.0.0" # inside the container: reached through the port map
       }
 
       artifact {

@@ -215,7 +215,8 @@ def abort(policy: str) -> None:
     """Fail the running deployment (auto-revert), roll back and release the surge.
 
     Exits 0 once the rollout is aborted and rolled back, 1 when it could not be (paused, say
-    Nomad unreachable: run it again) or no rollout is running."""
+    Nomad unreachable: run it again) or the last rollout had already ended, 2 when none is
+    recorded."""
     r = _rollout(policy)
     _running(r, policy, doing="abort")
     st = r.abort()

@@ -145,6 +145,14 @@ class Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+# env var naming a file that holds a secret -> field
+_SECRET_FILES: dict[str, str] = {
+    "NOMAD_TOKEN_FILE": "nomad_token",
+    "CONSUL_HTTP_TOKEN_FILE": "consul_token",
+    "NOMADSCALE_PD_API_KEY_FILE": "pagerduty_api_key",
+    "NOMADSCALE_REPORT_TOKEN_FILE": "report_token",
+}
+
 # env var -> (field, kind)
 _ENV: dict[str, tuple[str, str]] = {
     "NOMAD_ADDR": ("nomad_addr", "str"),
@@ -245,16 +253,15 @@ def load_settings(
         values["config_file"] = path
     elif explicit:
         raise ConfigError(f"{path}: settings file not found")
+    from_env: set[str] = set()
     for var, (fld, kind) in _ENV.items():
         if var in env:
             values[fld] = _convert(var, kind, env[var])
-    for var, fld in (
-        ("NOMAD_TOKEN_FILE", "nomad_token"),
-        ("CONSUL_HTTP_TOKEN_FILE", "consul_token"),
-        ("NOMADSCALE_PD_API_KEY_FILE", "pagerduty_api_key"),
-        ("NOMADSCALE_REPORT_TOKEN_FILE", "report_token"),
-    ):
-        if var in env and fld not in values:
+            from_env.add(fld)
+    # the environment wins over the settings file, its *_FILE variables too; the variable
+    # itself wins over its *_FILE
+    for var, fld in _SECRET_FILES.items():
+        if var in env and fld not in from_env:
             values[fld] = Secret(_read_secret_file(var, env[var]))
     for fld in URL_FIELDS:
         # client libraries repeat their URL in error texts: mask its password in any log line

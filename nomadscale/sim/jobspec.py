@@ -104,6 +104,20 @@ _SINGLE = {
     "lifecycle": "Lifecycle",
 }
 _MAPS = {"meta": "Meta", "env": "Env", "config": "Config"}
+# keys whose API name depends on the block (jobspec2 -> api.Template, api.TaskArtifact,
+# api.Port: hashicorp/nomad api/tasks.go, api/resources.go)
+_BLOCK_RENAMES = {
+    "template": {
+        "source": "SourcePath", "destination": "DestPath", "data": "EmbeddedTmpl",
+        "env": "Envvars", "left_delimiter": "LeftDelim", "right_delimiter": "RightDelim",
+        "error_on_missing_key": "ErrMissingKey",
+    },
+    "artifact": {
+        "source": "GetterSource", "destination": "RelativeDest", "options": "GetterOptions",
+        "headers": "GetterHeaders", "mode": "GetterMode",
+    },
+    "port": {"static": "Value", "to": "To", "host_network": "HostNetwork"},
+}  # fmt: skip
 
 
 def _camel(key: str) -> str:
@@ -128,10 +142,16 @@ def _first(v: Any) -> dict[str, Any]:
     return dict(v) if isinstance(v, dict) else {}
 
 
-def _block(body: dict[str, Any]) -> dict[str, Any]:
+def _block(body: dict[str, Any], kind: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
+    renames = _BLOCK_RENAMES.get(kind, {})
     for k, v in body.items():
-        if k in _LISTS:
+        if k in renames:
+            key = renames[k]
+            out[key] = (
+                _ns(v) if key in DURATIONS else (_first(v) if k in ("options", "headers") else v)
+            )
+        elif k in _LISTS:
             key, labelled = _LISTS[k]
             items = v if isinstance(v, list) else [v]
             conv = []
@@ -142,16 +162,16 @@ def _block(body: dict[str, Any]) -> dict[str, Any]:
                         b["Name"] = label
                         conv.append(b)
                 else:
-                    conv.append(_block(_first(item)))
+                    conv.append(_block(_first(item), k))
             out.setdefault(key, []).extend(conv)
         elif k in _SINGLE:
             out[_SINGLE[k]] = _block(_first(v))
         elif k == "port" and isinstance(v, list | dict):
             for item in v if isinstance(v, list) else [v]:
                 for label, inner in item.items():
-                    b = _block(_first(inner))
+                    b = _block(_first(inner), "port")
                     b["Label"] = label
-                    key = "ReservedPorts" if "Static" in b else "DynamicPorts"
+                    key = "ReservedPorts" if "Value" in b else "DynamicPorts"
                     out.setdefault(key, []).append(b)
         elif k in _MAPS:
             out[_MAPS[k]] = _first(v)

@@ -160,3 +160,46 @@ def test_gpu_device_groups_are_named_after_the_model(world: World) -> None:
         assert g["Name"] and g["Name"] != g["Name"].lower(), g["Name"]  # a model, not a key
         assert g["Attributes"]["memory"]["Unit"] == "MiB" and g["Attributes"]["memory"]["Int"]
         assert g["Attributes"]["driver_version"]["String"]
+
+
+def test_job_parse_names_template_artifact_and_port_fields_as_the_api_does(world: World) -> None:
+    """POST /v1/jobs/parse decodes jobspec2 into api.Job: a template's ``data`` is
+    EmbeddedTmpl, ``destination`` DestPath, ``env`` Envvars (api/tasks.go Template); an
+    artifact's ``source`` GetterSource, ``destination`` RelativeDest (TaskArtifact); a port's
+    ``static`` Value (api/resources.go Port), in ReservedPorts."""
+    hcl = """
+job "contract-parse" {
+  group "g" {
+    network {
+      port "http" {
+        static = 9464
+        to     = 9464
+      }
+    }
+    task "t" {
+      driver = "raw_exec"
+      config {
+        command = "/bin/true"
+      }
+      template {
+        destination = "secrets/env"
+        env         = true
+        data        = "A=1"
+      }
+      artifact {
+        source      = "https://example.com/a.tgz"
+        destination = "local/a"
+      }
+    }
+  }
+}
+"""
+    job = world.api.call("POST", "/jobs/parse", body={"JobHCL": hcl, "Canonicalize": False}).json()
+    (group,) = job["TaskGroups"]
+    (task,) = group["Tasks"]
+    (tmpl,) = task["Templates"]
+    assert (tmpl["DestPath"], tmpl["EmbeddedTmpl"], tmpl["Envvars"]) == ("secrets/env", "A=1", True)
+    (art,) = task["Artifacts"]
+    assert (art["GetterSource"], art["RelativeDest"]) == ("https://example.com/a.tgz", "local/a")
+    (port,) = group["Networks"][0]["ReservedPorts"]
+    assert (port["Label"], port["Value"], port["To"]) == ("http", 9464, 9464)

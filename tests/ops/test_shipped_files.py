@@ -115,3 +115,60 @@ def test_sim_serve_rejects_a_bad_job_file_in_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith(f"error: --job: {bad}: Failed to parse job: ")
+
+
+def _tasks(job: dict) -> list[dict]:  # type: ignore[type-arg]
+    return [t for tg in job["TaskGroups"] for t in tg["Tasks"]]
+
+
+def test_the_job_files_run_nomadscale_with_a_command_line_and_settings_it_accepts(
+    twin,  # type: ignore[no-untyped-def]
+) -> None:
+    """jobs/nomadscale.nomad.hcl ran ``nomadscale run --http-host 0.0.0.0``: no such
+    option, so the job exited 2 and restarted forever; its service was registered in Nomad's
+    own catalog while the watcher reports to ``nomadscale.service.consul:9464`` (a dynamic
+    port), and it never set the report token, so /maintenance/report was never served."""
+    import re
+
+    import click
+
+    from nomadscale.cli.main import _register, cli
+    from nomadscale.config.settings import _ENV, _SECRET_FILES
+
+    _register()
+    checked = 0
+    for path in sorted(JOBS.glob("*.nomad.hcl")):
+        job = _parse(twin, path.name)
+        for task in _tasks(job):
+            config = task.get("Config") or {}
+            if Path(str(config.get("command", ""))).name != "nomadscale":
+                continue
+            args = [str(a) for a in config.get("args", [])]
+            ctx = click.Context(cli, info_name="nomadscale")
+            cmd = cli.get_command(ctx, args[0])
+            assert cmd is not None, f"{path.name}: {args}: no command {args[0]!r}"
+            try:
+                cmd.make_context(args[0], args[1:], parent=ctx)
+            except click.UsageError as e:
+                pytest.fail(f"{path.name} task {task['Name']}: {args}: {e.format_message()}")
+            names = set(task.get("Env") or {})
+            for tmpl in task.get("Templates") or []:
+                names |= set(re.findall(r"^\s*([A-Z][A-Z0-9_]*)=", tmpl["EmbeddedTmpl"], re.M))
+            # variables the job only interpolates into args, and the policy's routing key
+            names -= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)\}", " ".join(args)))
+            names -= {load_policy(POLICY).alerting.pagerduty_routing_key_env}
+            unknown = {n for n in names if n not in _ENV and n not in _SECRET_FILES}
+            assert not unknown, f"{path.name}: not settings nomadscale reads: {sorted(unknown)}"
+            checked += 1
+    assert checked >= 2  # the service and the maintenance watcher
+
+    svc_job = _parse(twin, "nomadscale.nomad.hcl")
+    (group,) = svc_job["TaskGroups"]
+    (service,) = group["Services"]
+    (task,) = group["Tasks"]
+    assert service["Provider"] == "consul" and service["Name"] == "nomadscale"
+    assert "NOMADSCALE_REPORT_TOKEN" in task["Templates"][0]["EmbeddedTmpl"]
+    (port,) = group["Networks"][0]["ReservedPorts"]
+    watcher = (JOBS / "maintenance-watcher.nomad.hcl").read_text()
+    assert f"http://nomadscale.service.consul:{port['Value']}/maintenance/report" in watcher
+    assert task["Env"]["NOMADSCALE_HTTP_HOST"] == "0.0.0.0"

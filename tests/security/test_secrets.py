@@ -82,6 +82,23 @@ def test_settings_from_env_and_files(tmp_path: Path, everything: list[str]) -> N
     everything.append(str(info.value))
 
 
+def test_a_token_file_in_the_environment_wins_over_a_token_in_the_settings_file(
+    tmp_path: Path,
+) -> None:
+    """The environment wins over the settings file, and NOMAD_TOKEN_FILE is the
+    environment's: a stale token left in nomadscale.yaml shadowed the rotated file."""
+    (tmp_path / "token").write_text(FILE_TOKEN + "\n")
+    (tmp_path / "cfg.yaml").write_text(f"nomad_token: {NOMAD_TOKEN}\n")
+    env = {"NOMADSCALE_CONFIG": str(tmp_path / "cfg.yaml")}
+    s = load_settings({**env, "NOMAD_TOKEN_FILE": str(tmp_path / "token")})
+    assert s.nomad_token is not None and s.nomad_token.reveal() == FILE_TOKEN
+    s = load_settings(env)
+    assert s.nomad_token is not None and s.nomad_token.reveal() == NOMAD_TOKEN
+    both = {**env, "NOMAD_TOKEN_FILE": str(tmp_path / "token"), "NOMAD_TOKEN": CONSUL_WRONG}
+    s = load_settings(both)
+    assert s.nomad_token is not None and s.nomad_token.reveal() == CONSUL_WRONG
+
+
 def test_unknown_setting_in_config_file_does_not_echo_its_value(
     tmp_path: Path, everything: list[str]
 ) -> None:
