@@ -290,6 +290,21 @@ def _reschedule_policy(job: dict[str, Any], tg: dict[str, Any]) -> dict[str, Any
     return {**default, **(merged or {})}
 
 
+def _count(v: Any) -> int:
+    """A group's Count as Go decodes it into ``*int``: a whole number (HCL has already
+    turned a quoted number into one), anything else is the decoder's 400."""
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    if isinstance(v, bool) or not isinstance(v, int):  # Go's decoder: 2.0 is not an int
+        kind = {str: "string", bool: "bool", float: "number"}.get(type(v), "object")
+        raise ApiError(
+            400,
+            f"json: cannot unmarshal {kind} into Go struct field TaskGroup.Job.TaskGroups.Count "
+            "of type int",
+        )
+    return int(v)
+
+
 def canonicalize(job: dict[str, Any]) -> dict[str, Any]:
     """Fill Nomad's defaults (like api.Job.Canonicalize plus server-side defaults)."""
     job = copy.deepcopy(job)
@@ -333,7 +348,7 @@ def canonicalize(job: dict[str, Any]) -> dict[str, Any]:
             sc = tg.get("Scaling") or {}
             low = sc.get("Min")
             tg["Count"] = int(low) if low is not None else 1
-        tg["Count"] = int(tg["Count"])
+        tg["Count"] = _count(tg["Count"])
         if job["Type"] == "service" and (job_update or tg.get("Update")):
             merged = dict(_UPDATE_DEFAULTS)
             merged.update({k: v for k, v in (job_update or {}).items() if v is not None})

@@ -293,3 +293,20 @@ def test_a_device_request_naming_a_model_places_only_on_that_model(twin):
     full = n.allocation.get_allocation(a["ID"])
     (dev,) = full["AllocatedResources"]["Tasks"]["server"]["Devices"]
     assert dev["Name"] == "NVIDIA L4"
+
+
+def test_a_count_that_is_not_a_whole_number_is_the_decoders_400(twin):
+    """``count = "abc"`` (or a JSON string / 2.0) is rejected by Go's JSON decoder with
+    a 400 naming the field; the twin answered 500 with a Python ValueError."""
+    for count, kind in (("abc", "string"), (2.5, "number"), (2.0, "number"), (True, "bool")):
+        job = service_job("bad-count", count=1)
+        job["TaskGroups"][0]["Count"] = count
+        r = requests.post(f"{twin.address}/v1/jobs", json={"Job": job}, timeout=10)
+        assert r.status_code == 400, (count, r.status_code, r.text)
+        assert r.text.strip() == (
+            f"json: cannot unmarshal {kind} into Go struct field TaskGroup.Job.TaskGroups.Count "
+            "of type int"
+        )
+    job = service_job("good-count", count=1)
+    job["TaskGroups"][0]["Count"] = 2
+    assert requests.post(f"{twin.address}/v1/jobs", json={"Job": job}, timeout=10).ok
