@@ -8,24 +8,39 @@ REST calls (``base_url`` = ``settings.gce_api_url``, e.g. ``https://compute.goog
 * ``POST projects/P/zones/Z/instanceGroupManagers/NAME/deleteInstances {"instances": [...]}``
 * ``GET  projects/P/zones/Z/operations/OP`` (polled until ``DONE``, with the injected clock)
 
+``fulfilment`` tells how much of a MIG's target size the cloud could not create: a resize
+operation is ``DONE`` once the creations are *scheduled* (instanceGroupManagers.resize, REST
+v1 reference), and an instance the zone cannot create (stockout
+``ZONE_RESOURCE_POOL_EXHAUSTED``, ``QUOTA_EXCEEDED``) stays ``currentAction: CREATING`` with
+the reason in ``lastAttempt.errors.errors[]`` while the MIG retries it (ManagedInstance
+reference: "If the group fails to create this instance, it will try again until it is
+successful"). The MIG's ``currentActions.creating`` and ``status.isStable`` say the same in
+summary.
+
 Rate limits and server errors: a 429 (the request was not processed) is retried for every
 call, a 5xx only for the idempotent ones (reads, ``resize`` to an absolute size, operation
 polls; never ``deleteInstances``), at most ``retries`` attempts in all, each wait the reply's
 ``Retry-After`` (seconds or an HTTP date) capped at ``max_retry_wait_s``, on the clock.
 
 Credentials come from ``google.auth.default()`` unless given; tests and the simulator pass
-``AnonymousCredentials`` against a loopback base URL (``nomadscale.sim.compute``).
+``AnonymousCredentials`` against a loopback base URL (``nomadscale.sim.compute``). A token
+endpoint that refuses the credentials (google-auth's ``RefreshError``: a disabled or deleted
+key) is an ``ExternalPermanentError`` (temporary when google-auth says it is retryable), an
+unreachable one an ``ExternalTemporaryError``: one ``gce: ...`` line, never a traceback.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
+from google.auth import exceptions as auth_errors
 
 from nomadscale.core.clock import Clock, SystemClock
 from nomadscale.core.errors import (
@@ -79,6 +94,38 @@ def _first_error(body: Any) -> str:
             if errs and isinstance(errs[0], dict):
                 return str(errs[0].get("message", ""))
     return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Fulfilment:
+    """How much of a MIG's target size exists: ``not_created`` instances the cloud failed to
+    create (its last attempt has errors), with their error codes, most frequent first."""
+
+    zone: str
+    group: str
+    target: int
+    not_created: int = 0
+    creating: int = 0  # every instance being created, failing or not
+    stable: bool | None = None
+    errors: tuple[tuple[str, int], ...] = ()  # (code, instances)
+    detail: str = ""  # the first error's message
+
+    @property
+    def short(self) -> bool:
+        return self.not_created > 0
+
+    def line(self) -> str:
+        """``zone-b: 2 of 4 instances not created: ZONE_RESOURCE_POOL_EXHAUSTED (2)``."""
+        codes = ", ".join(f"{c} ({n})" for c, n in self.errors) or "no error given"
+        out = f"{self.zone}: {self.not_created} of {self.target} instances not created: {codes}"
+        return out + (f": {self.detail[:160]}" if self.detail else "")
+
+
+def _last_errors(mi: dict[str, Any]) -> list[dict[str, Any]]:
+    last = mi.get("lastAttempt")
+    errs = (last.get("errors") or {}) if isinstance(last, dict) else {}
+    got = errs.get("errors") if isinstance(errs, dict) else None
+    return [e for e in got or [] if isinstance(e, dict)]
 
 
 class GceMigPool:
@@ -177,6 +224,21 @@ class GceMigPool:
             raise ExternalTemporaryError(
                 f"gce: {what}: {type(e).__name__}", system=SYSTEM
             ) from None
+        except auth_errors.TransportError as e:  # the token endpoint is unreachable
+            raise ExternalTemporaryError(
+                f"gce: {what}: getting a Google access token failed: {type(e).__name__}",
+                system=SYSTEM,
+            ) from None
+        except auth_errors.RefreshError as e:  # the token endpoint refused the credentials
+            detail = str(e.args[0] if e.args else e)[:200]
+            msg = f"gce: {what}: Google credentials refused: {detail}"
+            if getattr(e, "retryable", False):
+                raise ExternalTemporaryError(msg, system=SYSTEM) from None
+            raise ExternalPermanentError(msg, system=SYSTEM) from None
+        except auth_errors.GoogleAuthError as e:
+            raise ExternalPermanentError(
+                f"gce: {what}: Google credentials unusable: {type(e).__name__}", system=SYSTEM
+            ) from None
         if resp.status_code >= 400:
             try:
                 detail = _first_error(resp.json())
@@ -240,8 +302,9 @@ class GceMigPool:
         self._wait(op, zone=zone, what=what)
         log.info("gce: resized %s/%s to %s", zone, group, size)
 
-    def list_instances(self, group: str, *, zone: str) -> list[Instance]:
-        out: list[Instance] = []
+    def _managed(self, group: str, *, zone: str) -> list[dict[str, Any]]:
+        """Every managedInstances[] entry of the MIG (all pages)."""
+        out: list[dict[str, Any]] = []
         token: str | None = None
         while True:
             params = {"pageToken": token} if token else None
@@ -251,21 +314,56 @@ class GceMigPool:
                 params=params,
                 what=f"list instances of {zone}/{group}",
             )
-            for mi in body.get("managedInstances") or []:
-                url = str(mi.get("instance", ""))
-                name = url.rstrip("/").rsplit("/", 1)[-1]
-                if not name:
-                    continue
-                status = str(mi.get("instanceStatus") or mi.get("currentAction") or "UNKNOWN")
-                created = _parse_time(mi.get("creationTimestamp")) or _parse_time(
-                    (mi.get("version") or {}).get("creationTimestamp")
-                    if isinstance(mi.get("version"), dict)
-                    else None
-                )
-                out.append(Instance(name=name, zone=zone, status=status, created=created))
+            out.extend(mi for mi in body.get("managedInstances") or [] if isinstance(mi, dict))
             token = body.get("nextPageToken")
             if not token:
                 return out
+
+    def fulfilment(self, group: str, *, zone: str) -> Fulfilment:
+        """The MIG's target size against what the cloud could create (module docstring)."""
+        mig = self._call("GET", self._mig_url(group, zone), what=f"get {zone}/{group}")
+        try:
+            target = int(mig["targetSize"])
+        except (KeyError, TypeError, ValueError):
+            raise ExternalPermanentError(
+                f"gce: get {zone}/{group}: reply has no targetSize", system=SYSTEM
+            ) from None
+        raw_actions, raw_status = mig.get("currentActions"), mig.get("status")
+        actions: dict[str, Any] = raw_actions if isinstance(raw_actions, dict) else {}
+        status: dict[str, Any] = raw_status if isinstance(raw_status, dict) else {}
+        stable = status.get("isStable") if isinstance(status.get("isStable"), bool) else None
+        creating = int(actions.get("creating") or 0) + int(
+            actions.get("creatingWithoutRetries") or 0
+        )
+        if stable is True and not creating:  # nothing under way: no failed creation either
+            return Fulfilment(zone, group, target, creating=0, stable=True)
+        codes: Counter[str] = Counter()
+        failed, detail = 0, ""
+        for mi in self._managed(group, zone=zone):
+            errs = _last_errors(mi)
+            if not errs or not str(mi.get("currentAction", "")).startswith("CREATING"):
+                continue
+            failed += 1
+            codes[str(errs[0].get("code") or "UNKNOWN")] += 1
+            detail = detail or str(errs[0].get("message") or "")
+        return Fulfilment(zone, group, target, not_created=failed, creating=creating,
+                          stable=stable, errors=tuple(codes.most_common()),
+                          detail=detail)  # fmt: skip
+
+    def list_instances(self, group: str, *, zone: str) -> list[Instance]:
+        out: list[Instance] = []
+        for mi in self._managed(group, zone=zone):
+            url = str(mi.get("instance", ""))
+            name = url.rstrip("/").rsplit("/", 1)[-1]
+            if not name:
+                continue
+            status = str(mi.get("instanceStatus") or mi.get("currentAction") or "UNKNOWN")
+            version = mi.get("version")
+            created = _parse_time(mi.get("creationTimestamp")) or _parse_time(
+                version.get("creationTimestamp") if isinstance(version, dict) else None
+            )
+            out.append(Instance(name=name, zone=zone, status=status, created=created))
+        return out
 
     def delete_instances(self, group: str, names: Sequence[str], *, zone: str) -> None:
         if not names:

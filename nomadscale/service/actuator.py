@@ -15,7 +15,10 @@ safe order:
 6. ``resize`` down: only instances that never joined as nodes, and only when every planned
    delete of that instance group went through and its size is still the planned one: a
    resize down lets the cloud pick which instances go, so after a failed or partial delete
-   it could take a node that runs workers (skipped, left to the next cycle).
+   it could take a node that runs workers (skipped, left to the next cycle). Instances the
+   cloud failed to create (stockout, quota: ``ZoneView.not_created``) are kept while the
+   zone needs every instance it has: the MIG retries their creation, and the cycle has
+   moved the workers they would host to the other zones (``zone_capacity``).
 
 Because the plan is derived from actual state, a zone half-applied by a crashed leader is
 fixed by the next cycle. ``Actuator.apply`` calls ``lock.held()`` right before every write
@@ -104,6 +107,37 @@ class ZoneView:
     nodes: tuple[NodeInfo, ...] = ()
     mig_size: int | None = None
     pending: tuple[str, ...] = ()  # node ids an earlier cycle started removing
+    not_created: int = 0  # instances of mig_size the cloud failed to create (still retried)
+
+
+def short_zones(pool: Any, zones: Sequence[Any], *, policy: str) -> tuple[dict[str, Any], bool]:
+    """Zones whose instance group the cloud only partly created (a pool with
+    ``fulfilment``, e.g. ``GceMigPool``: stockout, quota), and whether the pool was read."""
+    reader = getattr(pool, "fulfilment", None)
+    if reader is None:
+        return {}, False
+    short: dict[str, Any] = {}
+    for z in zones:
+        if not z.instance_group:
+            continue
+        try:
+            f = reader(z.instance_group, zone=z.name)
+        except NomadscaleError as e:  # the cycle's own reads of the pool say it again
+            log.warning("%s: reading %s/%s fulfilment failed: %s", policy, z.name,
+                        z.instance_group, e)  # fmt: skip
+            return {}, False
+        if f.short:
+            short[z.name] = f
+    return short, True
+
+
+def zone_capacity(
+    short: Mapping[str, tuple[int, int]], *, workers_per_node: int = 1
+) -> dict[str, int | None]:
+    """Workers each zone whose instance group the cloud only partly fills can host: its
+    created instances; ``short`` maps zone -> (target size, instances not created)."""
+    wpn = max(1, workers_per_node)
+    return {z: max(0, target - missing) * wpn for z, (target, missing) in short.items()}
 
 
 def choose_victims(nodes: Sequence[NodeInfo], n: int, *, order: str) -> list[NodeInfo]:
@@ -163,7 +197,9 @@ def plan_actions(
                 out.append(Action("delete", zv.zone, zv.instance_group, nodes=removing))
             after = max(zv.mig_size, need + len(pending)) - len(removing)
             joined = len(active) - len(victims)
-            if after > need and joined <= need:
+            # failed creations the zone still needs: the MIG keeps retrying them
+            wanted_stuck = zv.not_created > 0 and need >= after - zv.not_created
+            if after > need and joined <= need and not wanted_stuck:
                 out.append(Action("resize_down", zv.zone, zv.instance_group,
                                   count=need, previous=after))  # fmt: skip
         elif current is not None and current != target:

@@ -11,6 +11,13 @@ A leader's cycle first finishes the journal of an earlier cycle that was interru
 change left a Nomad deployment running, this cycle waits for it (bounded) instead of
 skipping, so a takeover completes the interrupted decision at once. Before its first write a
 cycle journals its record, and again after every write.
+
+Before deciding, a cycle that manages nodes asks the pool how much of each zone's instance
+group the cloud failed to create (``fulfilment``: stockout, quota). Such a zone counts as
+able to host only its created instances (``zone_capacity``: the split moves the rest to the
+other zones and says so), the record carries one line per zone (``inputs.fulfilment`` and the
+decision's reason), and when a zone is still short at the next cycle the alert port gets
+``nomadscale/<policy>/zone-short/<zone>`` (resolved once the zone is filled).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -42,7 +49,15 @@ from nomadscale.core.ports import (
 )
 from nomadscale.core.values import Decision, new_id
 from nomadscale.integrations.consul import update_json
-from nomadscale.service.actuator import Action, Actuator, NodeRef, ZoneView, plan_actions
+from nomadscale.service.actuator import (
+    Action,
+    Actuator,
+    NodeRef,
+    ZoneView,
+    plan_actions,
+    short_zones,
+    zone_capacity,
+)
 from nomadscale.service.control import Control
 from nomadscale.service.forecasts import LiveForecaster
 from nomadscale.service.records import SCHEDULED, CycleRecord, Recorder
@@ -129,6 +144,8 @@ class CycleRunner:
         self.drain_grace_s = drain_grace_s
         self.deployment_wait_s = deployment_wait_s
         self.removals_key = f"{control.prefix}/scaling/{policy.name}/removals"
+        self._short: dict[str, Any] = {}  # zone -> the pool's Fulfilment, this cycle
+        self._short_cycles: dict[str, int] | None = None  # zone -> cycles in a row short
         self.forecaster = LiveForecaster(policy)
         # False: forecast from the whole lookback every cycle (for demand sources that rewrite
         # their history between calls, e.g. test doubles)
@@ -230,6 +247,7 @@ class CycleRunner:
                     nodes=tuple(n for n in nodes.get(z.name, []) if n.node_pool == z.node_pool),
                     mig_size=size,
                     pending=tuple((pending.get(z.name) or {}).keys()),
+                    not_created=getattr(self._short.get(z.name), "not_created", 0),
                 )
             )
         return views
@@ -272,6 +290,39 @@ class CycleRunner:
             self.clock.sleep(self.poll_s)
             status = self.ports.nomad.job_status(t.job, namespace=t.namespace)
         return status
+
+    def _track_short(self, short: dict[str, Any]) -> None:
+        """Alert on a zone still short at the next cycle; resolve once it is filled. The
+        count starts from the stored history, so a new leader keeps it."""
+        p = self.policy.name
+        if self._short_cycles is None:
+            self._short_cycles = {}
+            try:
+                docs = self.recorder.history(p, limit=10)
+            except NomadscaleError as e:
+                log.warning("%s: reading the decision history failed: %s", p, e)
+                docs = []
+            read = [d["inputs"]["fulfilment"] for d in docs
+                    if isinstance(d.get("inputs"), dict) and "fulfilment" in d["inputs"]]  # fmt: skip
+            for zone in read[0] if read and isinstance(read[0], dict) else {}:
+                self._short_cycles[zone] = 1
+        for z in self.policy.zones.items:
+            seen = self._short_cycles.get(z.name, 0)
+            f = short.get(z.name)
+            key = f"nomadscale/{p}/zone-short/{z.name}"
+            if f is None:
+                self._short_cycles.pop(z.name, None)
+                if seen:
+                    self.recorder.alert(key, on=False, summary="", details={})
+                continue
+            self._short_cycles[z.name] = seen + 1
+            if seen + 1 == 2:
+                summary = (f"nomadscale {p}: {f.line()}; still short a cycle later (the "
+                           "workers it cannot host go to the other zones)")  # fmt: skip
+                details = {"policy": p, "zone": z.name, "instance_group": f.group,
+                           "target": f.target, "not_created": f.not_created,
+                           "errors": dict(f.errors)}  # fmt: skip
+                self.recorder.alert(key, on=True, summary=summary[:1000], details=details)
 
     # --- the cycle ----------------------------------------------------------------------
 
@@ -371,6 +422,13 @@ class CycleRunner:
         current_zones = {zone: g.desired for zone, g in groups.items() if g is not None}
         current = sum(current_zones.values())
         last = last_scale_time(status)
+        pool = self.ports.pool(p) if self.manages_nodes else None
+        self._short, read = short_zones(pool, p.zones.items, policy=p.name)
+        np_ = p.target.node_pool
+        caps = zone_capacity(
+            {z: (f.target, f.not_created) for z, f in self._short.items()},
+            workers_per_node=np_.workers_per_node if np_ is not None else 1,
+        )
         decision = decide(
             policy=p,
             series=series,
@@ -379,8 +437,14 @@ class CycleRunner:
             current_zones=current_zones,
             last_scale_at=last,
             overrides=overrides,
+            zone_capacity=caps or None,
             precomputed=fc,
         )
+        if self._short:
+            lines = "; ".join(f.line() for f in self._short.values())
+            decision = replace(decision, reason=f"{decision.reason}; {lines}")
+        if leader and not dry_run and read:
+            self._track_short(self._short)
         res.decision = decision
         rec.decision = decision.to_dict()
         rec.inputs = {
@@ -391,6 +455,8 @@ class CycleRunner:
             "overrides": [o.label() for o in overrides],
             "current": current,
         }
+        if read:
+            rec.inputs["fulfilment"] = {zone: f.line() for zone, f in self._short.items()}
         if interrupted is not None:
             rec.inputs["interrupted"] = interrupted.get("id")
         wanted = {z.zone: z.count for z in decision.zones}

@@ -3,6 +3,7 @@ Prometheus, the service as a real process, and small polling helpers."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -20,6 +21,32 @@ from nomadscale.sim.faults import FaultInjector
 from tests.harness.promdata import Series
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class HoldNth(FaultInjector):
+    """The twin's faults plus: the ``nth`` request matching ``pattern`` (searched in
+    ``"METHOD /path"``) hangs (``holding`` is set) until ``release`` is set, then its
+    connection is dropped without being applied: the caller died during that call."""
+
+    def __init__(self, pattern: str, nth: int = 2, hold_s: float = 60.0) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+        self.nth, self.hold_s = nth, hold_s
+        self.seen = 0
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def check(self, method: str, path: str) -> FaultDecision:
+        if self.pattern.search(f"{method} {path}"):
+            with self._lock:
+                self.seen += 1
+                mine = self.seen == self.nth
+            if mine:
+                self.holding.set()
+                self.release.wait(self.hold_s)
+                self.hits.append(f"hold+drop {method} {path}")
+                return FaultDecision(drop=True)
+        return super().check(method, path)
 
 
 class HoldNthScale(FaultInjector):
@@ -131,6 +158,106 @@ def leader_scale_times(cluster: Any) -> list[Any]:
         for e in list(cluster.events)
         if e["type"] == "scale" and (e.get("meta") or {}).get("nomadscale.decision_id")
     ]
+
+
+class TokenServer:
+    """A loopback OAuth 2.0 token endpoint for a service account (RFC 7523 JWT bearer grant,
+    what ``google.oauth2.service_account.Credentials`` sends to the key file's ``token_uri``):
+    it checks the assertion's RS256 signature against the key it issued and its claims, then
+    answers ``{"access_token": ..., "expires_in": 3600}``. ``key_file(path)`` writes a service
+    account JSON whose ``token_uri`` is this server, for ``GOOGLE_APPLICATION_CREDENTIALS``."""
+
+    EMAIL = "nomadscale@proj.iam.gserviceaccount.com"
+    AUDIENCE = "https://oauth2.googleapis.com/token"
+
+    def __init__(self, *, token: str = "ya29.loopback-token") -> None:
+        import http.server
+
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.token = token
+        self.refuse = False  # True: every grant is refused (a disabled or deleted key)
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.granted: list[dict[str, Any]] = []  # the verified assertion claims
+        self.refused: list[str] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def do_POST(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                code, body = owner._grant(self.rfile.read(n).decode())
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}/token"
+
+    def key_file(self, path: Path) -> Path:
+        from cryptography.hazmat.primitives import serialization
+
+        pem = self._key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()).decode()  # fmt: skip
+        path.write_text(json.dumps({
+            "type": "service_account", "project_id": "proj", "private_key_id": "k1",
+            "private_key": pem, "client_email": self.EMAIL, "client_id": "1",
+            "token_uri": self.url,
+        }))  # fmt: skip
+        path.chmod(0o600)
+        return path
+
+    def _grant(self, form: str) -> tuple[int, dict[str, Any]]:
+        import base64
+        import urllib.parse
+
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        def b64(part: str) -> bytes:
+            return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+        fields = dict(urllib.parse.parse_qsl(form))
+        try:
+            assert fields.get("grant_type") == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+            head, claims, sig = fields["assertion"].split(".")
+            self._key.public_key().verify(b64(sig), f"{head}.{claims}".encode(),
+                                          padding.PKCS1v15(), hashes.SHA256())  # fmt: skip
+            got = json.loads(b64(claims))
+            # google-auth signs for Google's endpoint whatever the key file's token_uri
+            assert got["iss"] == self.EMAIL and got["aud"] == self.AUDIENCE, got
+            assert "auth/compute" in got.get("scope", "") and got["exp"] > time.time(), got
+            assert not self.refuse, "refused by the test"
+        except (AssertionError, KeyError, ValueError, InvalidSignature) as e:
+            self.refused.append(repr(e))
+            return 400, {"error": "invalid_grant", "error_description": "bad assertion"}
+        self.granted.append(got)
+        return 200, {"access_token": self.token, "expires_in": 3600, "token_type": "Bearer"}
+
+    def __enter__(self) -> TokenServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
 
 
 class GceFaults:

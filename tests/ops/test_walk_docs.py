@@ -309,7 +309,7 @@ def test_a_policy_argument_that_is_a_kv_path_is_refused_and_writes_nothing(
             'job "x" {\n  type = "service"\n  group "g" {\n    count = "abc"\n'
             '    task "t" {\n      driver = "docker"\n    }\n  }\n}\n',
             2,
-            "'abc'",
+            "TaskGroups.Count",
         ),
         (b"\xff\xfejob", 2, "UTF-8"),
         ('job "x" {\n  group "g" {\n', 2, "line 3"),
