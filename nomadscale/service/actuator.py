@@ -7,7 +7,10 @@ safe order:
 1. ``resize`` up: a zone's instance group grows BEFORE its task group does;
 2. ``scale``: each zone's Nomad task group through the Scale API (message + meta);
 3. ``drain``: surplus nodes (empty first, then the oldest: first started, first stopped),
-   deadline from the policy, ``drained_by=nomadscale`` + decision id in the drain meta;
+   deadline from the policy, ``drained_by=nomadscale`` + decision id in the drain meta; a
+   node held by someone else (ineligible or draining, not being removed by this autoscaler:
+   a healing run's maintenance, an operator) is neither capacity nor a victim, and its
+   instance stays in the group;
 4. ``wait_drain``: until the drains finish, bounded by the deadline (on the injected clock);
 5. ``delete``: exactly the drained instances (never one still draining past its deadline:
    that is recorded and alerted instead; never one whose drain ended with workers still
@@ -177,11 +180,19 @@ def plan_actions(
         if manage_nodes and zv.instance_group and zv.mig_size is not None:
             need = math.ceil(target / max(1, workers_per_node))
             live = [n for n in zv.nodes if n.status != "down"]
-            pending = [n for n in live if n.id in set(zv.pending)]
-            active = [n for n in live if not n.draining and n.id not in set(zv.pending)]
-            if need + len(pending) > zv.mig_size:
+            ours = set(zv.pending)
+            pending = [n for n in live if n.id in ours]
+            # held by someone else: a node ineligible or draining that this autoscaler is not
+            # removing (a healing run's maintenance, an operator's drain). It hosts no new
+            # workers, so it is not capacity, and it is never ours to drain or delete: the
+            # run waits for it to come back. Its instance stays in the MIG next to the need.
+            held = [n for n in live if n.id not in ours
+                    and (n.draining or n.eligibility == "ineligible")]  # fmt: skip
+            active = [n for n in live if n.id not in ours and n not in held]
+            size = need + len(pending) + len(held)
+            if size > zv.mig_size:
                 out.append(Action("resize_up", zv.zone, zv.instance_group,
-                                  count=need + len(pending), previous=zv.mig_size))  # fmt: skip
+                                  count=size, previous=zv.mig_size))  # fmt: skip
             victims = choose_victims(active, len(active) - need, order=scale_in_order)
             if current is not None and current != target:
                 out.append(Action("scale", zv.zone, zv.group, count=target, previous=current))
@@ -195,13 +206,14 @@ def plan_actions(
                 out.append(Action("wait_drain", zv.zone, zv.instance_group, nodes=removing,
                                   deadline_s=drain_deadline_s))  # fmt: skip
                 out.append(Action("delete", zv.zone, zv.instance_group, nodes=removing))
-            after = max(zv.mig_size, need + len(pending)) - len(removing)
+            after = max(zv.mig_size, size) - len(removing)
             joined = len(active) - len(victims)
+            keep = need + len(held)
             # failed creations the zone still needs: the MIG keeps retrying them
-            wanted_stuck = zv.not_created > 0 and need >= after - zv.not_created
-            if after > need and joined <= need and not wanted_stuck:
+            wanted_stuck = zv.not_created > 0 and keep >= after - zv.not_created
+            if after > keep and joined <= need and not wanted_stuck:
                 out.append(Action("resize_down", zv.zone, zv.instance_group,
-                                  count=need, previous=after))  # fmt: skip
+                                  count=keep, previous=after))  # fmt: skip
         elif current is not None and current != target:
             out.append(Action("scale", zv.zone, zv.group, count=target, previous=current))
     return tuple(sorted(out, key=lambda a: PHASES[a.kind]))

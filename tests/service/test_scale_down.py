@@ -224,3 +224,40 @@ def test_zones_named_after_the_cloud_find_their_nodes_through_the_pinned_datacen
         assert sorted(removed) == sorted(drained)
         assert fleet.sim.size("asia-southeast2-a", "mig-a") == 1
         assert fleet.sim.size("asia-southeast2-b", "mig-b") == 1
+
+
+def test_a_node_held_by_a_healing_run_is_neither_capacity_nor_a_scale_in_victim(
+    fleet: Fleet,
+) -> None:
+    """A healing run drains a node and keeps it ineligible while the host is maintained; it
+    is empty, so 'empty-then-oldest' ranked it first: the autoscaler drained and deleted it
+    under the run (which failed ~2 h later, 'left for a human'), and counted it as
+    capacity. Now it stays, its instance stays in the MIG, and the scale-in takes others."""
+    cluster, nomad = fleet.twin.cluster, fleet.nomad
+    zone_a = sorted((n for n in cluster.nodes.values() if n.datacenter == "zone-a"),
+                    key=lambda n: n.create_index)  # fmt: skip
+    held = zone_a[-1]  # the youngest: never an 'oldest' victim, but empty once drained
+    nomad.drain(held.id, deadline_s=60, meta={"nomadscale.run": "run-1"})
+    cluster.advance(300)
+    info = nomad.node(held.id)
+    assert info.eligibility == "ineligible" and info.allocs_running == 0
+    st = nomad.job_status("ml-worker", namespace="ekyc")
+    assert st.groups["ml-worker-a"].desired == 3  # its worker moved to another node
+    fleet.demand["rpm"] = 120.0  # -> 2 workers: 1 per zone
+    out = fleet.svc.run_policy("ekyc")
+    assert out is not None and out.record.outcome == "applied", out.record.line()
+    assert cluster.nodes[held.id].status != "down", "deleted under the healing run"
+    drained = {e["node_id"] for e in cluster.events if e["type"] == "drain"
+               and e["phase"] == "start" and e.get("meta", {}).get("drained_by")}  # fmt: skip
+    assert held.id not in drained
+    assert fleet.sim.size("zone-a", "mig-a") == 2  # the held instance + the one needed
+    serving = [n for n in cluster.nodes.values() if n.datacenter == "zone-a"
+               and n.id != held.id and n.status != "down"]  # fmt: skip
+    assert len(serving) == 1, out.record.actions
+    assert fleet.sim.size("zone-b", "mig-b") == 1
+    # the host comes back: the next cycle counts it again and trims the zone to its need
+    nomad.set_eligibility(held.id, True)
+    cluster.advance(1200)
+    again = fleet.svc.run_policy("ekyc")
+    assert again is not None and again.record.outcome == "applied", again.record.line()
+    assert fleet.sim.size("zone-a", "mig-a") == 1
