@@ -198,7 +198,9 @@ def test_status_during_consul_freeze_does_not_stall_metrics(
     finally:
         http.stop()
         svc.stop(timeout_s=5)
-    ok = took < 0.2
+    # not a speed target: stalled behind /status it would wait as long as Consul is frozen
+    # (the request's 10 s); 2 s leaves room for a loaded CI machine
+    ok = took < 2.0
     fault_table(
         "GET /status while consul is frozen",
         "/metrics (and webhooks) still answer at once",
