@@ -141,6 +141,11 @@ def _bounds_note(pol: Policy | None, kind: str, value: int) -> None:
 
 def _kick(control: Control, policy: str, reason: str) -> None:
     kid = control.request_kick(policy, reason=reason, now=SystemClock().now())
+    rollout = control.deploy_active(policy)
+    if rollout:  # the cycle holds the policy while a rollout runs (the kick is retried)
+        click.echo(f"asked the leader to apply {policy} (kick {kid}): a {rollout} holds it, "
+                   "so it applies once the rollout ends")  # fmt: skip
+        return
     click.echo(f"asked the leader to apply {policy} now (kick {kid})")
 
 

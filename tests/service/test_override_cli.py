@@ -110,6 +110,16 @@ def test_override_from_cli_is_applied_expires_and_shows_in_status(
         assert res.exit_code == 0 and "kick" in res.output, res.output
         assert svc.control.kick("ekyc") is not None
         assert cycle() == {"ml-worker-a": 2, "ml-worker-b": 2}
+        # during a deploy rollout the cycle holds the policy: --now says so, not "now"
+        key = svc.control.deploy_key("ekyc")
+        rollout = {"active": True, "status": "rolling", "image": "reg/ml:2"}
+        svc.control.kv.put(key, json.dumps(rollout).encode())
+        res = runner.invoke(CMD["scale"], ["ekyc", "--count", "6", "--reason", "x", "--now"])
+        assert res.exit_code == 0, res.output
+        assert res.output.strip().endswith(
+            "a deploy rollout rolling of reg/ml:2 holds it, so it applies once the rollout ends"
+        ), res.output
+        svc.control.kv.delete(key)
         bad = runner.invoke(CMD["override"], ["set", "nope", "--min", "3", "--reason", "x"])
         assert bad.exit_code != 0 and "unknown" in str(bad.exception or bad.output)
     finally:
