@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from nomadscale.cli.service_common import get_settings, policies_for
-from nomadscale.config.policy import Policy
+from nomadscale.config.policy import Policy, load_policies
 from nomadscale.config.settings import Settings
 from nomadscale.core.clock import Clock, SystemClock
 from nomadscale.core.errors import ConfigError, NomadscaleError
@@ -150,11 +150,22 @@ def run(once: bool, dry_run: bool, policy_files: tuple[str, ...], no_http: bool)
     One process for systemd: it also serves the PagerDuty webhooks and maintenance reports
     when NOMADSCALE_WEBHOOK_SECRETS / NOMADSCALE_REPORT_TOKEN are set, resumes interrupted
     runbook runs and rollouts when it becomes the leader, and warms up new nodes with the
-    golden image after each cycle."""
+    golden image after each cycle.
+
+    SIGHUP (systemctl reload nomadscale) reloads the policies without a restart: the files
+    are validated first (one log line per error) and, when one is invalid, the running
+    policies stay as they are; else new policies start, removed ones stop and changed ones
+    take effect from their next cycle (a running cycle finishes first), and the leader lock
+    is kept. The settings file (/etc/nomadscale/nomadscale.yaml) and the environment are not
+    reloaded: restart for those. /status shows the policies and when they were loaded.
+
+    Exits 0 on SIGTERM/SIGINT, 1 on a configuration error or (--once) when a cycle failed
+    or the leader lock was unavailable, 2 on a usage error."""
     from nomadscale.service.runtime import StopSignals, build_ports, check_lock_ttl, run_service
 
     # first: a SIGTERM during start-up then stops the service once it is built (exit 0)
-    # instead of killing it half-started; with --once it stops the cycle at a safe point
+    # instead of killing it half-started; with --once it stops the cycle at a safe point.
+    # A SIGHUP during start-up is a reload once the service runs (ignored with --once)
     signals = StopSignals().install()
     settings = get_settings()
     _logging(settings)
@@ -162,9 +173,15 @@ def run(once: bool, dry_run: bool, policy_files: tuple[str, ...], no_http: bool)
     check_lock_ttl(settings, policies)
     clock = SystemClock()
     ports = build_ports(settings, policies, clock=clock, dry_run=dry_run)
+    source = ", ".join(policy_files) or str(settings.policies)
+
+    def reload() -> list[Policy]:  # every file checked in one pass, each error on a line
+        return load_policies(list(policy_files) or [settings.policies])
+
     if once or dry_run:
         run_service(settings, policies, once=once, dry_run=dry_run, serve_http=not no_http,
-                    ports=ports, clock=clock, signals=signals)  # fmt: skip
+                    ports=ports, clock=clock, signals=signals, reload=reload,
+                    reload_from=source)  # fmt: skip
         return
     healing = None if no_http else build_healing(settings)
     on_leader: list[Callable[[], object]] = []
@@ -178,6 +195,7 @@ def run(once: bool, dry_run: bool, policy_files: tuple[str, ...], no_http: bool)
         settings, policies, serve_http=not no_http, ports=ports, clock=clock,
         extra_routes=healing.routes if healing else (), on_leader=on_leader,
         after_cycle=warm_up_gate(settings, ports, clock), on_stop=on_stop, signals=signals,
+        reload=reload, reload_from=source,
     )  # fmt: skip
 
 
@@ -186,7 +204,7 @@ def serve() -> None:
     """Serve HTTP only: PagerDuty webhooks, maintenance reports, /metrics, /status, /healthz.
 
     For hosts that heal but do not autoscale; `run` serves the same routes itself, so do not
-    run both against one Consul prefix."""
+    run both against one Consul prefix. SIGHUP is ignored (it has no policies to reload)."""
     from nomadscale.service import systemd
     from nomadscale.service.http import HttpServer, create_app
     from nomadscale.service.ops_metrics import DeployCollector

@@ -11,6 +11,8 @@
   takeover cycle finishes the interrupted decision at once instead of a cycle later.
 * Every cycle's record names this host and its trigger: the cron tick (``scheduled``), a kick
   (``apply-now``), the first cycle after taking the lock (``takeover``) or ``run --once``.
+* A reload (``service.reload``) replaces ``policies``, ``runners`` and the policy locks
+  whole, never in place; a cycle looks its policy up under the policy's lock (gone: no run).
 * ``stop()`` (SIGTERM) sets a flag checked before a cycle and between actions, waits for the
   running cycle, then releases the lock: never half-applied by choice. No job is added once
   it began: APScheduler's ``shutdown(wait=True)`` holds its job store lock while it waits for
@@ -24,7 +26,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -104,14 +106,9 @@ class Service:
             host=host,
         )
         self.lock_alarm = LockAlarm(recorder=self.recorder, clock=clock, ttl_s=settings.lock_ttl_s)
-        self.runners = {
-            p.name: CycleRunner(
-                policy=p, ports=ports, control=self.control, recorder=self.recorder,
-                clock=clock, stop=self.stop_event, poll_s=poll_s,
-                incremental=incremental_forecasts,
-            )
-            for p in policies
-        }  # fmt: skip
+        self.poll_s = poll_s
+        self.incremental_forecasts = incremental_forecasts
+        self.runners = {p.name: self.new_runner(p) for p in policies}
         self.leader = False
         self._busy = {name: threading.Lock() for name in self.policies}
         self._kicks: dict[str, str | None] = {}
@@ -129,6 +126,15 @@ class Service:
         self.lock_watch = lock_watch  # a standby waits on the lock key with it
         self._watcher: threading.Thread | None = None
         self._alive_at = time.monotonic()
+        # the reload state for /status (service.reload.Reloader sets it), None without one
+        self.reload_status: Callable[[], dict[str, Any]] | None = None
+
+    def new_runner(self, policy: Policy) -> CycleRunner:
+        return CycleRunner(
+            policy=policy, ports=self.ports, control=self.control, recorder=self.recorder,
+            clock=self.clock, stop=self.stop_event, poll_s=self.poll_s,
+            incremental=self.incremental_forecasts,
+        )  # fmt: skip
 
     # --- leadership ---------------------------------------------------------------------
 
@@ -213,9 +219,14 @@ class Service:
         if self.stop_event.is_set():
             return None
         trigger = trigger or (APPLY_NOW if kick is not None else SCHEDULED)
-        with self._busy[name]:
+        busy = self._busy.get(name)
+        if busy is None:  # removed by a reload (a kick or takeover job queued before)
+            return None
+        with busy:
+            runner = self.runners.get(name)
+            if runner is None or name not in self.policies:  # removed while waiting
+                return None
             now = now or self.clock.now()
-            runner = self.runners[name]
             if self.dry_run:
                 return runner.run(leader=False, dry_run=True, now=now, trigger=trigger)
             if not self.elect():
@@ -266,24 +277,32 @@ class Service:
             self._background(f"on-leader-{name}", run)
 
     def _run_after_cycle(self, name: str) -> None:
-        busy = self._after_busy[name]
-        if self.after_cycle is None or not busy.acquire(blocking=False):
+        busy, policy = self._after_busy.get(name), self.policies.get(name)
+        if self.after_cycle is None or busy is None or policy is None:
+            return  # removed by a reload meanwhile
+        if not busy.acquire(blocking=False):
             return  # the previous one is still running
         try:
-            self.after_cycle(self.policies[name])
+            self.after_cycle(policy)
         except Exception:
             log.exception("%s: after-cycle task failed", name)
         finally:
             busy.release()
 
-    def warm_up(self) -> None:
-        """Warm every policy's forecaster to the current slot (at start-up, in the
-        background: the first scheduled cycle then reads only new steps)."""
-        for name, runner in self.runners.items():
+    def warm_up(self, names: Sequence[str] | None = None) -> None:
+        """Warm the forecasters of ``names`` (default: every policy) to the current slot (at
+        start-up and after a reload, in the background: the next cycle then reads only new
+        steps)."""
+        for name in list(self.policies) if names is None else names:
             if self.stop_event.is_set():
                 return
-            with self._busy[name]:
-                runner.warm(slot=self.slot_of(name, self.clock.now()))
+            busy = self._busy.get(name)
+            if busy is None:
+                continue
+            with busy:
+                runner = self.runners.get(name)
+                if runner is not None and name in self.policies:
+                    runner.warm(slot=self.slot_of(name, self.clock.now()))
 
     def run_once(self) -> list[CycleResult]:
         """One cycle of every policy (``run --once``). The lock is renewed meanwhile, as the
@@ -399,16 +418,8 @@ class Service:
                 doc = None
             self._kicks[name] = doc.get("id") if doc else None
         sched = BackgroundScheduler(timezone="UTC")
-        for name, _p in self.policies.items():
-            sched.add_job(
-                self._scheduled,
-                trigger_for(self.cycle_s(name)),
-                args=[name],
-                id=f"cycle-{name}",
-                coalesce=True,
-                max_instances=1,
-                misfire_grace_time=int(self.misfire_grace_s),
-            )
+        for name in self.policies:
+            self._cycle_job(sched, name)
         sched.add_job(
             self._tick,
             IntervalTrigger(seconds=self.renew_s, timezone="UTC"),
@@ -431,6 +442,12 @@ class Service:
             ", ".join(f"{n} every {self.cycle_s(n):g}s" for n in self.policies),
         )
         return sched
+
+    def _cycle_job(self, sched: BackgroundScheduler, name: str) -> None:
+        sched.add_job(self._scheduled, trigger_for(self.cycle_s(name)), args=[name],
+                      id=f"cycle-{name}", coalesce=True, max_instances=1,
+                      misfire_grace_time=int(self.misfire_grace_s),
+                      replace_existing=True)  # fmt: skip
 
     def next_fire(self, name: str, after: datetime) -> datetime:
         nxt = trigger_for(self.cycle_s(name)).get_next_fire_time(None, after)
@@ -471,32 +488,8 @@ class Service:
         self.metrics.is_leader.set(0)
         log.info("service stopped")
 
-    def status(self, *, history: int = 3) -> dict[str, Any]:
-        """Leader, policies, desired vs actual per zone, overrides, last decisions."""
-        now = self.clock.now()
-        holder = None
-        leader_fn = getattr(self.ports.lock, "leader", None)
-        if leader_fn is not None:
-            try:
-                h = leader_fn()
-                holder = h.describe() if h is not None and hasattr(h, "describe") else h
-            except NomadscaleError:
-                holder = None
-        out: dict[str, Any] = {
-            "time": now.isoformat(),
-            "host": self.recorder.host,  # this process's host, as its records name it
-            "leader": holder,
-            "this_process_leads": self.leader,
-            "dry_run": self.dry_run,
-            "policies": {},
-        }
-        for name, p in self.policies.items():
-            last = self.recorder.last.get(name)
-            out["policies"][name] = {
-                "cycle": f"{p.cycle_s / 60:g}m",
-                "job": f"{p.target.namespace}/{p.target.job}",
-                "last": last.to_dict() if last else None,
-                "overrides": [o.to_dict() for o in self.control.overrides(name, now=now)],
-                "next_cycle": (self.next_fire(name, now) + timedelta(0)).isoformat(),
-            }
-        return out
+    def status(self) -> dict[str, Any]:
+        """Leader, policies (and when they were loaded), overrides, last decisions."""
+        from nomadscale.service.reload import service_status
+
+        return service_status(self)

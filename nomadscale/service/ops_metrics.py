@@ -10,6 +10,7 @@
   deploy). One recursive list per scrape, at most one in flight, the last answer reused for
   ``max_age_s``; a scrape waits at most ``timeout_s`` for it. When KV is unreachable or slow
   the scrape still succeeds: ``nomadscale_kv_up`` is 0 and no rollout series are exported.
+* ``ReloadMetrics``: policy reloads (SIGHUP) by result, and the policies loaded and when.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from nomadscale.core.errors import NomadscaleError
@@ -50,6 +51,33 @@ class ProcessFamilies:
         for family in self.source.collect():
             if family.name.startswith("nomadscale_"):
                 yield family
+
+
+class ReloadMetrics:
+    """``nomadscale_reload_total{result="ok|failed"}`` (a failed reload keeps the previous
+    policies running: alert on its increase), ``nomadscale_policies_loaded`` and
+    ``nomadscale_policies_loaded_timestamp_seconds`` (the last successful load)."""
+
+    RESULTS = ("ok", "failed")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reloads = Counter(
+            "nomadscale_reload", "Policy reloads (SIGHUP) by result", ["result"],
+            registry=registry,
+        )  # fmt: skip
+        for result in self.RESULTS:  # both series exist from the start: increase() works
+            self.reloads.labels(result)
+        self.loaded = Gauge(
+            "nomadscale_policies_loaded", "Policies the service runs", registry=registry
+        )
+        self.loaded_at = Gauge(
+            "nomadscale_policies_loaded_timestamp_seconds",
+            "When the running policies were loaded (Unix time)", registry=registry,
+        )  # fmt: skip
+
+    def loaded_now(self, count: int, at: datetime) -> None:
+        self.loaded.set(count)
+        self.loaded_at.set(at.timestamp())
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ lock (or the in-memory ones for a dry run without Consul), Prometheus or trace d
 MIGs and PagerDuty. ``run_service`` logs the effective config, starts the scheduler and the
 HTTP endpoints, tells systemd READY=1, pings the watchdog and stops cleanly on SIGTERM.
 ``StopSignals`` turns SIGTERM/SIGINT into a stop request without ever blocking in the signal
-handler, and bounds the whole shutdown.
+handler, and bounds the whole shutdown; SIGHUP into a policy reload request, handed by the
+main thread to the ``service.reload.Reloader`` worker.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from nomadscale.service.ops_metrics import DeployCollector
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
+    from nomadscale.service.reload import Reloader
+
 log = logging.getLogger(__name__)
 
 
@@ -59,16 +62,21 @@ class StopSignals:
     def __init__(self, *, deadline_s: float = SHUTDOWN_DEADLINE_S) -> None:
         self.deadline_s = deadline_s
         self.received: list[int] = []  # list.append: atomic and lock-free
+        self.reloads: list[int] = []  # SIGHUPs, the same way
+        self._reloads_taken = 0
         self._rx, self._tx = socket.socketpair()
         self._rx.setblocking(False)
         self._tx.setblocking(False)
 
     def install(self) -> StopSignals:
-        """Take over SIGTERM/SIGINT (main thread only: elsewhere only ``request()`` stops)."""
+        """Take over SIGTERM/SIGINT, and SIGHUP (a reload request: ignored by a process that
+        does not ask ``take_reloads``, instead of ending it) (main thread only: elsewhere only
+        ``request()`` stops)."""
         if threading.current_thread() is threading.main_thread():
             signal.set_wakeup_fd(self._tx.fileno(), warn_on_full_buffer=False)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
+            signal.signal(signal.SIGHUP, self._on_reload)
         threading.Thread(target=self._deadline, name="stop-deadline", daemon=True).start()
         return self
 
@@ -77,6 +85,15 @@ class StopSignals:
         self.received.append(signum)
         if len(self.received) > 1:
             self._force(f"second {_SIGNAMES.get(signum, signum)} while stopping")
+
+    def _on_reload(self, signum: int, _frame: Any) -> None:
+        self.reloads.append(signum)  # no logging, no locks: see the class docstring
+
+    def take_reloads(self) -> int:
+        """SIGHUPs received since the last call (the main thread's)."""
+        n = len(self.reloads)
+        new, self._reloads_taken = n - self._reloads_taken, n
+        return new
 
     def _force(self, why: str) -> None:
         try:
@@ -105,10 +122,13 @@ class StopSignals:
         """What asked to stop (``SIGTERM``, ``SIGINT`` or ``stop request``)."""
         return _SIGNAMES.get(self.received[0], "stop request") if self.received else ""
 
-    def wait(self, timeout_s: float) -> bool:
-        """True as soon as a stop was requested, False after ``timeout_s`` without one."""
+    def wait(self, timeout_s: float, *, reloads: bool = False) -> bool:
+        """True as soon as a stop was requested, False after ``timeout_s`` without one (or,
+        with ``reloads``, as soon as a SIGHUP is waiting for ``take_reloads``)."""
         end = time.monotonic() + timeout_s
         while not self.received:
+            if reloads and len(self.reloads) > self._reloads_taken:
+                return False
             left = end - time.monotonic()
             if left <= 0:
                 return False
@@ -121,10 +141,21 @@ class StopSignals:
         return True
 
 
-def watchdog_until_stopped(signals: StopSignals, *, healthy: Callable[[], bool]) -> None:
-    """Ping the systemd watchdog (while ``healthy()``) until a stop is requested."""
+def watchdog_until_stopped(
+    signals: StopSignals, *, healthy: Callable[[], bool],
+    on_reload: Callable[[], object] | None = None,
+) -> None:  # fmt: skip
+    """Ping the systemd watchdog (while ``healthy()``) until a stop is requested; hand each
+    SIGHUP to ``on_reload`` (which must not block: the pings go on meanwhile)."""
     ping = min(systemd.watchdog_interval_s() or 10.0, 10.0)
-    while not signals.wait(ping):
+    due = time.monotonic() + ping
+    while not signals.wait(max(0.0, due - time.monotonic()), reloads=on_reload is not None):
+        if on_reload is not None and signals.take_reloads():
+            log.info("received SIGHUP: reloading the policies")
+            on_reload()
+        if time.monotonic() < due:
+            continue
+        due = time.monotonic() + ping
         if healthy():
             systemd.notify("WATCHDOG=1")
         else:
@@ -331,6 +362,20 @@ def _run_once(svc: Service, signals: StopSignals | None) -> list[CycleResult]:
     return results
 
 
+def _reloader(
+    svc: Service, settings: Settings, *, load: Callable[[], Sequence[Policy]], source: str
+) -> Reloader:
+    """The SIGHUP reload: the same validation as at start (files, then the lock timing); the
+    alert routes rebuilt when a policy names another routing key variable, unless the
+    caller gave its own alert port."""
+    from nomadscale.service.reload import Reloader
+
+    own = svc.ports.alerts is None or isinstance(svc.ports.alerts, PolicyAlerts)
+    return Reloader(svc, load=load, source=source or str(settings.policies),
+                    check=lambda ps: check_lock_ttl(settings, ps),
+                    rebuild_alerts=alerts_for if own else None)  # fmt: skip
+
+
 def run_service(
     settings: Settings,
     policies: Sequence[Policy],
@@ -345,6 +390,8 @@ def run_service(
     after_cycle: Callable[[Policy], object] | None = None,
     on_stop: Sequence[Callable[[], object]] = (),
     signals: StopSignals | None = None,
+    reload: Callable[[], Sequence[Policy]] | None = None,
+    reload_from: str = "",
 ) -> Service:
     """Run until SIGTERM/SIGINT (or one cycle of every policy with ``once``).
 
@@ -353,7 +400,9 @@ def run_service(
     runbook runs and rollouts), ``after_cycle`` after each cycle the leader ran (the
     warm-up gate), ``on_stop`` at shutdown. The CLI layer builds them: the service must not
     import deploy or healing. ``signals``: the stop request, installed as early as the
-    caller could (a stop requested during start-up skips what is not started yet)."""
+    caller could (a stop requested during start-up skips what is not started yet).
+    ``reload`` loads the policies again (every error in one ``ConfigError``) from
+    ``reload_from``: SIGHUP applies them without a restart (``service.reload``)."""
     clock = clock or SystemClock()
     log.info("effective settings: %s", settings.describe())
     ports = ports or build_ports(settings, policies, clock=clock, dry_run=dry_run)
@@ -379,6 +428,7 @@ def run_service(
     if signals is None:
         signals = StopSignals().install()
     http = None
+    reloader = None
     try:  # an HTTP server that cannot start ends here too: the on_stop tasks still run
         if serve_http and not signals.requested:
             # rollouts run from `nomadscale deploy` in other processes: /metrics reads their
@@ -387,15 +437,22 @@ def run_service(
             app = create_app(registry=svc.metrics.registry, status=svc.status,
                              healthy=svc.healthy, extra_routes=extra_routes)  # fmt: skip
             http = HttpServer(app, host=settings.http_host, port=settings.http_port).start()
+        if reload is not None:
+            reloader = _reloader(svc, settings, load=reload, source=reload_from)
         if not signals.requested:
             svc.start()
+            if reloader is not None:
+                reloader.start()
             systemd.notify("READY=1")
         # only while the scheduler runs and its lock tick is not stuck: a hung loop stops the
         # pings and systemd restarts the service
-        watchdog_until_stopped(signals, healthy=svc.healthy)
+        watchdog_until_stopped(signals, healthy=svc.healthy,
+                               on_reload=reloader.request if reloader else None)  # fmt: skip
     finally:
         stopping(signals)
         svc.stop()
+        if reloader is not None:
+            reloader.stop()
         for fn in on_stop:
             try:
                 fn()
