@@ -83,6 +83,15 @@ class NodeInfo:
     allocs_running: int = 0  # non-terminal allocations of service/batch jobs
     # healthy device instances; None when the response had no NodeResources (list stubs)
     devices: tuple[Devices, ...] | None = None
+    # the node's last (or current) drain, Nomad's ``LastDrain`` (Nomad 1.1+; list stubs
+    # too): the drainer's ``Meta`` (whose drain it is: the autoscaler's ``drained_by`` /
+    # ``decision_id``, a healing run's ``nomadscale.run``), its ``Status`` (draining /
+    # complete / canceled; "" when never drained) and start; the running drain's
+    # ``DrainStrategy.ForceDeadline`` (full node only; None: no deadline or not draining)
+    drain_meta: Mapping[str, str] = field(default_factory=dict)
+    drain_status: str = ""
+    drain_started: datetime | None = None
+    drain_force_at: datetime | None = None
 
 
 class NomadPort(Protocol):

@@ -30,12 +30,14 @@ from nomadscale.core.ports import (
     NomadPort,
     pinned_datacenter,
 )
-from nomadscale.healing import gpucheck
+from nomadscale.healing import drains, gpucheck
+from nomadscale.healing.outcome import Done, Outcome, Waiting
 from nomadscale.healing.resolve import node_zone, resolve_allocation, resolve_node
 from nomadscale.healing.runbook import render
 
 log = logging.getLogger(__name__)
-__all__ = ["ACTIONS", "call", "node_zone", "resolve_allocation", "resolve_node"]
+__all__ = ["ACTIONS", "Done", "Outcome", "Waiting", "call", "node_zone", "resolve_allocation",
+           "resolve_node"]  # fmt: skip
 IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]{0,254}$")
 NOTE_RETRIES = 1  # a note PagerDuty could not take is retried once, then the run goes on
 
@@ -95,19 +97,6 @@ def zone_targets(policies: Any) -> dict[tuple[str, str], ZoneTarget]:
                 p.name, z.name, p.target.job, p.target.namespace, z.group, z.node_pool, share
             )
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    detail: str
-
-
-Outcome = Done | Waiting
 
 
 @dataclass
@@ -196,8 +185,12 @@ def _scale(ctx: Ctx, job: str, group: str, count: int, **kw: Any) -> Waiting | N
 def drain(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
     nid = _node_id(run)
     node = ctx.nomad.node(nid)
-    if node.draining or run["step_state"].get("started"):
+    if run["step_state"].get("started"):
         return Done(f"drain of {node.name} in progress")
+    if node.draining:  # whose drain is it? (healing.drains)
+        outcome = drains.already_draining(ctx, step, run, node)
+        if outcome is not None:
+            return outcome
     if step.check_capacity and ctx.policy:
         t = _target(ctx, run)
         _group(ctx, t)  # the job has the zone's group
@@ -220,20 +213,15 @@ def drain(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
                 f"drain of {node.name} refused: zone {t.zone} would keep {left} healthy "
                 f"worker(s){planned}, policy {t.policy} needs at least {t.min_healthy}"
             )
-    deadline = step.deadline.total_seconds()
-    until = run.get("deadline_epoch")
-    if until:  # leave 5 minutes before the maintenance starts
-        deadline = max(60.0, min(deadline, float(until) - run["now_epoch"] - 300.0))
+    deadline = drains.deadline_s(step.deadline.total_seconds(), run)
+    took = run["step_state"].get("took_over")
+    took = f", taking over the drain of run {took}" if took else ""
     if ctx.dry_run:
-        return Done(f"would drain {node.name} with deadline {deadline:.0f}s")
-    ctx.nomad.drain(
-        nid,
-        deadline_s=deadline,
-        meta={"nomadscale.run": run["id"], "nomadscale.runbook": run["runbook"]},
-        ignore_system_jobs=step.ignore_system_jobs,
-    )
+        return Done(f"would drain {node.name} with deadline {deadline:.0f}s{took}")
+    ctx.nomad.drain(nid, deadline_s=deadline, meta=drains.own_meta(run),
+                    ignore_system_jobs=step.ignore_system_jobs)  # fmt: skip
     run["step_state"]["started"] = True
-    return Done(f"drain of {node.name} started (deadline {deadline:.0f}s)")
+    return Done(f"drain of {node.name} started (deadline {deadline:.0f}s){took}")
 
 
 def surge(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
@@ -325,14 +313,7 @@ def wait_condition(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
     if c == "node_drained":
         nid = _node_id(run)
         node = ctx.nomad.node(nid)
-        live = [
-            a
-            for a in ctx.nomad.node_allocations(nid)
-            if not a.terminal and a.client_status in ("running", "pending")
-        ]
-        if not node.draining and not live:
-            return Done(f"{node.name} drained")
-        return Waiting(f"{len(live)} allocation(s) left on {node.name}")
+        return drains.drained(ctx, run, node, drains.left_on(ctx.nomad.node_allocations(nid)))
     if c == "surge_healthy":
         s = run.get("surge")
         if not s:
@@ -495,4 +476,10 @@ def call(ctx: Ctx, step: Any, run: dict[str, Any]) -> Outcome:
     event = run["values"].get("event")
     if event and event in step.skip_events:
         return Done(f"skipped: not needed for {event}")
+    why = drains.skipped(step, run)  # the node is the autoscaler's to remove
+    if why is not None:
+        return Done(why)
+    handed = drains.check(ctx, step, run)
+    if handed is not None:
+        return handed
     return ACTIONS[step.action](ctx, step, run)

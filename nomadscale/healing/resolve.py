@@ -4,6 +4,7 @@ allocation by id or 8-char prefix (as the Nomad CLI shows them)."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -15,10 +16,28 @@ if TYPE_CHECKING:
     from nomadscale.healing.actions import HealingNomad
 
 
+UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+
+
+def uuid_prefix(prefix: str) -> str:
+    """The id prefix Nomad can look up: its state store reads prefixes through go-memdb's
+    UUID index, which refuses an odd number of hex digits with a 500 ("Input (without
+    hyphens) must be even length"); the Nomad CLI drops the last character then
+    (command/helpers.go sanitizeUUIDPrefix) and so does this. Filter the answer by the
+    whole prefix."""
+    return prefix[: len(prefix) - (len(prefix) - prefix.count("-")) % 2]
+
+
 def resolve_node(nomad: HealingNomad, ref: str) -> NodeInfo:
-    """A node by exact id, exact name or unique id prefix (>= 8 chars)."""
-    with contextlib.suppress(PermanentError):  # not a full node id: try names and prefixes
-        return nomad.node(ref)
+    """A node by exact id, exact name or unique id prefix (>= 8 chars). Only a full id is
+    asked for as one: ``GET /v1/node/<name or prefix>`` is a 500 in Nomad, not a 404 (the
+    state store reads the id through the UUID index: "UUID must be 36 characters";
+    nomad/node_endpoint.go GetNode -> state.NodeByID)."""
+    if UUID_RE.fullmatch(ref):
+        with contextlib.suppress(NotFoundError):  # a name that looks like an id: try names
+            return nomad.node(ref)
     nodes = nomad.list_nodes()
     named = [n for n in nodes if n.name == ref]
     if len(named) == 1:
@@ -34,13 +53,17 @@ def resolve_node(nomad: HealingNomad, ref: str) -> NodeInfo:
 def resolve_allocation(nomad: HealingNomad, ref: str) -> AllocInfo:
     """An allocation by full id or unique 8-char prefix (as ``nomad alloc status`` shows it).
     ``GET /v1/allocation/:id`` takes only a full id; a prefix is one ``GET /v1/allocations
-    ?prefix=`` over every namespace (``allocations_by_prefix``), as the Nomad CLI does."""
+    ?prefix=`` over every namespace (``allocations_by_prefix``), as the Nomad CLI does, with
+    an even number of hex digits (``uuid_prefix``)."""
     if len(ref) == 36:
         try:
             return nomad.allocation(ref)
         except NotFoundError:
             raise PermanentError(f"allocation {ref!r} not found in Nomad") from None
-    found = {a.id: a for a in nomad.allocations_by_prefix(ref) if a.id.startswith(ref)}
+    query = uuid_prefix(ref)
+    if not query:
+        raise PermanentError(f"allocation {ref!r}: give at least its first 8 characters")
+    found = {a.id: a for a in nomad.allocations_by_prefix(query) if a.id.startswith(ref)}
     if len(found) > 1:
         some = ", ".join(sorted(found)[:3]) + (", ..." if len(found) > 3 else "")
         raise PermanentError(

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -392,11 +392,13 @@ def routes(
         try:
             doc = json.loads(body)
             node, event = str(doc["node"]), str(doc["event"])
-            deadline = datetime.fromisoformat(doc["deadline"]) if doc.get("deadline") else None
             if not NODE_RE.fullmatch(node):
                 raise ValueError("node")
         except (ValueError, KeyError, TypeError):
             return JSONResponse({"error": "expected {node, event, deadline}"}, status_code=400)
+        deadline, why = report_deadline(doc.get("deadline"))
+        if why:
+            return JSONResponse({"error": f"deadline: {why}"}, status_code=400)
         if event == "NONE":
             return JSONResponse({"status": "recorded"}, status_code=200)
         if event not in MAINTENANCE_EVENTS:
@@ -410,6 +412,26 @@ def routes(
         Route("/webhooks/pagerduty", pagerduty_webhook, methods=["POST"]),
         Route("/maintenance/report", maintenance_report, methods=["POST"]),
     ]
+
+
+def report_deadline(value: Any) -> tuple[datetime | None, str]:
+    """A maintenance report's ``deadline``: RFC 3339 with a UTC offset, as the watcher sends
+    it (``healing.watcher``: an aware UTC time), or null. A time without an offset would be
+    read as this host's local time (the watcher's node may be on another): refused, as
+    anything else that is not such a time; returns (deadline, why not)."""
+    if value is None or value == "":
+        return None, ""
+    shown = repr(value[:40]) if isinstance(value, str) else type(value).__name__
+    try:
+        when = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        when = None
+    if when is None:
+        return None, f"{shown} is not an RFC 3339 time"
+    if when.tzinfo is None or when.utcoffset() is None:
+        return None, (f"{shown} has no timezone offset (expected RFC 3339, e.g. "
+                      f"{when.replace(tzinfo=UTC).isoformat()})")  # fmt: skip
+    return when, ""
 
 
 def make_app(

@@ -239,11 +239,29 @@ def _alloc_devices(data: Mapping[str, Any]) -> tuple[Devices, ...] | None:
     return tuple(out)
 
 
+def _time(value: Any, field: str) -> datetime | None:
+    """An RFC 3339 time (Go's zero time and ``null`` are None); a bad one is malformed."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _bad(field, value, "an RFC 3339 time")
+    parsed = rfc3339(value)
+    if parsed is None and value and not value.startswith("0001-01-01"):
+        raise _bad(field, value, "an RFC 3339 time")
+    return parsed
+
+
 def node_info(data: Mapping[str, Any], *, allocs_running: int = 0) -> NodeInfo:
+    """A node, full or list stub. Its drain: ``DrainStrategy`` (full node: a running drain,
+    structs.DrainStrategy with its DrainSpec inlined) and ``LastDrain``
+    (structs.DrainMetadata, full node and stub: the latest drain's Meta and Status, kept
+    after it ends; nomad/state/state_store.go updateNodeDrainImpl)."""
     data = _doc(data, "node")
     drain = data.get("Drain")
     if drain is None:
         drain = data.get("DrainStrategy") is not None
+    strategy = _map(data.get("DrainStrategy"), "DrainStrategy")
+    last = _map(data.get("LastDrain"), "LastDrain")
     return NodeInfo(
         id=_s(data.get("ID"), "ID"),
         name=_s(data.get("Name"), "Name"),
@@ -256,6 +274,10 @@ def node_info(data: Mapping[str, Any], *, allocs_running: int = 0) -> NodeInfo:
         meta=_str_map(data.get("Meta"), "Meta"),
         allocs_running=allocs_running,
         devices=_node_devices(data),
+        drain_meta=_str_map(last.get("Meta"), "LastDrain.Meta", drop_null=True),
+        drain_status=_s(last.get("Status"), "LastDrain.Status"),
+        drain_started=_time(last.get("StartedAt"), "LastDrain.StartedAt"),
+        drain_force_at=_time(strategy.get("ForceDeadline"), "DrainStrategy.ForceDeadline"),
     )
 
 

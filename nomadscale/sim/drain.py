@@ -26,16 +26,27 @@ def start(
     meta: Mapping[str, str] | None,
     mark_eligible: bool,
 ) -> list[str]:
-    """Start, update or (``spec`` None) cancel a drain. Returns evaluation ids."""
+    """Start, update or (``spec`` None) cancel a drain. Returns evaluation ids.
+
+    As nomad/node_endpoint.go UpdateDrain and nomad/state/state_store.go
+    updateNodeDrainImpl: an update of a running drain keeps its StartedAt (the strategy's and
+    LastDrain's), and LastDrain.Meta is replaced only by a non-empty Meta (an update or a
+    cancel without one keeps the drainer's); the node event says set / updated / disabled.
+    DrainStrategy is structs.DrainStrategy, whose embedded DrainSpec is inlined in its JSON
+    (``Deadline``, ``IgnoreSystemJobs``, ``ForceDeadline``, ``StartedAt``)."""
     now = c.now_s()
     if spec is None:
         if node.drain_strategy is not None:
             node.drain_strategy = None
+            node.drain_force_at = None
             c.draining.discard(node.id)
             if node.last_drain is not None:
                 node.last_drain.update({"Status": "canceled", "UpdatedAt": rfc3339(now)})
+                if meta:
+                    node.last_drain["Meta"] = dict(meta)
             for a in c.allocs_by_node.get(node.id, ()):
                 a.migrating = False
+            node.events.append(c._node_event("Node drain disabled"))
             c.emit("drain", node_id=node.id, phase="canceled")
         if mark_eligible:
             node.eligibility = "eligible"
@@ -45,21 +56,32 @@ def start(
     deadline_ns = int(spec.get("Deadline") or 0)
     ignore_system = bool(spec.get("IgnoreSystemJobs"))
     force_at = now + deadline_ns / NS if deadline_ns > 0 else None
+    updating = node.drain_strategy is not None
+    started = (node.drain_strategy or {}).get("StartedAt") or rfc3339(now)
     node.drain_strategy = {
-        "DrainSpec": {"Deadline": deadline_ns, "IgnoreSystemJobs": ignore_system},
+        "Deadline": deadline_ns,
+        "IgnoreSystemJobs": ignore_system,
         "ForceDeadline": rfc3339(force_at) if force_at else rfc3339(None),
-        "StartedAt": rfc3339(now),
+        "StartedAt": started,
     }
+    node.drain_force_at = force_at
     node.eligibility = "ineligible"
     c.draining.add(node.id)
-    node.last_drain = {
-        "StartedAt": rfc3339(now),
-        "UpdatedAt": rfc3339(now),
-        "Status": "draining",
-        "AccessorID": "",
-        "Meta": dict(meta) if meta else None,
-    }
-    node.events.append(c._node_event("Node drain strategy set"))
+    if updating and node.last_drain is not None:
+        node.last_drain.update({"UpdatedAt": rfc3339(now), "Status": "draining"})
+        if meta:
+            node.last_drain["Meta"] = dict(meta)
+    else:
+        node.last_drain = {
+            "StartedAt": rfc3339(now),
+            "UpdatedAt": rfc3339(now),
+            "Status": "draining",
+            "AccessorID": "",
+            "Meta": dict(meta) if meta else None,
+        }
+    node.events.append(
+        c._node_event("Node drain strategy updated" if updating else "Node drain strategy set")
+    )
     node.modify_index = c.bump("nodes")
     c.emit(
         "drain", node_id=node.id, phase="start", deadline_s=deadline_ns / NS, meta=dict(meta or {})
@@ -72,7 +94,7 @@ def start(
 
 
 def _drainable(c: Cluster, node: Node) -> list[Alloc]:
-    ignore = bool((node.drain_strategy or {}).get("DrainSpec", {}).get("IgnoreSystemJobs"))
+    ignore = bool((node.drain_strategy or {}).get("IgnoreSystemJobs"))
     out = []
     for a in c.allocs_by_node.get(node.id, ()):
         if a.live and not (ignore and _is_system(a)):
@@ -158,6 +180,10 @@ def force(c: Cluster, node_id: str) -> list[str]:
     node = c.nodes.get(node_id)
     if node is None or node.drain_strategy is None:
         return []
+    if int(node.drain_strategy.get("Deadline") or 0) >= 0 and (
+        node.drain_force_at is None or node.drain_force_at > c.now_s() + 1e-6
+    ):
+        return []  # the deadline of an earlier strategy: the drain was updated since
     jobs: dict[tuple[str, str], bool] = {}
     left = _drainable(c, node)
     for a in left:
@@ -190,6 +216,7 @@ def _complete(c: Cluster, node: Node) -> None:
     if node.drain_strategy is None:
         return
     node.drain_strategy = None
+    node.drain_force_at = None
     c.draining.discard(node.id)
     if node.last_drain is not None:
         node.last_drain.update({"Status": "complete", "UpdatedAt": rfc3339(c.now_s())})

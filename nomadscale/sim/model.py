@@ -65,6 +65,7 @@ class Node:
     dynamic_meta: dict[str, str | None] = field(default_factory=dict)
     drain_strategy: dict[str, Any] | None = None
     last_drain: dict[str, Any] | None = None
+    drain_force_at: float | None = None  # the drain's ForceDeadline (twin seconds)
     create_index: int = 0
     modify_index: int = 0
     status_updated_at: float = 0.0

@@ -29,11 +29,38 @@ def _raw_list(parts: list[bytes]) -> RawJSON:
     return RawJSON(b"[" + b",".join(parts) + b"]")
 
 
+def _uuid_prefix(req: Request, lookup: str) -> str:
+    """The ``prefix`` query of a list over a table indexed by UUID (nodes, allocs, evals,
+    deployments), checked as Nomad's state store does: go-memdb's txn.Get(table,
+    "id_prefix", p) reads UUIDFieldIndex.PrefixFromArgs (index.go parseString, length not
+    enforced), whose error txn.go getIndexValue wraps as ``index error: ...`` and the
+    state store's ...ByIDPrefix as ``<lookup> lookup failed: ...`` (DeploymentsByIDPrefix
+    does not wrap): a 500. The Nomad CLI sends an even number of hex digits
+    (command/helpers.go sanitizeUUIDPrefix). Jobs use a string index: any prefix."""
+    prefix = req.query.get("prefix", "")
+    why = ""
+    plain = prefix.replace("-", "")
+    if len(prefix) > 36:
+        why = f"Invalid UUID length. UUID have 36 characters; got {len(prefix)}"
+    elif prefix.count("-") > 4:
+        why = f'UUID should have maximum of 4 "-"; got {prefix.count("-")}'
+    elif len(plain) % 2:
+        why = "Input (without hyphens) must be even length"
+    else:
+        bad = next((ch for ch in plain if ch not in "0123456789abcdefABCDEF"), None)
+        if bad is not None:  # Go's hex.InvalidByteError: "%#U"
+            why = f"Invalid UUID: encoding/hex: invalid byte: U+{ord(bad):04X} {bad!r}"
+    if why:
+        why = f"index error: {why}"
+        raise ApiError(500, f"{lookup} lookup failed: {why}" if lookup else why)
+    return prefix
+
+
 def list_nodes(c: Cluster, req: Request) -> tuple[Any, int]:
     """Node stubs; ``resources=true`` adds NodeResources and ReservedResources, ``os=true``
     the ``os.name`` attribute (command/agent/node_endpoint.go nodesRequest -> Node.Stub);
     ``filter`` sees the whole node."""
-    prefix = req.query.get("prefix", "")
+    prefix = _uuid_prefix(req, "node")
     fields = {
         "with_resources": parse_bool(req.query.get("resources")),
         "with_os": parse_bool(req.query.get("os")),
@@ -121,7 +148,7 @@ def eligibility(c: Cluster, req: Request) -> Any:
 
 def list_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
     ns = req.namespace
-    prefix = req.query.get("prefix", "")
+    prefix = _uuid_prefix(req, "alloc")
     task_states = req.query.get("task_states", "true") not in ("false", "False", "0")
     # command/agent/alloc_endpoint.go allocsRequest: AllocStubFields{Resources, TaskStates}
     with_resources = parse_bool(req.query.get("resources"))
@@ -199,7 +226,7 @@ def client_meta(c: Cluster, req: Request) -> Any:
 
 def list_evals(c: Cluster, req: Request) -> tuple[Any, int]:
     ns, job, status = req.namespace, req.query.get("job"), req.query.get("status")
-    prefix = req.query.get("prefix", "")
+    prefix = _uuid_prefix(req, "eval")
     out = [
         e
         for e in c.evals.values()
@@ -227,7 +254,7 @@ def eval_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
 
 
 def list_deployments(c: Cluster, req: Request) -> tuple[Any, int]:
-    ns, prefix = req.namespace, req.query.get("prefix", "")
+    ns, prefix = req.namespace, _uuid_prefix(req, "")
     out = [
         d.to_json()
         for d in c.deployments.values()
