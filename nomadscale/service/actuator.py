@@ -143,6 +143,19 @@ def zone_capacity(
     return {z: max(0, target - missing) * wpn for z, (target, missing) in short.items()}
 
 
+def drain_owner(n: NodeInfo) -> str | None:
+    """Who drains (or last drained) ``n`` when it is not this autoscaler: the drain's Meta
+    (Nomad's LastDrain) names a healing run or someone else; None for our own drain
+    (``drained_by=nomadscale``) or a drain with no Meta (older Nomad: taken as ours)."""
+    meta = n.drain_meta or {}
+    if not meta or meta.get("drained_by") == "nomadscale":
+        return None
+    run = meta.get("nomadscale.run")
+    if run:
+        return f"healing run {run}"
+    return "another drain (meta " + ", ".join(sorted(meta))[:60] + ")"
+
+
 def choose_victims(nodes: Sequence[NodeInfo], n: int, *, order: str) -> list[NodeInfo]:
     """``n`` nodes to remove: empty ones first (``empty-then-oldest``), then the oldest."""
     if n <= 0:
@@ -180,7 +193,8 @@ def plan_actions(
         if manage_nodes and zv.instance_group and zv.mig_size is not None:
             need = math.ceil(target / max(1, workers_per_node))
             live = [n for n in zv.nodes if n.status != "down"]
-            ours = set(zv.pending)
+            # an earlier cycle's removal, unless someone took its drain over meanwhile
+            ours = {n.id for n in live if n.id in set(zv.pending) and not drain_owner(n)}
             pending = [n for n in live if n.id in ours]
             # held by someone else: a node ineligible or draining that this autoscaler is not
             # removing (a healing run's maintenance, an operator's drain). It hosts no new
@@ -412,21 +426,30 @@ class Actuator:
         n = nodes.get(node_id)
         return n is None or not n.draining or n.status == "down"
 
-    def _busy(self, ids: set[str]) -> dict[str, int]:
-        """Running service/batch allocations (desired ``run``) per node of ``ids`` that is
-        not down: a drain that ended is not an empty node (Nomad ends a drain when it is
-        cancelled too: ``nomad node drain -disable``)."""
+    def _keep(self, ids: set[str]) -> dict[str, str]:
+        """Nodes of ``ids`` (not down) that must not be deleted after their drain, and why:
+        running service/batch allocations (a drain that ended is not an empty node: Nomad
+        ends a drain when it is cancelled too, ``nomad node drain -disable``), or a drain
+        someone else took over meanwhile (a healing run's maintenance)."""
         if not ids:
             return {}
         try:
             nodes = self.nomad.list_nodes(with_allocs=True)  # type: ignore[call-arg]
         except TypeError:  # a port without allocation counts
             return {}
-        return {
-            n.id: n.allocs_running
-            for n in nodes
-            if n.id in ids and n.allocs_running > 0 and n.status != "down"
-        }
+        out: dict[str, str] = {}
+        for n in nodes:
+            if n.id not in ids or n.status == "down":
+                continue
+            owner = drain_owner(n)
+            if owner:
+                out[n.id] = f"its drain was taken over by {owner}: not deleted"
+            elif n.allocs_running > 0:
+                out[n.id] = (
+                    f"its drain ended (cancelled?) with {n.allocs_running} allocation(s) "
+                    "still running: not deleted"
+                )
+        return out
 
     def _wait(self, act: Action, res: ApplyResult, decision: Decision) -> set[str]:
         """Wait (bounded by deadline + grace) until the nodes finished draining."""
@@ -447,14 +470,11 @@ class Actuator:
                 raise Abandoned("shutting down while waiting for drains")
             self._still_leading("waiting for drains")
             self.clock.sleep(self.poll_s)
-        busy = self._busy(done)
-        for nid, count in busy.items():  # the drain ended, yet workers run: cancelled
+        busy = self._keep(done)
+        for nid, why in busy.items():  # workers run (drain cancelled) or not our drain now
             done.discard(nid)
             n = next(x for x in act.nodes if x.id == nid)
-            msg = (
-                f"node {n.name} in {act.zone}: its drain ended (cancelled?) with {count} "
-                "allocation(s) still running: not deleted"
-            )
+            msg = f"node {n.name} in {act.zone}: {why}"
             res.kept.append(n.name)
             res.errors.append(msg)
             log.error("%s: %s", decision.policy, msg)

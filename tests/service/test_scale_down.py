@@ -261,3 +261,42 @@ def test_a_node_held_by_a_healing_run_is_neither_capacity_nor_a_scale_in_victim(
     again = fleet.svc.run_policy("ekyc")
     assert again is not None and again.record.outcome == "applied", again.record.line()
     assert fleet.sim.size("zone-a", "mig-a") == 1
+
+
+def test_a_scale_in_drain_taken_over_by_healing_is_not_deleted_under_it(fleet: Fleet) -> None:
+    """A maintenance notice for a node the autoscaler is draining: healing takes the drain
+    over (its own Meta). The autoscaler waited for 'its' drain and then deleted the node
+    the run was waiting on; now it keeps it, says why, and no longer counts it as its
+    removal (nor as capacity)."""
+    cluster, nomad = fleet.twin.cluster, fleet.nomad
+    oldest_a = min((n for n in cluster.nodes.values() if n.datacenter == "zone-a"),
+                   key=lambda n: n.create_index)  # fmt: skip
+    tick = fleet.clock.on_tick
+    taken: list[str] = []
+
+    def take_over() -> None:
+        assert tick is not None
+        tick()
+        if not taken and nomad.node(oldest_a.id).draining:  # the autoscaler's drain runs
+            nomad.drain(oldest_a.id, deadline_s=600, meta={"nomadscale.run": "run-7"})
+            taken.append(oldest_a.id)
+
+    fleet.clock.on_tick = take_over
+    fleet.demand["rpm"] = 120.0  # -> 1 worker per zone: zone-a drains its 2 oldest
+    out = fleet.svc.run_policy("ekyc")
+    fleet.clock.on_tick = tick
+    assert taken, "the drain was never seen running"
+    assert out is not None, "no cycle"
+    assert cluster.nodes[oldest_a.id].status != "down", "deleted under the healing run"
+    assert any(
+        e == f"node {oldest_a.name} in zone-a: its drain was taken over by healing run run-7: "
+        "not deleted"
+        for e in out.record.errors
+    ), out.record.errors
+    # the next cycle: the node is the run's (ineligible), neither ours to remove nor capacity
+    cluster.advance(1200)
+    again = fleet.svc.run_policy("ekyc")
+    assert again is not None and again.record.outcome in ("applied", "unchanged"), again
+    assert cluster.nodes[oldest_a.id].status != "down"
+    assert not any(oldest_a.name in a for a in again.record.actions), again.record.actions
+    assert fleet.sim.size("zone-a", "mig-a") == 2  # the held instance + the one needed
