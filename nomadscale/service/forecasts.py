@@ -14,6 +14,10 @@ The bucket grid is anchored where the warm start ended (on the source's step gri
 that is not a whole number of buckets later (an "apply now" kick between slots) gets a
 one-off from-scratch forecast and leaves the kept forecaster untouched. Steps are frozen once fed: a value revised later by
 the source (a late scrape) is not re-read until the next warm start.
+
+A demand source's ``ConfigError`` (a query Prometheus refuses, or whose result is not one
+series) is about the policy's ``demand`` section: it reaches the cycle record, ``plan`` and
+the log as one line naming the policy file.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 
 from nomadscale.config.policy import Policy
 from nomadscale.core.clock import utc
+from nomadscale.core.errors import ConfigError
 from nomadscale.core.ports import DemandSeries, DemandSource
 from nomadscale.core.values import Forecast
 from nomadscale.stages.decide import forecast_config_from, lookback_s
@@ -117,18 +122,18 @@ class LiveForecaster:
             if on_grid and new_s <= self.lookback_s and span_s <= self.max_span_s:
                 if n:
                     end = f.end + timedelta(seconds=new_s)
-                    series = source.history(end=end, lookback_s=new_s, step_s=step)
+                    series = self._history(source, end=end, lookback_s=new_s)
                     f.feed(_steps_from(series, start=f.end, n=n))
                     self._steps += n
                 return f.predict(), self._info("incremental", n, f.end, t0)
             if not on_grid and 0 <= new_s <= self.lookback_s:  # a kick between slots
-                series = source.history(end=now, lookback_s=self.lookback_s, step_s=step)
+                series = self._history(source, end=now, lookback_s=self.lookback_s)
                 fc = forecast(series, now=now, config=self.config)
                 return fc, ForecastInfo(
                     "one-off", len(series.values), len(series.values), series.end,
                     time.perf_counter() - t0,
                 )  # fmt: skip
-        series = source.history(end=now, lookback_s=self.lookback_s, step_s=step)
+        series = self._history(source, end=now, lookback_s=self.lookback_s)
         self._f = warm_forecaster(series, now=now, config=self.config)
         self._steps = len(series.values)
         log.info(
@@ -136,6 +141,15 @@ class LiveForecaster:
             self.policy.name, len(series.values), time.perf_counter() - t0,
         )  # fmt: skip
         return self._f.predict(), self._info("warm", len(series.values), self._f.end, t0)
+
+    def _history(self, source: DemandSource, *, end: datetime, lookback_s: float) -> DemandSeries:
+        try:
+            return source.history(end=end, lookback_s=lookback_s, step_s=self.step_s)
+        except ConfigError as e:
+            where = self.policy.source
+            if where is None or str(e).startswith(str(where)):
+                raise
+            raise ConfigError(f"{where}: {e}") from None
 
     def _info(self, mode: str, n: int, end: datetime, t0: float) -> ForecastInfo:
         return ForecastInfo(mode, n, self._steps, end, time.perf_counter() - t0)
