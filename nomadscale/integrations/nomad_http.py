@@ -61,6 +61,14 @@ _PERMANENT_500: tuple[tuple[re.Pattern[str], type[ExternalPermanentError]], ...]
         ExternalPermanentError,
     ),
     (re.compile(r"job (is )?stopped|stopped job", re.I), ExternalPermanentError),
+    # go-memdb's UUID index refuses a malformed ID (state store "<x> lookup failed: index
+    # error: ..."): an exact ID that cannot exist is not found, a bad prefix the caller's
+    # mistake; neither is worth a retry
+    (
+        re.compile(r"lookup failed: index error: (UUID must be 36|Invalid UUID:)", re.I),
+        NotFoundError,
+    ),
+    (re.compile(r"index error: ", re.I), ExternalPermanentError),
 )
 _DEPLOYMENT_400 = re.compile(r"active deployment", re.I)
 

@@ -37,13 +37,21 @@ def _uuid_prefix(req: Request, lookup: str) -> str:
     state store's ...ByIDPrefix as ``<lookup> lookup failed: ...`` (DeploymentsByIDPrefix
     does not wrap): a 500. The Nomad CLI sends an even number of hex digits
     (command/helpers.go sanitizeUUIDPrefix). Jobs use a string index: any prefix."""
-    prefix = req.query.get("prefix", "")
+    return _uuid_check(req.query.get("prefix", ""), lookup, exact=False)
+
+
+def _uuid_check(value: str, lookup: str, *, exact: bool) -> str:
+    """go-memdb UUIDFieldIndex.parseString: FromArgs (an exact lookup, ``exact``) enforces
+    36 characters, PrefixFromArgs only a maximum; the error wrapped as the state store does
+    (``<lookup> lookup failed: index error: ...``; no ``lookup``: unwrapped)."""
     why = ""
-    plain = prefix.replace("-", "")
-    if len(prefix) > 36:
-        why = f"Invalid UUID length. UUID have 36 characters; got {len(prefix)}"
-    elif prefix.count("-") > 4:
-        why = f'UUID should have maximum of 4 "-"; got {prefix.count("-")}'
+    plain = value.replace("-", "")
+    if exact and len(value) != 36:
+        why = "UUID must be 36 characters"
+    elif len(value) > 36:
+        why = f"Invalid UUID length. UUID have 36 characters; got {len(value)}"
+    elif value.count("-") > 4:
+        why = f'UUID should have maximum of 4 "-"; got {value.count("-")}'
     elif len(plain) % 2:
         why = "Input (without hyphens) must be even length"
     else:
@@ -53,7 +61,14 @@ def _uuid_prefix(req: Request, lookup: str) -> str:
     if why:
         why = f"index error: {why}"
         raise ApiError(500, f"{lookup} lookup failed: {why}" if lookup else why)
-    return prefix
+    return value
+
+
+def _uuid_id(value: str, lookup: str) -> str:
+    """An exact lookup by ID in a UUID-indexed table (state store NodeByID, AllocByID,
+    EvalByID, DeploymentByID): a malformed ID is the index's 500, a well-formed unknown one
+    is not found."""
+    return _uuid_check(value, lookup, exact=True)
 
 
 def list_nodes(c: Cluster, req: Request) -> tuple[Any, int]:
@@ -86,14 +101,14 @@ def list_nodes(c: Cluster, req: Request) -> tuple[Any, int]:
 
 
 def _node(c: Cluster, node_id: str, status: int = 404) -> Node:
-    node = c.nodes.get(node_id)
+    node = c.nodes.get(_uuid_id(node_id, "node"))
     if node is None:
         raise ApiError(status, "node not found")
     return node
 
 
 def get_node(c: Cluster, req: Request) -> tuple[Any, int]:
-    node = c.nodes.get(req.params[0])
+    node = c.nodes.get(_uuid_id(req.params[0], "node"))
     if node is None:  # Node.GetNode: a blocking query on the nodes table, then 404
         raise NotFound("node not found", c.table_index["nodes"])
     return node.full(), node.modify_index
@@ -175,14 +190,14 @@ def list_allocs(c: Cluster, req: Request) -> tuple[Any, int]:
 
 
 def get_alloc(c: Cluster, req: Request) -> tuple[Any, int]:
-    a = c.allocs.get(req.params[0])
+    a = c.allocs.get(_uuid_id(req.params[0], "alloc"))
     if a is None:
         raise NotFound("alloc not found", c.table_index["allocs"])
     return a.full(), a.modify_index
 
 
 def stop_alloc(c: Cluster, req: Request) -> Any:
-    a = c.allocs.get(req.params[0])
+    a = c.allocs.get(_uuid_id(req.params[0], "alloc"))
     if a is None:
         raise ApiError(404, "alloc not found")
     job = c.jobs.get((a.namespace, a.job_id))
@@ -239,7 +254,7 @@ def list_evals(c: Cluster, req: Request) -> tuple[Any, int]:
 
 
 def get_eval(c: Cluster, req: Request) -> tuple[Any, int]:
-    ev = c.evals.get(req.params[0])
+    ev = c.evals.get(_uuid_id(req.params[0], "eval"))
     if ev is None:
         raise NotFound("eval not found", c.table_index["evals"])
     return ev, ev["ModifyIndex"]
@@ -264,7 +279,7 @@ def list_deployments(c: Cluster, req: Request) -> tuple[Any, int]:
 
 
 def _dep(c: Cluster, dep_id: str, status: int = 404) -> Deployment:
-    dep = c.deployments.get(dep_id)
+    dep = c.deployments.get(_uuid_id(dep_id, "deployment"))
     if dep is None:
         raise ApiError(status, "deployment not found")
     return dep
@@ -273,7 +288,7 @@ def _dep(c: Cluster, dep_id: str, status: int = 404) -> Deployment:
 def get_deployment(c: Cluster, req: Request) -> tuple[Any, int]:
     """nomad/deployment_endpoint.go GetDeployment: a missing deployment is a blocking query
     on the deployment table's index like any other; the 404 comes when it returns."""
-    dep = c.deployments.get(req.params[0])
+    dep = c.deployments.get(_uuid_id(req.params[0], "deployment"))
     if dep is None:
         raise NotFound("deployment not found", c.table_index["deployments"])
     return dep.to_json(), dep.modify_index

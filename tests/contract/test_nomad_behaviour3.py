@@ -104,3 +104,33 @@ def test_a_drains_meta_says_whose_it_is_until_the_next_drain(world: World) -> No
     node3 = world.api.call("GET", path).json()
     assert node3["DrainStrategy"] is None and node3["SchedulingEligibility"] == "eligible"
     assert (node3["LastDrain"]["Status"], node3["LastDrain"]["Meta"]) == ("canceled", healing)
+
+
+@pytest.mark.parametrize(
+    ("path", "lookup"),
+    [("/node/{}", "node"), ("/allocation/{}", "alloc"), ("/evaluation/{}", "eval"),
+     ("/deployment/{}", "deployment")],
+)  # fmt: skip
+def test_an_id_that_is_not_a_uuid_is_a_server_error_and_nomadscale_reads_it_as_not_found(
+    world: World, path: str, lookup: str
+) -> None:
+    """An exact lookup (state store NodeByID / AllocByID / EvalByID / DeploymentByID) is
+    go-memdb txn.First(table, "id", v): UUIDFieldIndex.FromArgs enforces 36 characters, the
+    state store wraps it as ``<x> lookup failed: index error: ...``, the agent answers 500;
+    a well-formed unknown ID is a 404. nomadscale's adapter took that 500 for a temporary
+    failure and retried (a PagerDuty incident naming a node by name never started its
+    run); it is a NotFoundError now, at once."""
+    from nomadscale.core.errors import NotFoundError
+    from nomadscale.integrations.nomad import NomadClient
+
+    r = world.api.call("GET", path.format("web-1"), ok=False)
+    assert (r.status_code, r.text.strip()) == (
+        500,
+        f"{lookup} lookup failed: index error: UUID must be 36 characters",
+    )
+    r = world.api.call("GET", path.format("00000000-0000-4000-8000-000000000000"), ok=False)
+    assert r.status_code == 404
+    if lookup == "node":
+        client = NomadClient(address=world.target.address, token=world.target.token)
+        with pytest.raises(NotFoundError):
+            client.node("web-1")

@@ -36,9 +36,16 @@ def test_evaluations_and_allocations(twin):
     assert ev["DeploymentID"] == n.job.get_deployment("web")["ID"]  # default update block
     r = requests.get(f"{twin.address}/v1/evaluations", params={"job": "web"}, timeout=5)
     assert [e["ID"] for e in r.json()] == [reply["EvalID"]]
-    for path, text in (("evaluation", "eval not found"), ("allocation", "alloc not found")):
+    unknown = "00000000-0000-4000-8000-000000000000"
+    for path, what in (("evaluation", "eval"), ("allocation", "alloc")):
+        r = requests.get(f"{twin.address}/v1/{path}/{unknown}", timeout=5)
+        assert (r.status_code, r.text) == (404, f"{what} not found")
+        # not a UUID: go-memdb's UUID index refuses it (state store EvalByID / AllocByID)
         r = requests.get(f"{twin.address}/v1/{path}/nope", timeout=5)
-        assert (r.status_code, r.text) == (404, text)
+        assert (r.status_code, r.text) == (
+            500,
+            f"{what} lookup failed: index error: UUID must be 36 characters",
+        )
     allocs = n.allocations.get_allocations()
     assert len(allocs) == 2 and allocs[0]["TaskStates"]["server"]["State"] == "pending"
     full = n.allocation.get_allocation(allocs[0]["ID"])

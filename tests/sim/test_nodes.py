@@ -149,10 +149,18 @@ def test_cancel_drain_and_eligibility_rules(twin):
         f"{twin.address}/v1/node/{node_id}/eligibility", json={"Eligibility": "maybe"}, timeout=5
     )
     assert (r.status_code, r.text) == (500, 'invalid scheduling eligibility "maybe"')
-    r = requests.post(f"{twin.address}/v1/node/nope/drain", json={"DrainSpec": None}, timeout=5)
+    unknown = "00000000-0000-4000-8000-000000000000"
+    r = requests.post(
+        f"{twin.address}/v1/node/{unknown}/drain", json={"DrainSpec": None}, timeout=5
+    )
     assert (r.status_code, r.text) == (500, "node not found")
-    r = requests.get(f"{twin.address}/v1/node/nope", timeout=5)
+    r = requests.get(f"{twin.address}/v1/node/{unknown}", timeout=5)
     assert (r.status_code, r.text) == (404, "node not found")
+    bad = (500, "node lookup failed: index error: UUID must be 36 characters")
+    r = requests.post(f"{twin.address}/v1/node/nope/drain", json={"DrainSpec": None}, timeout=5)
+    assert (r.status_code, r.text) == bad  # state store NodeByID: go-memdb's UUID index
+    r = requests.get(f"{twin.address}/v1/node/nope", timeout=5)
+    assert (r.status_code, r.text) == bad
 
 
 def test_empty_node_drain_completes_at_once(twin):

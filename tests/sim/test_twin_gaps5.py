@@ -196,8 +196,13 @@ def test_the_allocations_of_an_unknown_node_are_empty(twin):
     """nomad/node_endpoint.go GetAllocs lists by node ID without looking the node up."""
     r = requests.get(f"{twin.address}/v1/node/ghost/allocations", timeout=10)
     assert (r.status_code, r.json()) == (200, [])
-    r = requests.get(f"{twin.address}/v1/node/ghost", timeout=10)
+    r = requests.get(f"{twin.address}/v1/node/00000000-0000-4000-8000-000000000000", timeout=10)
     assert (r.status_code, r.text) == (404, "node not found")
+    r = requests.get(f"{twin.address}/v1/node/ghost", timeout=10)  # not a UUID: NodeByID
+    assert (r.status_code, r.text) == (
+        500,
+        "node lookup failed: index error: UUID must be 36 characters",
+    )
 
 
 def test_a_replaced_allocation_names_its_successor_at_a_new_modify_index(twin):
