@@ -334,8 +334,10 @@ class CycleRunner:
         now: datetime | None = None,
         meta: dict[str, Any] | None = None,
         trigger: str = SCHEDULED,
+        store_skip: bool = True,
     ) -> CycleResult:
-        """One cycle; ``trigger`` (``records.TRIGGERS``) says what started it."""
+        """One cycle; ``trigger`` (``records.TRIGGERS``) says what started it. With
+        ``store_skip`` False a skipped cycle is logged but not stored (a kick's retries)."""
         p = self.policy
         now = now or self.clock.now()
         rec = self.recorder.new(p.name, started_at=now, trigger=trigger, id=new_id(),
@@ -359,6 +361,7 @@ class CycleRunner:
         rec.duration_s = time.perf_counter() - t0
         threshold = p.alerting.failed_cycles_before_alert
         store = leader and not dry_run and self.ports.lock.held()
+        store = store and (store_skip or rec.outcome != "skipped")
         self.recorder.record(
             rec,
             store=store,

@@ -212,10 +212,11 @@ class Service:
 
     def run_policy(
         self, name: str, *, now: datetime | None = None, kick: str | None = None,
-        trigger: str | None = None,
+        trigger: str | None = None, retry: bool = False,
     ) -> CycleResult | None:  # fmt: skip
         """One cycle of ``name`` (what the scheduler, kicks, ``--once`` and simulate call);
-        ``trigger`` defaults to ``apply-now`` with a ``kick``, else ``scheduled``."""
+        ``trigger`` defaults to ``apply-now`` with a ``kick``, else ``scheduled``. A kick's
+        ``retry`` that skips again is not stored (one record says it waits, not one a try)."""
         if self.stop_event.is_set():
             return None
         trigger = trigger or (APPLY_NOW if kick is not None else SCHEDULED)
@@ -249,7 +250,8 @@ class Service:
                 return CycleResult(record=rec)
             slot = self.slot_of(name, now)
             result = runner.run(leader=self.ports.lock.held(), now=now, trigger=trigger,
-                                meta={"nomadscale.slot": slot.isoformat()})  # fmt: skip
+                                meta={"nomadscale.slot": slot.isoformat()},
+                                store_skip=not retry)  # fmt: skip
             if kick is None:
                 self._close_slot(name, slot, result)
         if self.after_cycle is not None and self.leader and not self.stop_event.is_set():
@@ -402,7 +404,8 @@ class Service:
     def _kicked(self, name: str, kid: str) -> None:
         result = None
         try:
-            result = self.run_policy(name, kick=kid, trigger=APPLY_NOW)
+            retry = self.kick_retries.waiting(name) == kid
+            result = self.run_policy(name, kick=kid, trigger=APPLY_NOW, retry=retry)
         except Exception:
             log.exception("%s: kicked cycle crashed", name)
         self.kick_retries.outcome(name, kid, result)
