@@ -92,6 +92,12 @@ class Ports:
             self._pools[policy.name] = self.pool_for(policy)
         return self._pools[policy.name]
 
+    def forget(self, name: str) -> None:
+        """Drop the demand source and node pool built for policy ``name`` (a reload changed
+        or removed it): the next cycle builds them from its new settings."""
+        self._demand.pop(name, None)
+        self._pools.pop(name, None)
+
 
 def last_scale_time(status: JobStatus) -> datetime | None:
     """Newest successful count change of any group (whoever made it)."""

@@ -126,8 +126,7 @@ def _schedule(svc: Service, name: str, *, on: bool = True) -> None:
 def _forget(svc: Service, name: str) -> None:
     """Drop the demand source and node pool built for ``name`` (``cycle.Ports`` caches them
     by policy name): the next cycle builds them from the policy it runs."""
-    svc.ports._demand.pop(name, None)
-    svc.ports._pools.pop(name, None)
+    svc.ports.forget(name)
 
 
 def _routes(policies: Sequence[Policy]) -> dict[str, str | None]:
