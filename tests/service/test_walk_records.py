@@ -150,6 +150,40 @@ def test_status_reads_records_stored_before_host_and_trigger(
     assert " on " not in res.output  # no "(? on ?)" for what is not known
 
 
+def test_status_exits_1_when_nomad_refuses_the_token_and_shows_what_each_host_loaded(
+    consul_agent: ConsulAgent, consul_prefix: str, twin_factory: TwinFactory, tmp_path: Path
+) -> None:
+    """A token Nomad refuses (403) showed 'None' counts and exited 0, so a script took the
+    fleet for read. Now '-' counts, the row says why, exit 1 after the table; and the
+    policies each running service loaded (its last reload) show at the top."""
+    prefix = consul_prefix.rstrip("/")
+    twin = twin_factory(nodes=2, clock=SystemClock(), acl_token="right-token")
+    env = _status_env(consul_agent, prefix, twin.address, tmp_path)
+    loaded = {"from": "/etc/nomadscale/policies", "loaded_at": "2026-11-22T10:00:00+00:00",
+              "policies": {"ekyc": "/etc/nomadscale/policies/ekyc.yaml"},
+              "last_reload": {"at": "2026-11-22T10:00:00+00:00", "result": "failed",
+                              "errors": ["ekyc.yaml:3: bounds.min: must be >= 0", "x"],
+                              "changes": []}}  # fmt: skip
+    ConsulKV(addr=consul_agent.addr).put(f"{prefix}/loaded/ops-a", json.dumps(loaded).encode())
+    res = _cli("status", env={**env, "NOMAD_TOKEN": "wrong-token", "COLUMNS": "250"})
+    assert res.exit_code == 1, res.output
+    out = res.output.splitlines()
+    assert out[1] == (
+        "ops-a: 1 policy loaded at 2026-11-22T10:00:00+00:00; last reload "
+        "2026-11-22T10:00:00+00:00 failed: ekyc.yaml:3: bounds.min: must be >= 0 (+1 more)"
+    ), out
+    assert "None" not in res.output and "job: " in res.output
+    assert out[-1] == "error: cannot read the job of ekyc from Nomad", out
+    res = _cli("status", "--json", env={**env, "NOMAD_TOKEN": "wrong-token"})
+    assert res.exit_code == 1
+    doc = json.loads(res.output[: res.output.rindex("}") + 1])
+    assert doc["policies"]["ekyc"]["job_unreadable"] is True
+    assert doc["loaded"]["ops-a"]["last_reload"]["result"] == "failed"
+    # the right token, no job deployed yet: shown, exit 0
+    res = _cli("status", env={**env, "NOMAD_TOKEN": "right-token", "COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+
+
 # --- 2. releasing a lock that was already lost -----------------------------------------------
 
 
