@@ -172,3 +172,15 @@ def test_the_job_files_run_nomadscale_with_a_command_line_and_settings_it_accept
     watcher = (JOBS / "maintenance-watcher.nomad.hcl").read_text()
     assert f"http://nomadscale.service.consul:{port['Value']}/maintenance/report" in watcher
     assert task["Env"]["NOMADSCALE_HTTP_HOST"] == "0.0.0.0"
+
+
+def test_the_systemd_unit_reloads_with_the_signal_the_service_reloads_on() -> None:
+    """`systemctl reload nomadscale` must reach the service's SIGHUP reload
+    (tests/service/test_reload.py drives it with real signals); without ExecReload systemd
+    refuses the reload, and a HUP sent by hand used to kill the service."""
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(ROOT / "deploy" / "systemd" / "nomadscale.service")
+    assert unit["Service"]["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert unit["Service"]["Type"] in ("notify", "notify-reload")
