@@ -5,17 +5,22 @@ The REAL pieces run: ``Service.run_policy`` (lock, slot claim, cycle, actuator, 
 Compute endpoint, a trace file as demand, and an in-memory KV/lock (or Consul with
 ``consul_addr``). Time is virtual (``FakeClock``): the APScheduler trigger of the policy says
 when each cycle fires, and the twin's clock advances between cycles (and while the actuator
-waits for drains). Between cycles the served capacity is sampled at every trace step.
+waits for drains), timer by timer: every state change of the twin is recorded, and the
+figures and the plot come from that timeline (``simulate_report`` says how they are
+measured and how they differ from ``backtest`` on the same window). A cycle still running
+when the next should fire makes that one miss, as APScheduler would (``missed_cycles``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +29,13 @@ import numpy as np
 from nomadscale.config.policy import Policy
 from nomadscale.config.settings import Settings
 from nomadscale.core.clock import FakeClock
-from nomadscale.core.errors import InputError, NomadscaleError
+from nomadscale.core.errors import InputError, NomadscaleError, UsageError
 from nomadscale.integrations.tracefile import TraceDemandSource
 from nomadscale.service.cycle import Ports
 from nomadscale.service.forecasts import lookback_s
 from nomadscale.service.loop import Service
+from nomadscale.service.simulate_report import Meter, SimResult, measure, plot
+from nomadscale.stages.zones import even_shares
 
 log = logging.getLogger(__name__)
 
@@ -172,67 +179,73 @@ class _SimClock:
                 self.on_tick()
 
 
-@dataclass
-class SimResult:
-    policy: str
-    start: datetime
-    end: datetime
-    cycles: int
-    applied: int
-    failed: int
-    availability: float  # share of trace steps whose demand the running workers served
-    worker_hours: float
-    node_hours: float
-    static_peak_node_hours: float
-    peak_workers: int
-    static_peak_workers: int = 0  # ceil(peak demand / rpm_per_worker), held all the time
-    plot: str | None = None
-    note: str = ""  # which policy ran (the built-in one has no maintenance freeze)
-    wall_s: float = 0.0
-    skipped: dict[str, int] = field(default_factory=dict)
-    times: list[datetime] = field(default_factory=list, repr=False)
-    demand: list[float] = field(default_factory=list, repr=False)
-    capacity: list[float] = field(default_factory=list, repr=False)
-    zones: dict[str, list[int]] = field(default_factory=dict, repr=False)
-
-    @property
-    def cost_vs_static(self) -> float:
-        return self.node_hours / self.static_peak_node_hours if self.static_peak_node_hours else 0
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "policy": self.policy,
-            "policy_note": self.note,
-            "start": self.start.isoformat(),
-            "end": self.end.isoformat(),
-            "days": round((self.end - self.start).total_seconds() / 86400, 2),
-            "cycles": self.cycles,
-            "applied": self.applied,
-            "failed": self.failed,
-            "skipped": dict(self.skipped),
-            "availability": round(self.availability, 4),
-            "worker_hours": round(self.worker_hours, 1),
-            "node_hours": round(self.node_hours, 1),
-            "static_peak_node_hours": round(self.static_peak_node_hours, 1),
-            "static_peak_workers": self.static_peak_workers,
-            "cost_vs_static_peak": round(self.cost_vs_static, 3),
-            "peak_workers": self.peak_workers,
-            "plot": self.plot,
-            "wall_seconds": round(self.wall_s, 1),
-        }
-
-
 def sim_window(
-    trace_start: datetime, span_s: float, *, days: float, cycle_s: float
+    trace_start: datetime,
+    span_s: float,
+    *,
+    days: float,
+    cycle_s: float,
+    step_s: float | None = None,
 ) -> tuple[datetime, datetime]:
     """The simulated window: after a warm-up of min(7 days, 35% of the trace) rounded up to
     a cycle (SCORING.md: the forecaster needs history to calibrate on), for ``days`` or to
-    the end of the trace."""
-    warm = min(7 * 86400.0, 0.35 * span_s)
+    the end of the trace. With the trace's ``step_s`` the warm-up counts whole steps first,
+    as ``backtest`` does (``backtest.protocol._warmup``): 35% of a 58-step trace is 20 steps,
+    not 20.3, so both start at the same decision."""
+    if step_s:
+        n = round(span_s / step_s)
+        warm = min(int(7 * 86400 / step_s), int(0.35 * n)) * step_s
+    else:
+        warm = min(7 * 86400.0, 0.35 * span_s)
     warm = math.ceil(warm / cycle_s - 1e-9) * cycle_s
     start = trace_start + timedelta(seconds=warm)
-    end = min(start + timedelta(days=days), trace_start + timedelta(seconds=span_s))
+    left = max(0.0, span_s - warm)
+    end = start + timedelta(seconds=min(days * 86400.0, left))
     return start, end
+
+
+def _check_days(days: float) -> None:
+    if not (math.isfinite(days) and days > 0):
+        raise UsageError(f"--days {days:g}: must be a positive number of days")
+
+
+def _fires(svc: Service, name: str, start: datetime, end: datetime) -> list[datetime]:
+    """Every time the policy's cron trigger fires in ``[start, end)``."""
+    out: list[datetime] = []
+    fire = svc.next_fire(name, start - timedelta(microseconds=1))
+    while fire < end:
+        out.append(fire)
+        fire = svc.next_fire(name, fire + timedelta(microseconds=1))
+    return out
+
+
+def _notes(policy: Policy, demand: TraceDemandSource, *, builtin: bool, trace: Path,
+           days: float, start: datetime, end: datetime) -> list[str]:  # fmt: skip
+    """What the reader must know to read the figures right."""
+    out: list[str] = []
+    d = policy.demand
+    if not builtin and (d.source != "trace" or Path(d.trace).resolve() != trace.resolve()):
+        was = "its Prometheus query" if d.source != "trace" else f"its trace {d.trace}"
+        out.append(f"demand: the trace {trace}, not {was}")
+    got = (end - start).total_seconds() / 86400
+    if got < days - 1e-9:
+        out.append(
+            f"the trace ends {got:.2f} days ({got * 24:.1f} h) after the first decision: "
+            f"simulated {got:.2f} of the {days:g} days asked"
+        )
+    rpm = demand.trace.rpm
+    s = int((start - demand.trace.start).total_seconds() // demand.trace.step_s)
+    e = math.ceil((end - demand.trace.start).total_seconds() / demand.trace.step_s)
+    window = rpm[max(0, s) : max(0, e)]
+    peak = float(np.nanmax(window)) if np.any(~np.isnan(window)) else 0.0
+    need = math.ceil(peak / policy.capacity.rpm_per_worker - 1e-9)
+    if need > policy.bounds.max:
+        out.append(
+            f"the trace's peak ({peak:.0f} rpm) needs {need} workers of "
+            f"{policy.capacity.rpm_per_worker:g} rpm, above bounds.max {policy.bounds.max}: "
+            "availability is capped by the policy, not the forecast"
+        )
+    return out
 
 
 def simulate(
@@ -242,8 +255,16 @@ def simulate(
     policy: Policy | None = None,
     out_dir: str | Path | None = None,
     consul_addr: str | None = None,
+    consul_token: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SimResult:
+    """Run the service against the twin over ``days`` of the trace (after its warm-up).
+
+    ``progress(done, total)`` is called after every cycle (``total``: the cycles the
+    policy's trigger fires in the window). With ``consul_addr`` the KV and the lock are in
+    that Consul under a prefix of their own per run (``SimResult.notes`` names it), and the
+    lock is released at the end. Ctrl-C (KeyboardInterrupt) stops the twin and the lock and
+    propagates: nothing is written."""
     from google.auth.credentials import AnonymousCredentials
 
     from nomadscale.integrations.gce import GceMigPool
@@ -252,6 +273,7 @@ def simulate(
     from nomadscale.sim.compute import ComputeServer, ComputeSim
     from nomadscale.sim.server import TwinServer
 
+    _check_days(days)
     trace_path = Path(trace) if trace else default_trace()
     builtin = policy is None
     policy = policy or default_policy(trace_path)
@@ -260,60 +282,85 @@ def simulate(
     # the policy's whole lookback: the service's forecaster is incremental
     demand = TraceDemandSource(trace_path)
     tr = demand.trace
-    if days <= 0:
-        raise InputError("--days: must be positive")
-    start, end = sim_window(tr.start, tr.duration_s, days=days, cycle_s=policy.cycle_s)
+    start, end = sim_window(tr.start, tr.duration_s, days=days, cycle_s=policy.cycle_s,
+                            step_s=tr.step_s)  # fmt: skip
     if end <= start:
-        raise InputError(f"{trace_path}: trace too short to simulate")
+        raise InputError(
+            f"{trace_path}: trace too short to simulate: {len(tr.rpm)} steps of "
+            f"{tr.step_s / 60:g} min leave nothing after the warm-up (35% of the trace, at "
+            f"most 7 days, rounded up to a {policy.cycle_s / 60:g} min cycle)"
+        )
     rpm = policy.capacity.rpm_per_worker
+    np_ = policy.target.node_pool
+    wpn = np_.workers_per_node if np_ is not None else 1
     fake = FakeClock(start - timedelta(minutes=15))  # 15 min to place the initial fleet
     cluster = Cluster.build(nodes=0, zones=[z.name for z in policy.zones.items], clock=fake)
-    clock = _SimClock(fake, cluster.advance)
+    # one GPU per worker: a node of the pool holds workers_per_node of them. The twin's MIGs
+    # create nodes through Cluster.add_node, which has no per-MIG GPU count (reported).
+    cluster.add_node = functools.partial(cluster.add_node, gpus=wpn)  # type: ignore[method-assign]
     cluster.add_namespace(policy.target.namespace)
     first = demand.rpm_at(start)
-    initial = max(policy.bounds.min, math.ceil((0 if math.isnan(first) else first) / rpm))
-    from nomadscale.stages.zones import even_shares
-
-    shares = even_shares(initial, len(policy.zones.items))
+    want = math.ceil((0 if math.isnan(first) else first) / rpm)
+    initial = min(policy.bounds.max, max(policy.bounds.min, want))
+    nz = len(policy.zones.items)
+    shares = even_shares(initial, nz)
     counts = {z.name: shares[i] for i, z in enumerate(policy.zones.items)}
-    for z in policy.zones.items:
-        for i in range(counts[z.name]):
+    # without a node pool nomadscale scales only the task groups: a fixed fleet, room for
+    # bounds.max; with one, the initial fleet's nodes (the MIGs adopt them)
+    room = even_shares(policy.bounds.max, nz)
+    for i, z in enumerate(policy.zones.items):
+        n_nodes = math.ceil(counts[z.name] / wpn) if np_ is not None else room[i]
+        for k in range(n_nodes):
             cluster.add_node(
-                name=f"{z.instance_group or z.name}-init{i:03d}",
+                name=f"{z.instance_group or z.name}-init{k:03d}",
                 datacenter=z.name,
                 node_pool=z.node_pool,
                 node_class="gpu-l4",
                 meta={"zone": z.name},
             )
-    np_ = policy.target.node_pool
     project = np_.project if np_ is not None else PROJECT
     compute = ComputeSim(cluster, project=project)
-    for z in policy.zones.items:
-        if z.instance_group:
-            compute.add_mig(name=z.instance_group, zone=z.name, node_pool=z.node_pool,
-                            node_class="gpu-l4")  # fmt: skip
+    if np_ is not None:
+        for z in policy.zones.items:
+            if z.instance_group:
+                compute.add_mig(name=z.instance_group, zone=z.name, node_pool=z.node_pool,
+                                node_class="gpu-l4")  # fmt: skip
+    meter = Meter(cluster, compute, policy, nodes=np_ is not None)
+    clock = _SimClock(fake, meter.advance)
+    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    prefix = f"nomadscale-sim/{run_id}" if consul_addr else "nomadscale-sim"
     twin = TwinServer(cluster, host="127.0.0.1", port=0).start()
     gce = ComputeServer(compute).start()
+    lock: Any = None
     try:
         nomad = NomadClient(address=twin.address, namespace=policy.target.namespace, clock=clock)
         image = policy.deploy.image if policy.deploy else "registry.example.com/ml-worker:sim"
-        nomad.register_job(worker_job(policy, counts=counts, image=image))
-        cluster.advance((start - fake.now()).total_seconds())
-        settings = Settings(consul_addr=consul_addr, lock_ttl_s=30.0, kv_prefix="nomadscale-sim")
+        job = worker_job(policy, counts=counts, image=image)
+        # the zones' Nomad node pool, target.node_pool or not (that one is the GCE side);
+        # zones in different pools: "all", each group pinned to its zone's datacenter
+        pools = {z.node_pool for z in policy.zones.items}
+        job["NodePool"] = pools.pop() if len(pools) == 1 else "all"
+        nomad.register_job(job)
+        meter.advance((start - fake.now()).total_seconds())
+        settings = Settings(consul_addr=consul_addr, lock_ttl_s=30.0, kv_prefix=prefix)
         if consul_addr:
             from nomadscale.integrations.consul import ConsulKV, ConsulLock
 
-            kv: Any = ConsulKV(addr=consul_addr)
-            lock: Any = ConsulLock(addr=consul_addr, key="nomadscale-sim/leader", ttl_s=30)
+            kv: Any = ConsulKV(addr=consul_addr, token=consul_token)
+            lock = ConsulLock(addr=consul_addr, key=f"{prefix}/leader", ttl_s=30,
+                              token=consul_token)  # fmt: skip
             try:  # now, in one line: not a run of cycles all skipped for want of the lock
-                lock.acquire()
+                held = lock.acquire()
             except NomadscaleError as e:
                 raise InputError(f"--consul {consul_addr}: {e}") from None
+            if not held:
+                raise InputError(f"--consul {consul_addr}: the lock {prefix}/leader is held "
+                                 "by another session")  # fmt: skip
         else:
             from nomadscale.integrations.memkv import MemoryKV, MemoryLock
 
             kv = MemoryKV(clock=clock)
-            lock = MemoryLock(kv=kv, key="nomadscale-sim/leader", ttl_s=30, lock_delay_s=0)
+            lock = MemoryLock(kv=kv, key=f"{prefix}/leader", ttl_s=30, lock_delay_s=0)
         pool = GceMigPool(project=project, credentials=AnonymousCredentials(),
                           base_url=gce.base_url, clock=clock, poll_s=1.0)  # fmt: skip
         ports = Ports(nomad=nomad, kv=kv, lock=lock, demand_for=lambda _p: demand,
@@ -322,12 +369,34 @@ def simulate(
                       poll_s=30.0)  # fmt: skip
         clock.on_tick = lock.acquire
         t0 = time.perf_counter()
-        res = _drive(svc, policy, demand, cluster, compute, nomad, clock,
-                     start=start, end=end, out_dir=out_dir, progress=progress)  # fmt: skip
+        res = _drive(svc, policy, demand, meter, clock, start=start, days=days,
+                     progress=progress)  # fmt: skip
         res.note = describe_policy(policy, builtin=builtin)
+        res.days_asked = days
+        res.trace = str(trace_path)
+        res.notes = _notes(policy, demand, builtin=builtin, trace=trace_path, days=days,
+                           start=res.start, end=res.end)  # fmt: skip
+        if np_ is None:
+            res.notes.append(
+                "no target.node_pool: nodes are not scaled (a fixed fleet of "
+                f"{sum(room)}), so the cost is in worker-hours"
+            )
+        if consul_addr:
+            res.notes.append(f"decision records in Consul {consul_addr} under {prefix}/")
+        res.events = cluster.events
+        if out_dir is not None:
+            where = Path(out_dir) / f"simulate-{policy.name}.png"
+            try:
+                res.plot = str(plot(res, where, rpm=rpm))
+            except OSError as e:
+                raise InputError(f"{where}: cannot write the plot: {e.strerror or e}") from None
         res.wall_s = time.perf_counter() - t0
         return res
     finally:
+        clock.on_tick = None
+        if lock is not None and consul_addr:
+            with contextlib.suppress(NomadscaleError):
+                lock.release()  # the next run, or a rerun, need not wait for the TTL
         gce.stop()
         twin.stop()
 
@@ -336,119 +405,67 @@ def _drive(
     svc: Service,
     policy: Policy,
     demand: TraceDemandSource,
-    cluster: Any,
-    compute: Any,
-    nomad: Any,
+    meter: Meter,
     clock: _SimClock,
     *,
     start: datetime,
-    end: datetime,
-    out_dir: str | Path | None,
+    days: float,
     progress: Callable[[int, int], None] | None,
 ) -> SimResult:
     name = policy.name
     rpm = policy.capacity.rpm_per_worker
-    step = demand.trace.step_s
-    total_cycles = int((end - start).total_seconds() // policy.cycle_s)
-    res = SimResult(name, start, end, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0)
-    res.zones = {z.name: [] for z in policy.zones.items}
-    next_sample = start
-    fire = svc.next_fire(name, start - timedelta(microseconds=1))
-    while fire < end:
-        while next_sample <= fire and next_sample < end:  # sample served capacity
-            gap = (next_sample - clock.now()).total_seconds()
-            if gap > 0:
-                cluster.advance(gap)
-            _sample(res, policy, demand, cluster, compute, at=next_sample, step_s=step, rpm=rpm)
-            next_sample += timedelta(seconds=step)
-        gap = (fire - clock.now()).total_seconds()
-        if gap > 0:
-            cluster.advance(gap)
+    tr = demand.trace
+    last = tr.end
+    first_fire = _fires(svc, name, start, min(start + timedelta(seconds=policy.cycle_s), last))
+    if not first_fire:
+        raise InputError(
+            f"{demand.path}: no {policy.cycle_s / 60:g} min cycle fires between "
+            f"{start:%Y-%m-%dT%H:%M}Z and the end of the trace at {last:%Y-%m-%dT%H:%M}Z"
+        )
+    # scored from the first decision on, as backtest scores (the trace's warm-up ends off
+    # the wall-clock cycle grid when its rows are: ELB's at :04, :09...)
+    start = first_fire[0]
+    end = start + timedelta(seconds=min(days * 86400.0, (last - start).total_seconds()))
+    fires = _fires(svc, name, start, end)
+    res = SimResult(name, start, end)
+    for i, fire in enumerate(fires):
+        if fire < clock.now():  # the cycle before was still running: APScheduler misfires
+            res.missed += 1
+            if progress is not None:
+                progress(i + 1, len(fires))
+            continue
+        meter.advance((fire - clock.now()).total_seconds())
         out = svc.run_policy(name)
+        meter.record()
         res.cycles += 1
         if out is not None:
             res.applied += out.record.outcome == "applied"
             res.failed += out.record.outcome == "failed"
             if out.record.skipped:
                 res.skipped[out.record.skipped] = res.skipped.get(out.record.skipped, 0) + 1
+            d = out.decision
+            if d is not None and d.forecast is not None:
+                f = d.forecast
+                res.forecasts.append((fire, f.peak, f.upper, d.desired, f.horizon_s))
         if progress is not None:
-            progress(res.cycles, total_cycles)
-        fire = svc.next_fire(name, max(fire + timedelta(microseconds=1), clock.now()))
-    while next_sample < end:
-        gap = (next_sample - clock.now()).total_seconds()
-        if gap > 0:
-            cluster.advance(gap)
-        _sample(res, policy, demand, cluster, compute, at=next_sample, step_s=step, rpm=rpm)
-        next_sample += timedelta(seconds=step)
-    served = [c >= d for c, d in zip(res.capacity, res.demand, strict=True) if not math.isnan(d)]
-    res.availability = sum(served) / len(served) if served else 0.0
+            progress(i + 1, len(fires))
+    if clock.now() < end:
+        meter.advance((end - clock.now()).total_seconds())
+    # the first trace step starting at or after the window's start
+    k = math.ceil((start - tr.start).total_seconds() / tr.step_s - 1e-9)
+    first = tr.start + timedelta(seconds=k * tr.step_s)
+    measure(res, meter.timeline, demand_at=demand.rpm_at, step_s=tr.step_s, first_step=first,
+            rpm=rpm)  # fmt: skip
     peak = max((d for d in res.demand if not math.isnan(d)), default=0.0)
-    static_nodes = math.ceil(peak / rpm)
-    res.static_peak_workers = static_nodes
-    res.static_peak_node_hours = static_nodes * (end - start).total_seconds() / 3600
-    if out_dir is not None:
-        res.plot = str(plot(res, Path(out_dir) / f"simulate-{name}.png", rpm=rpm))
+    static = math.ceil(peak / rpm - 1e-9)
+    hours = (end - start).total_seconds() / 3600
+    res.static_peak_workers = static
+    res.static_peak_worker_hours = static * hours
+    np_ = policy.target.node_pool
+    if np_ is None:
+        res.static_peak_node_hours = None
+    else:
+        shares = even_shares(static, len(policy.zones.items))
+        nodes = sum(math.ceil(s / np_.workers_per_node) for s in shares)
+        res.static_peak_node_hours = nodes * hours
     return res
-
-
-def _sample(
-    res: SimResult,
-    policy: Policy,
-    demand: TraceDemandSource,
-    cluster: Any,
-    compute: Any,
-    *,
-    at: datetime,
-    step_s: float,
-    rpm: float,
-) -> None:
-    """Measure (in-process, not through the service's API) what was running at ``at``."""
-    with cluster.lock:
-        allocs = cluster.job_allocs((policy.target.namespace, policy.target.job))
-        per_group: dict[str, int] = {}
-        for a in allocs:
-            if a.client_status == "running" and a.desired_status == "run":
-                per_group[a.task_group] = per_group.get(a.task_group, 0) + 1
-        nodes = sum(len(m.instances) for m in compute.migs.values())
-    running = 0
-    for z in policy.zones.items:
-        n = per_group.get(z.group, 0)
-        res.zones[z.name].append(n)
-        running += n
-    hours = step_s / 3600
-    res.times.append(at)
-    res.demand.append(demand.rpm_at(at))
-    res.capacity.append(running * rpm)
-    res.worker_hours += running * hours
-    res.node_hours += nodes * hours
-    res.peak_workers = max(res.peak_workers, running)
-
-
-def plot(res: SimResult, path: Path, *, rpm: float) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
-    ax1.plot(res.times, res.demand, label="demand (rpm)", color="tab:red", lw=1)
-    ax1.plot(res.times, res.capacity, label="served capacity (rpm)", color="tab:blue", lw=1)
-    ax1.set_ylabel("requests / min")
-    ax1.legend(loc="upper left")
-    ax1.set_title(
-        f"{res.policy}: availability {res.availability:.2%}, "
-        f"cost {res.cost_vs_static:.0%} of static peak"
-    )
-    bottom = [0] * len(res.times)
-    for zone, counts in res.zones.items():
-        top = [b + c for b, c in zip(bottom, counts, strict=True)]
-        ax2.fill_between(res.times, bottom, top, step="post", alpha=0.6, label=zone)
-        bottom = top
-    ax2.set_ylabel("running workers")
-    ax2.legend(loc="upper left")
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
