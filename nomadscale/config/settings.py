@@ -109,6 +109,8 @@ class Settings:
     consul_token: Secret | None = None
     consul_cacert: str | None = None
     prometheus_url: str | None = None
+    prometheus_cacert: str | None = None
+    prometheus_token: Secret | None = None
     policies: str = "/etc/nomadscale/policies"
     runbooks: str = "/etc/nomadscale/runbooks"
     kv_prefix: str = "nomadscale"
@@ -151,6 +153,7 @@ _SECRET_FILES: dict[str, str] = {
     "CONSUL_HTTP_TOKEN_FILE": "consul_token",
     "NOMADSCALE_PD_API_KEY_FILE": "pagerduty_api_key",
     "NOMADSCALE_REPORT_TOKEN_FILE": "report_token",
+    "NOMADSCALE_PROMETHEUS_TOKEN_FILE": "prometheus_token",
 }
 
 # env var -> (field, kind)
@@ -167,6 +170,8 @@ _ENV: dict[str, tuple[str, str]] = {
     "CONSUL_HTTP_TOKEN": ("consul_token", "secret"),
     "CONSUL_CACERT": ("consul_cacert", "str"),
     "PROMETHEUS_URL": ("prometheus_url", "str"),
+    "PROMETHEUS_CACERT": ("prometheus_cacert", "str"),
+    "NOMADSCALE_PROMETHEUS_TOKEN": ("prometheus_token", "secret"),
     "NOMADSCALE_POLICIES": ("policies", "str"),
     "NOMADSCALE_RUNBOOKS": ("runbooks", "str"),
     "NOMADSCALE_KV_PREFIX": ("kv_prefix", "str"),

@@ -23,9 +23,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nomadscale.config.policy import Policy
-from nomadscale.config.settings import Secret, Settings
+from nomadscale.config.settings import Secret, Settings, url_password
 from nomadscale.core.clock import Clock, SystemClock
-from nomadscale.core.errors import ConfigError, PermanentError
+from nomadscale.core.errors import ConfigError, PermanentError, UsageError
 from nomadscale.core.ports import AlertPort, DemandSource, NodePoolPort
 from nomadscale.service import systemd
 from nomadscale.service.cycle import CycleResult, Ports
@@ -191,6 +191,27 @@ def lock_key(settings: Settings) -> str:
     return f"{settings.kv_prefix.strip('/')}/leader"
 
 
+def prometheus_client(settings: Settings) -> Any:
+    """The Prometheus client of ``settings``: ``PROMETHEUS_URL``, its CA file
+    (``PROMETHEUS_CACERT``) and bearer token (``NOMADSCALE_PROMETHEUS_TOKEN(_FILE)``)."""
+    from nomadscale.integrations.prometheus import PrometheusClient
+
+    url = str(settings.prometheus_url)
+    cacert = settings.prometheus_cacert
+    if cacert and not os.path.isfile(cacert):  # requests would raise a bare OSError per query
+        raise ConfigError(f"PROMETHEUS_CACERT: {cacert}: no such file")
+    token = settings.prometheus_token.reveal() if settings.prometheus_token else None
+    if token and url_password(url):
+        raise ConfigError(
+            "NOMADSCALE_PROMETHEUS_TOKEN: set while PROMETHEUS_URL carries user:password "
+            "(basic auth): give one of them"
+        )
+    try:
+        return PrometheusClient(url=url, bearer_token=token, verify=cacert or True)
+    except UsageError as e:
+        raise ConfigError(f"PROMETHEUS_URL: {e}") from None
+
+
 def demand_for(settings: Settings) -> Any:
     def build(policy: Policy) -> DemandSource:
         d = policy.demand
@@ -202,10 +223,12 @@ def demand_for(settings: Settings) -> Any:
             raise ConfigError(
                 f"policy {policy.name}: demand.source is prometheus but PROMETHEUS_URL is not set"
             )
-        from nomadscale.integrations.prometheus import PrometheusClient, PrometheusDemandSource
+        from nomadscale.integrations.prometheus import PrometheusDemandSource
 
-        client = PrometheusClient(url=settings.prometheus_url)
-        return PrometheusDemandSource(client=client, query=d.query)
+        # errors about the query name the file to fix (`forecast`, `plan`, the cycle record)
+        where = f"{policy.source}: demand.query" if policy.source else "demand.query"
+        return PrometheusDemandSource(client=prometheus_client(settings), query=d.query,
+                                      where=where)  # fmt: skip
 
     return build
 
@@ -215,9 +238,7 @@ def rollout_prometheus(settings: Settings, policy: Policy, *, gated: bool) -> An
     PROMETHEUS_URL. ``gated``: the rollout is driven (start, resume), so a policy with
     ``deploy.sli`` needs it: ConfigError rather than a canary promoted on health alone."""
     if settings.prometheus_url:
-        from nomadscale.integrations.prometheus import PrometheusClient
-
-        return PrometheusClient(url=settings.prometheus_url)
+        return prometheus_client(settings)
     if gated and policy.deploy is not None and policy.deploy.sli is not None:
         raise ConfigError(
             f"PROMETHEUS_URL: not set (policy {policy.name}: deploy.sli gates the rollout "

@@ -306,8 +306,18 @@ def start_prometheus(
     if series:
         om = workdir / "series.om"
         om.write_text(openmetrics_text(series))
+        # a few large blocks: promtool's default of 2 h made five weeks 420 blocks, and
+        # Prometheus took ~45 s to open them before it was ready
         done = subprocess.run(
-            [promtool, "tsdb", "create-blocks-from", "openmetrics", str(om), str(data)],
+            [
+                promtool,
+                "tsdb",
+                "create-blocks-from",
+                "openmetrics",
+                "--max-block-duration=1000h",
+                str(om),
+                str(data),
+            ],
             capture_output=True,
             text=True,
             check=False,

@@ -154,12 +154,8 @@ def test_every_help_says_what_the_command_exits_with(path: tuple[str, ...]) -> N
 
 # --- settings: the docs, the env example and settings.py agree ----------------------------
 
-FILE_VARS = {  # a *_FILE variable reads the token of the setting it names from a file
-    "NOMAD_TOKEN_FILE",
-    "CONSUL_HTTP_TOKEN_FILE",
-    "NOMADSCALE_PD_API_KEY_FILE",
-    "NOMADSCALE_REPORT_TOKEN_FILE",
-}
+# a *_FILE variable reads the token of the setting it names from a file
+FILE_VARS = set(settings_mod._SECRET_FILES)
 # variables the docs name that are not process settings, and why
 NOT_SETTINGS = {
     "NOMADSCALE_PD_ROUTING_KEY": "named by the policy's alerting.pagerduty_routing_key_env",

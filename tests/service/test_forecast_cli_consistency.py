@@ -10,6 +10,7 @@ import json
 import os
 import re
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from click.testing import CliRunner
 from nomadscale.cli.main import _register, cli
 from nomadscale.config.settings import Settings
 from nomadscale.core.clock import FakeClock
+from nomadscale.integrations.consul import LockHolder
 from nomadscale.integrations.memkv import MemoryKV, MemoryLock
 from nomadscale.integrations.nomad import NomadClient
 from nomadscale.integrations.tracefile import TraceDemandSource
@@ -52,7 +54,7 @@ def test_forecast_command_prints_the_live_cycles_upper_bound_and_workers(
     (tmp_path / "policies" / "ekyc.yaml").write_text(yaml.safe_dump(policy.to_yaml_dict()))
     (tmp_path / "settings.yaml").write_text("{}\n")
     now = TraceDemandSource(TRACE).trace.end  # where both commands put "now" on a trace
-    fake = FakeClock(now)
+    fake = FakeClock(now - timedelta(hours=12))
     twin = twin_factory(nodes=20, clock=fake)
     twin.cluster.add_namespace("ekyc")
     job = worker_job(policy, counts={"zone-a": 1, "zone-b": 1}, image="i",
@@ -71,18 +73,31 @@ def test_forecast_command_prints_the_live_cycles_upper_bound_and_workers(
     printed_upper, printed_workers = m["upper"], int(m["workers"])
     planned: dict[str, Any] = json.loads(_cli(["plan", "ekyc", "--json"], env))["decision"]
 
-    # the live loop: a leader cycle of the service at the same `now`, applied to the twin
+    # the live loop: a standby of the service that followed the history for 12 hours (its
+    # kept forecaster fed slot by slot) takes over and decides at the same `now`, applied to
+    # the twin
     clock = _SimClock(fake, twin.cluster.advance)
     kv = MemoryKV(clock=clock)
-    lock = MemoryLock(kv=kv, key="ns/leader", ttl_s=30, lock_delay_s=0)
+    lock = MemoryLock(kv=kv, key="ns/leader", ttl_s=30, lock_delay_s=0,
+                      holder=LockHolder(host="b", pid=0, started_at=""))  # fmt: skip
+    other = MemoryLock(kv=kv, key="ns/leader", ttl_s=30, lock_delay_s=0,
+                       holder=LockHolder(host="a", pid=0, started_at=""))  # fmt: skip
     settings = Settings(kv_prefix="ns")
     ports = Ports(nomad=NomadClient(address=twin.address, clock=clock), kv=kv, lock=lock,
                   demand_for=demand_for(settings))  # fmt: skip
     svc = Service(settings=settings, policies=[policy], ports=ports, clock=clock, poll_s=5,
                   check=False)  # fmt: skip
+    for k in range(36, 0, -1):  # the other process leads meanwhile
+        fake.set(now - timedelta(minutes=20 * k))
+        assert other.acquire()
+        skipped = svc.run_policy("ekyc", now=fake.now())
+        assert skipped is not None and skipped.record.skipped == "not-leader"
+    fake.set(now)
+    other.release()
     clock.on_tick = lock.acquire  # the lock tick renews as virtual time passes
     out = svc.run_policy("ekyc", now=now)
     assert out is not None and out.record.outcome == "applied", out.record.line()
+    assert out.record.inputs["forecast"].startswith("incremental (2 steps read"), out.record.inputs
     live = out.record.decision
     assert live is not None
 

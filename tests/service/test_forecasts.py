@@ -3,6 +3,7 @@ same steps, while reading only the new steps each cycle."""
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -84,23 +85,30 @@ def test_a_kick_between_slots_is_one_off_and_a_reset_warm_starts() -> None:
     assert live.forecast(src, now=now + timedelta(days=5, minutes=20))[1].mode == "warm"
 
 
-def test_kept_forecasters_re_warm_within_three_lookbacks_and_not_in_the_same_cycle() -> None:
-    """Memory stays bounded (a re-warm after 2-3 lookbacks of history) and a fleet of policies
-    started together spreads its re-warms (each costs a full lookback's forecast) over time."""
+def test_kept_forecasters_re_warm_once_a_lookback_from_kept_steps_not_in_the_same_cycle() -> None:
+    """Memory stays bounded (the kept forecaster re-warms when its anchored origin moves, once
+    a lookback, so it holds one to two lookbacks of history), a re-warm reads only the new
+    steps (it starts from the steps already read), and a fleet of policies started together
+    spreads its re-warms (each costs a lookback's forecast) over the lookback."""
     demand = {"source": "prometheus", "query": "q", "step": "10m", "lookback": "1d"}
-    src = Recording(_demand(int(6 * 86400 / STEP)))
-    start = ORIGIN + timedelta(days=1, seconds=43)
-    re_warmed: dict[str, float] = {}
+    src = Recording(_demand(int(7 * 86400 / STEP)))
+    start = ORIGIN + timedelta(days=2, seconds=43)
+    re_warmed: dict[str, list[int]] = {}
     for name in ("ekyc", "ocr", "asr"):
         live = LiveForecaster(make_policy(name=name, demand=demand))
-        assert live.forecast(src, now=start)[1].mode == "warm"
-        for i in range(1, 5 * 72):  # up to 5 days of 20-minute cycles
+        info = live.forecast(src, now=start)[1]
+        assert info.mode == "warm" and src.reads[-1] == 2 * 72 * 2  # up to 2 lookbacks + 1
+        re_warmed[name] = []
+        for i in range(1, 4 * 72):  # four days of 20-minute cycles
             info = live.forecast(src, now=start + timedelta(minutes=20 * i))[1]
-            if info.mode == "warm":
-                re_warmed[name] = i / 72  # days after the warm start
-                break
-            assert info.mode == "incremental"
-    assert set(re_warmed) == {"ekyc", "ocr", "asr"}
-    # the warm start held 1 day: 2-3 lookbacks of span means 1-2 days of new cycles
-    assert all(1.0 <= d <= 2.0 + 1 / 72 for d in re_warmed.values()), re_warmed
-    assert len(set(re_warmed.values())) == 3, re_warmed
+            assert info.mode in ("incremental", "rewarm"), (i, info)
+            assert src.reads[-1] == 2  # the new steps only, re-warm or not
+            span = info.history_steps * STEP
+            # one to two lookbacks (and less than a cycle: these slots are off the grid)
+            assert 86400 <= span <= 2 * 86400 + 1200, (i, info)
+            if info.mode == "rewarm":
+                assert span <= 86400 + 1200  # from the new origin: one lookback back
+                re_warmed[name].append(i)
+    for at in re_warmed.values():  # a day (72 cycles) apart
+        assert len(at) == 4 and {b - a for a, b in itertools.pairwise(at)} == {72}, at
+    assert len({at[0] for at in re_warmed.values()}) == 3, re_warmed
