@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -400,3 +401,45 @@ class GceFaults:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+@dataclass
+class MigRig:
+    """The fleet the partial-failure walks share (test_walk_chaos2, test_walk_gce2): 3 nodes
+    per zone in MIGs mig-a/b, the worker job ``ekyc/ml-worker``, a service on a simulated
+    clock; the walks add their own fault points."""
+
+    twin: Any
+    sim: Any
+    svc: Any
+    demand: dict[str, float]
+    clock: Any
+    nomad: Any
+    kv: Any
+    prefix: str
+
+    def records(self) -> list[dict[str, Any]]:
+        entries = sorted(self.kv.list(f"{self.prefix}/decisions/ekyc/"), key=lambda e: e.key)
+        return [json.loads(e.value) for e in entries]
+
+    def counts(self) -> dict[str, int]:
+        st = self.nomad.job_status("ml-worker", namespace="ekyc")
+        return {g: st.groups[g].desired for g in sorted(st.groups)}
+
+    def sizes(self) -> dict[str, int]:
+        return {"zone-a": self.sim.size("zone-a", "mig-a"),
+                "zone-b": self.sim.size("zone-b", "mig-b")}  # fmt: skip
+
+
+def mig_fleet(twin_factory: Callable[..., Any]) -> tuple[Any, Any, Any]:
+    """(twin, compute sim, simulated clock): 6 GPU nodes in zones a/b, MIGs mig-a/b over
+    them, namespace ``ekyc``."""
+    from nomadscale.service.simulate import _SimClock
+    from nomadscale.sim.compute import ComputeSim
+
+    twin = twin_factory(nodes=6, node_pool="gpu")
+    twin.cluster.add_namespace("ekyc")
+    sim = ComputeSim(twin.cluster, project="proj")
+    sim.add_mig(name="mig-a", zone="zone-a", node_pool="gpu")
+    sim.add_mig(name="mig-b", zone="zone-b", node_pool="gpu")
+    return twin, sim, _SimClock(twin.clock, twin.cluster.advance)

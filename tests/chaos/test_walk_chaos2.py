@@ -27,48 +27,30 @@ from nomadscale.integrations.nomad import NomadClient
 from nomadscale.service.cycle import Ports
 from nomadscale.service.loop import Service
 from nomadscale.service.records import TAKEOVER
-from nomadscale.service.simulate import _SimClock, worker_job
-from nomadscale.sim.compute import ComputeServer, ComputeSim
+from nomadscale.service.simulate import worker_job
+from nomadscale.sim.compute import ComputeServer
 from tests.chaos.conftest import Record
 from tests.chaos.helpers import (
     GceFaults,
     HoldNthScale,
+    MigRig,
     level_series,
+    mig_fleet,
     service_env,
     start_service,
     stop_process,
     wait_for,
 )
 from tests.harness.services import ConsulAgent, free_port, metrics_text
-from tests.harness.twin import Twin, TwinFactory
+from tests.harness.twin import TwinFactory
 from tests.service.helpers import LevelDemand, make_policy
 
 pytestmark = [pytest.mark.consul]
 
 
 @dataclass
-class Rig:
-    twin: Twin
-    sim: ComputeSim
+class Rig(MigRig):
     gce: GceFaults
-    svc: Service
-    demand: dict[str, float]
-    clock: _SimClock
-    nomad: NomadClient
-    kv: ConsulKV
-    prefix: str
-
-    def records(self) -> list[dict[str, Any]]:
-        entries = sorted(self.kv.list(f"{self.prefix}/decisions/ekyc/"), key=lambda e: e.key)
-        return [json.loads(e.value) for e in entries]
-
-    def counts(self) -> dict[str, int]:
-        st = self.nomad.job_status("ml-worker", namespace="ekyc")
-        return {g: st.groups[g].desired for g in sorted(st.groups)}
-
-    def sizes(self) -> dict[str, int]:
-        return {"zone-a": self.sim.size("zone-a", "mig-a"),
-                "zone-b": self.sim.size("zone-b", "mig-b")}  # fmt: skip
 
 
 def _standby(rig: Rig, consul: ConsulAgent) -> Service:
@@ -89,13 +71,8 @@ def _destroy_session(consul: ConsulAgent, sid: str) -> None:
 @pytest.fixture
 def rig(consul_agent: ConsulAgent, consul_prefix: str, twin_factory: TwinFactory) -> Iterator[Rig]:
     """3 nodes per zone in MIGs mig-a/b, 3 workers per zone, demand 560 rpm (no change)."""
-    twin = twin_factory(nodes=6, node_pool="gpu")
+    twin, sim, clock = mig_fleet(twin_factory)
     cluster = twin.cluster
-    cluster.add_namespace("ekyc")
-    sim = ComputeSim(cluster, project="proj")
-    sim.add_mig(name="mig-a", zone="zone-a", node_pool="gpu")
-    sim.add_mig(name="mig-b", zone="zone-b", node_pool="gpu")
-    clock = _SimClock(twin.clock, cluster.advance)  # type: ignore[arg-type]
     policy = make_policy(node_pool=True)
     level = {"rpm": 560.0}
     prefix = consul_prefix.rstrip("/")
@@ -118,7 +95,7 @@ def rig(consul_agent: ConsulAgent, consul_prefix: str, twin_factory: TwinFactory
         svc = Service(settings=Settings(kv_prefix=prefix, lock_ttl_s=15), policies=[policy],
                       ports=ports, clock=clock, poll_s=10, check=False)  # fmt: skip
         try:
-            yield Rig(twin, sim, gce, svc, level, clock, nomad, kv, prefix)
+            yield Rig(twin, sim, svc, level, clock, nomad, kv, prefix, gce)
         finally:
             svc.stop(timeout_s=5)
 

@@ -26,14 +26,16 @@ from nomadscale.integrations.nomad import NomadClient
 from nomadscale.service.cycle import Ports
 from nomadscale.service.loop import Service
 from nomadscale.service.runtime import alerts_for
-from nomadscale.service.simulate import _SimClock, worker_job
+from nomadscale.service.simulate import worker_job
 from nomadscale.sim.compute import ComputeServer, ComputeSim
 from nomadscale.sim.faults import STOCKOUT
 from tests.chaos.conftest import Record
 from tests.chaos.helpers import (
     HoldNth,
+    MigRig,
     TokenServer,
     level_series,
+    mig_fleet,
     service_env,
     start_service,
     stop_process,
@@ -41,35 +43,15 @@ from tests.chaos.helpers import (
 )
 from tests.harness.pagerduty_server import PagerDutyServer
 from tests.harness.services import ConsulAgent, free_port, metrics_text
-from tests.harness.twin import Twin, TwinFactory
+from tests.harness.twin import TwinFactory
 from tests.service.helpers import LevelDemand, make_policy
 
 pytestmark = [pytest.mark.consul]
 
 
 @dataclass
-class Rig:
-    twin: Twin
-    sim: ComputeSim
-    svc: Service
-    demand: dict[str, float]
-    clock: _SimClock
-    nomad: NomadClient
-    kv: ConsulKV
-    prefix: str
+class Rig(MigRig):
     pd: PagerDutyServer
-
-    def records(self) -> list[dict[str, Any]]:
-        entries = sorted(self.kv.list(f"{self.prefix}/decisions/ekyc/"), key=lambda e: e.key)
-        return [json.loads(e.value) for e in entries]
-
-    def counts(self) -> dict[str, int]:
-        st = self.nomad.job_status("ml-worker", namespace="ekyc")
-        return {g: st.groups[g].desired for g in sorted(st.groups)}
-
-    def sizes(self) -> dict[str, int]:
-        return {"zone-a": self.sim.size("zone-a", "mig-a"),
-                "zone-b": self.sim.size("zone-b", "mig-b")}  # fmt: skip
 
     def alerts(self) -> list[tuple[str, str]]:
         return [(e["event_action"], e["dedup_key"]) for e in self.pd.state.events]
@@ -78,13 +60,8 @@ class Rig:
 @pytest.fixture
 def rig(consul_agent: ConsulAgent, consul_prefix: str, twin_factory: TwinFactory) -> Iterator[Rig]:
     """3 nodes per zone in MIGs mig-a/b, 3 workers per zone, demand 560 rpm (no change)."""
-    twin = twin_factory(nodes=6, node_pool="gpu")
+    twin, sim, clock = mig_fleet(twin_factory)
     cluster = twin.cluster
-    cluster.add_namespace("ekyc")
-    sim = ComputeSim(cluster, project="proj")
-    sim.add_mig(name="mig-a", zone="zone-a", node_pool="gpu")
-    sim.add_mig(name="mig-b", zone="zone-b", node_pool="gpu")
-    clock = _SimClock(twin.clock, cluster.advance)  # type: ignore[arg-type]
     policy = make_policy(node_pool=True, alerting={"pagerduty_routing_key_env": "PD_KEY"})
     level = {"rpm": 560.0}
     prefix = consul_prefix.rstrip("/")
