@@ -31,6 +31,7 @@ unreachable one an ``ExternalTemporaryError``: one ``gce: ...`` line, never a tr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -71,10 +72,8 @@ def retry_after_s(raw: str | None, *, now: datetime, default: float = 5.0) -> fl
     if not raw or not raw.strip():
         return default
     text = raw.strip()
-    try:
+    with contextlib.suppress(ValueError):  # not delta-seconds: an HTTP date
         return max(0.0, float(text))
-    except ValueError:
-        pass
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

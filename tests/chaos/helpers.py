@@ -50,30 +50,12 @@ class HoldNth(FaultInjector):
         return super().check(method, path)
 
 
-class HoldNthScale(FaultInjector):
-    """The twin's faults plus: the ``nth`` Scale API call of ``job`` hangs (``holding`` is set)
-    until ``release`` is set, then its connection is dropped without being applied: the caller
-    died between two zones' scale calls. The twin has no "only the 2nd call" latency rule."""
+class HoldNthScale(HoldNth):
+    """``HoldNth`` on the Scale API calls of ``job``: the caller died between two zones'
+    scale calls. The twin has no "only the 2nd call" latency rule."""
 
     def __init__(self, job: str, nth: int = 2, hold_s: float = 60.0) -> None:
-        super().__init__()
-        self.pattern = re.compile(rf"^POST /v1/job/{re.escape(job)}/scale$")
-        self.nth, self.hold_s = nth, hold_s
-        self.seen = 0
-        self.holding = threading.Event()
-        self.release = threading.Event()
-
-    def check(self, method: str, path: str) -> FaultDecision:
-        if self.pattern.search(f"{method} {path}"):
-            with self._lock:
-                self.seen += 1
-                mine = self.seen == self.nth
-            if mine:
-                self.holding.set()
-                self.release.wait(self.hold_s)
-                self.hits.append(f"hold+drop {method} {path}")
-                return FaultDecision(drop=True)
-        return super().check(method, path)
+        super().__init__(rf"^POST /v1/job/{re.escape(job)}/scale$", nth=nth, hold_s=hold_s)
 
 
 def level_series(
