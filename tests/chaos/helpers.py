@@ -81,6 +81,28 @@ def service_env(**extra: str) -> dict[str, str]:
     return {**base, "PYTHONPATH": str(ROOT), **extra}
 
 
+def run_env(
+    tmp_path: Path, policy: Any, *, nomad: str, consul: str, prometheus: str, prefix: str,
+    lock_ttl: str, http_port: int, **extra: str,
+) -> dict[str, str]:  # fmt: skip
+    """The environment of a real ``nomadscale run`` over ``policy`` (written once to
+    ``tmp_path/policies/ekyc.yaml``, with an empty settings file): the chaos tests' leader
+    and standby processes differ only in their HTTP port."""
+    import yaml
+
+    policies = tmp_path / "policies"
+    if not policies.exists():
+        policies.mkdir()
+        (policies / "ekyc.yaml").write_text(yaml.safe_dump(policy.to_yaml_dict()))
+        (tmp_path / "settings.yaml").write_text("{}\n")
+    return service_env(
+        NOMAD_ADDR=nomad, CONSUL_HTTP_ADDR=consul, PROMETHEUS_URL=prometheus,
+        NOMADSCALE_CONFIG=str(tmp_path / "settings.yaml"), NOMADSCALE_POLICIES=str(policies),
+        NOMADSCALE_KV_PREFIX=prefix, NOMADSCALE_LOCK_TTL=lock_ttl,
+        NOMADSCALE_HTTP_PORT=str(http_port), **extra,
+    )  # fmt: skip
+
+
 def start_service(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
     """``python -m nomadscale run ARGS`` as a real process, stderr to ``log``."""
     with open(log, "ab") as fh:

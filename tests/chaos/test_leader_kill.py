@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from nomadscale.core.clock import SystemClock
 from nomadscale.integrations.consul import ConsulKV
@@ -23,7 +22,7 @@ from tests.chaos.conftest import Record
 from tests.chaos.helpers import (
     HoldNthScale,
     level_series,
-    service_env,
+    run_env,
     start_service,
     stop_process,
     wait_for,
@@ -63,22 +62,12 @@ def test_leader_sigkilled_between_zone_scales(
     nomad.register_job(
         worker_job(policy, counts={"zone-a": 1, "zone-b": 1}, image="i", update={"MaxParallel": 0})
     )
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "ekyc.yaml").write_text(yaml.safe_dump(policy.to_yaml_dict()))
-    (tmp_path / "settings.yaml").write_text("{}\n")
     ports = {"a": free_port(), "b": free_port()}
 
     def env(who: str) -> dict[str, str]:
-        return service_env(
-            NOMAD_ADDR=twin.address,
-            CONSUL_HTTP_ADDR=consul_agent.addr,
-            PROMETHEUS_URL=prom.url,
-            NOMADSCALE_CONFIG=str(tmp_path / "settings.yaml"),
-            NOMADSCALE_POLICIES=str(tmp_path / "policies"),
-            NOMADSCALE_KV_PREFIX=prefix,
-            NOMADSCALE_LOCK_TTL=f"{TTL:g}s",
-            NOMADSCALE_HTTP_PORT=str(ports[who]),
-        )
+        return run_env(tmp_path, policy, nomad=twin.address, consul=consul_agent.addr,
+                       prometheus=prom.url, prefix=prefix, lock_ttl=f"{TTL:g}s",
+                       http_port=ports[who])  # fmt: skip
 
     kv = ConsulKV(addr=consul_agent.addr)
     a = start_service(env("a"), tmp_path / "a.log")

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from google.auth.credentials import AnonymousCredentials
 
 from nomadscale.config.settings import Settings
@@ -36,7 +35,7 @@ from tests.chaos.helpers import (
     TokenServer,
     level_series,
     mig_fleet,
-    service_env,
+    run_env,
     start_service,
     stop_process,
     wait_for,
@@ -209,9 +208,6 @@ def test_leader_sigkilled_mid_drain_before_the_mig_writes_the_next_leader_conver
     sim = ComputeSim(cluster, project="proj")
     sim.add_mig(name="mig-a", zone="zone-a", node_pool="gpu")
     sim.add_mig(name="mig-b", zone="zone-b", node_pool="gpu")
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "ekyc.yaml").write_text(yaml.safe_dump(policy.to_yaml_dict()))
-    (tmp_path / "settings.yaml").write_text("{}\n")
     ports = {"a": free_port(), "b": free_port()}
     kv = ConsulKV(addr=consul_agent.addr)
 
@@ -226,14 +222,19 @@ def test_leader_sigkilled_mid_drain_before_the_mig_writes_the_next_leader_conver
         key = tokens.key_file(tmp_path / "sa.json")
 
         def env(who: str) -> dict[str, str]:
-            return service_env(
-                NOMAD_ADDR=twin.address, CONSUL_HTTP_ADDR=consul_agent.addr,
-                PROMETHEUS_URL=prom.url, NOMADSCALE_CONFIG=str(tmp_path / "settings.yaml"),
-                NOMADSCALE_POLICIES=str(tmp_path / "policies"), NOMADSCALE_KV_PREFIX=prefix,
-                NOMADSCALE_LOCK_TTL="11s", NOMADSCALE_HTTP_PORT=str(ports[who]),
-                NOMADSCALE_GCE_API_URL=gce.base_url, GOOGLE_APPLICATION_CREDENTIALS=str(key),
-                CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),  # no gcloud ADC of this host
-            )  # fmt: skip
+            return run_env(
+                tmp_path,
+                policy,
+                nomad=twin.address,
+                consul=consul_agent.addr,
+                prometheus=prom.url,
+                prefix=prefix,
+                lock_ttl="11s",
+                http_port=ports[who],
+                NOMADSCALE_GCE_API_URL=gce.base_url,
+                GOOGLE_APPLICATION_CREDENTIALS=str(key),
+                CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+            )  # no gcloud ADC here
 
         a = start_service(env("a"), tmp_path / "a.log")
         b = None
