@@ -93,6 +93,27 @@ class NodeInfo:
     drain_started: datetime | None = None
     drain_force_at: datetime | None = None
 
+    def drain_owner(self) -> tuple[str, str]:
+        """Whose drain the node is under (or was last), from its Meta: (``run``, run id) for
+        a healing run's, (``autoscaler``, decision id) for the autoscaler's scale-in,
+        (``other``, what the Meta says) otherwise (an operator's has none)."""
+        meta = self.drain_meta
+        if meta.get(RUN_DRAIN_KEY):
+            return "run", meta[RUN_DRAIN_KEY]
+        if meta.get("drained_by") == "nomadscale" and meta.get("decision_id"):
+            return "autoscaler", meta["decision_id"]
+        shown = ", ".join(f"{k}={v}"[:80] for k, v in sorted(meta.items())[:4]) or "no drain meta"
+        return "other", shown
+
+
+# the drain Meta nomadscale's drains carry (Nomad keeps it in the node's LastDrain): a
+# healing run's names the run; the autoscaler's scale-in, its decision
+RUN_DRAIN_KEY = "nomadscale.run"
+
+
+def autoscaler_drain_meta(decision_id: str) -> dict[str, str]:
+    return {"drained_by": "nomadscale", "decision_id": decision_id}
+
 
 class NomadPort(Protocol):
     def job_status(self, job_id: str, *, namespace: str | None = None) -> JobStatus:

@@ -36,14 +36,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from nomadscale.core.errors import SafetyError
-from nomadscale.core.ports import AllocInfo, NodeInfo
+from nomadscale.core.ports import RUN_DRAIN_KEY, AllocInfo, NodeInfo
 from nomadscale.healing.outcome import Done, Outcome, Waiting
 
 if TYPE_CHECKING:
     from nomadscale.healing.actions import Ctx
 
 AUTOSCALER = "autoscaler"
-RUN_KEY = "nomadscale.run"
 # after a handover: the steps that still run (the rest bring the node back: skipped)
 KEPT_ACTIONS = frozenset({"release_surge"})
 KEPT_CONDITIONS = frozenset({"node_drained", "surge_healthy"})
@@ -52,18 +51,12 @@ HANDOVER_AT = frozenset({"mark_ineligible", "surge", "drain"})
 
 
 def own_meta(run: Mapping[str, Any]) -> dict[str, str]:
-    return {RUN_KEY: str(run["id"]), "nomadscale.runbook": str(run["runbook"])}
+    return {RUN_DRAIN_KEY: str(run["id"]), "nomadscale.runbook": str(run["runbook"])}
 
 
 def owner(node: NodeInfo) -> tuple[str, str]:
     """(``run``, run id) / (``autoscaler``, decision id) / (``other``, what its Meta says)."""
-    meta = node.drain_meta
-    if meta.get(RUN_KEY):
-        return "run", meta[RUN_KEY]
-    if meta.get("drained_by") == "nomadscale" and meta.get("decision_id"):
-        return AUTOSCALER, meta["decision_id"]
-    shown = ", ".join(f"{k}={v}"[:80] for k, v in sorted(meta.items())[:4]) or "no drain meta"
-    return "other", shown
+    return node.drain_owner()
 
 
 def scale_in(node: NodeInfo) -> str | None:

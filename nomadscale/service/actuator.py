@@ -46,6 +46,7 @@ from nomadscale.core.ports import (
     NodeInfo,
     NodePoolPort,
     NomadPort,
+    autoscaler_drain_meta,
 )
 from nomadscale.core.values import Decision
 
@@ -150,9 +151,9 @@ def drain_owner(n: NodeInfo) -> str | None:
     meta = n.drain_meta or {}
     if not meta or meta.get("drained_by") == "nomadscale":
         return None
-    run = meta.get("nomadscale.run")
-    if run:
-        return f"healing run {run}"
+    kind, who = n.drain_owner()
+    if kind == "run":
+        return f"healing run {who}"
     return "another drain (meta " + ", ".join(sorted(meta))[:60] + ")"
 
 
@@ -363,7 +364,7 @@ class Actuator:
                 self.nomad.drain(
                     n.id,
                     deadline_s=act.deadline_s,
-                    meta={"drained_by": "nomadscale", "decision_id": decision.id},
+                    meta=autoscaler_drain_meta(decision.id),
                 )
         elif act.kind == "wait_drain":
             drained_ok[(act.zone, act.target)] = self._wait(act, res, decision)
