@@ -72,6 +72,9 @@ def test_an_apply_now_that_met_a_rollout_applies_once_the_rollout_ended(
         kv.put(rollout_key, json.dumps({"status": "completed", "image": "img:2"}).encode())
         _wait("the kick after the rollout", lambda: desired() == {"ml-worker-a": 3,
                                                                  "ml-worker-b": 3}, 10)  # fmt: skip
+        # Nomad has the counts a moment before the cycle stores its record
+        _wait("the applied record", lambda: any(
+            r.outcome == "applied" for r in svc.recorder.recent), 10)  # fmt: skip
         applied = [r for r in svc.recorder.recent if r.outcome == "applied"]
         assert applied and applied[-1].trigger == "apply-now", applied
         _wait("the kick to be done", lambda: svc.kick_retries.waiting("ekyc") is None, 5)
