@@ -9,13 +9,15 @@ so the start is not "when this process warmed up" but a pure function of the his
 every process (period = the lookback, counted from the Unix epoch, shifted by a phase fixed
 per policy name so that a fleet of policies does not re-warm in the same cycle), moved back to
 the bucket grid that ends at ``E``; never before the first step the source has (a trace's
-start). Every forecast is thus made from one to two lookbacks of history (plus at most a cycle
-when the slots are not on the grid), and the service's leader and standbys, whenever each
-started, ``plan`` and ``forecast`` all give the same forecast for the same ``now`` and data:
-``forecast_at`` is what the commands run, and the kept forecaster equals it every cycle
+start). The period is never shorter than the history the forecaster needs to calibrate
+(``stages.forecast.warmup_s``: 6 h 40 min at 20-minute cycles), so a short lookback does not
+fall back to the recent peak after every re-warm. Every forecast is thus made from one to two
+periods of history (plus at most a cycle when the slots are not on the grid), and the
+service's leader and standbys, whenever each started, ``plan`` and ``forecast`` all give the
+same forecast for the same ``now`` and data: ``forecast_at`` is what the commands run, and the kept forecaster equals it every cycle
 (``tests/service/test_anchor.py``).
 
-The kept forecaster re-warms exactly when the origin moves (once a lookback), from the steps it
+The kept forecaster re-warms exactly when the origin moves (once a period), from the steps it
 has already read (kept in memory: at most a lookback and a cycle of them), so a cycle only ever
 reads the steps that ended since the previous one. A cycle that is not a whole number of
 buckets after the kept one (an "apply now" kick between slots) gets a one-off forecast on its
@@ -45,7 +47,7 @@ from nomadscale.core.errors import ConfigError
 from nomadscale.core.ports import DemandSeries, DemandSource
 from nomadscale.core.values import Forecast
 from nomadscale.stages.decide import forecast_config_from, lookback_s
-from nomadscale.stages.forecast import ForecastConfig, Forecaster
+from nomadscale.stages.forecast import ForecastConfig, Forecaster, warmup_s
 from nomadscale.stages.history import clean
 
 __all__ = ["Anchor", "ForecastInfo", "LiveForecaster", "forecast_at", "lookback_s"]
@@ -72,8 +74,13 @@ class Anchor:
 
     @classmethod
     def of(cls, policy: Policy) -> Anchor:
-        look = max(round(lookback_s(policy) * 1e6), 1)
-        cycle = max(round(forecast_config_from(policy).cycle_s * 1e6), 1)
+        config = forecast_config_from(policy)
+        # a lookback shorter than the forecaster's calibration would fall back to the recent
+        # peak for a cycle or two after every re-warm: history is never shorter than that
+        need = warmup_s(config)
+        look_s = max(lookback_s(policy), need if math.isfinite(need) else 0.0)
+        look = max(round(look_s * 1e6), 1)
+        cycle = max(round(config.cycle_s * 1e6), 1)
         # a fraction of the period fixed by the name, on whole cycles: a fleet of policies
         # re-warms spread over the lookback instead of in one cycle
         share = zlib.crc32(policy.name.encode()) % 1000

@@ -98,6 +98,22 @@ class ForecastConfig:
     noise_exponent: float = 0.5
 
 
+def warmup_s(config: ForecastConfig) -> float:
+    """Seconds of gap-free history a ``Forecaster`` needs before its calibrated model speaks
+    (before that it falls back to the recent peak and a fixed headroom): the first cycle has
+    no forecast to score, then the calibrator's decayed count of scored cycles must reach
+    ``min_calibration_s``. ``inf`` when the calibration window is too short ever to get there.
+    """
+    min_cycles = max(3.0, config.min_calibration_s / config.cycle_s)
+    decay = 1.0 - 1.0 / max(config.calibration_window_s / config.cycle_s, 1.0)
+    # count after n scored cycles = (1 - decay**n) / (1 - decay)
+    reach = 1.0 - min_cycles * (1.0 - decay)
+    if decay <= 0.0 or reach <= 0.0:
+        return math.inf
+    n = math.ceil(math.log(reach) / math.log(decay) - 1e-9)
+    return (n + 1) * config.cycle_s
+
+
 class Forecaster:
     """Incremental forecaster. ``feed`` steps of demand (req/min, NaN = gap) starting at
     ``origin`` (the start of a cycle bucket); ``predict`` covers the cycle that starts where

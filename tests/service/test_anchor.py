@@ -95,6 +95,32 @@ def test_forecasters_started_at_any_time_and_plan_forecast_alike() -> None:
     assert history.end == how.history_end
 
 
+class Level:
+    """Steady demand since long before the test: any forecast of it is exactly the level."""
+
+    def history(self, *, end: datetime, lookback_s: float, step_s: float) -> DemandSeries:
+        n = int(lookback_s // step_s)
+        return DemandSeries(start=end - timedelta(seconds=n * step_s), step_s=step_s,
+                            values=np.full(n, 550.0))  # fmt: skip
+
+
+def test_a_lookback_shorter_than_the_calibration_never_falls_back_after_a_rewarm() -> None:
+    """``lookback: 6h`` at 20-minute cycles is shorter than the 6 h 40 min the forecaster
+    calibrates on: the shared origin's period is the longer of the two, so the re-warm every
+    period still has a calibrated model (before: the recent peak +21% for two cycles every
+    6 h, on steady demand, and the fleet went up and back down)."""
+    policy = make_policy()  # 1-minute steps, 6 h lookback
+    live, src = LiveForecaster(policy), Level()
+    first = datetime(2026, 3, 2, 0, 0, tzinfo=UTC)
+    modes: dict[str, int] = {}
+    for i in range(2 * 72):  # two days of slots
+        fc, how = live.forecast(src, now=first + timedelta(minutes=20 * i))
+        modes[how.mode] = modes.get(how.mode, 0) + 1
+        assert fc.model == "regress" and fc.upper == pytest.approx(550.0), (i, how.mode, fc)
+        assert how.history_steps >= 400, (i, how)
+    assert modes["rewarm"] >= 6 and modes["warm"] == 1, modes  # it did re-warm, every 6 h 40
+
+
 # --- Prometheus behind TLS, with a CA file and a bearer token -------------------------------
 
 

@@ -77,8 +77,9 @@ def test_warm_up_then_the_first_cycle_reads_only_new_steps(twin_factory: TwinFac
     svc = _service(twin, clock, MemoryKV(clock=clock), "a", src)
     clock.on_tick = svc.ports.lock.acquire  # the lock tick renews as virtual time passes
     svc.warm_up()  # what start() runs in the background
-    # once, enough for any anchored origin: two lookbacks (6 h of 1-minute steps) and a cycle
-    assert src.reads == [2 * 6 * 60 + 20]
+    # once, enough for any anchored origin: two periods and a cycle (the 6 h lookback is
+    # shorter than the 6 h 40 min the forecaster needs to calibrate: 400 1-minute steps)
+    assert src.reads == [2 * 400 + 20]
     clock.sleep(1200)
     svc.run_once()
     assert _forecast_mode(svc) == "incremental"
@@ -98,7 +99,7 @@ def test_a_standby_takes_over_with_a_warm_forecaster(twin_factory: TwinFactory) 
         skipped = standby.run_once()[-1].record
         assert skipped.skipped == "not-leader"
         leader.run_once()  # its waits for the twin's deployments move virtual time on
-    assert src_b.reads == [2 * 6 * 60 + 20, 20, 20]
+    assert src_b.reads == [2 * 400 + 20, 20, 20]
     leader.ports.lock.release()  # the leader steps down (or its session ends)
     clock.on_tick = standby.ports.lock.acquire
     _to_slot(clock, 4)

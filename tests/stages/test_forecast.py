@@ -11,7 +11,13 @@ import pytest
 from nomadscale.core.errors import InputError
 from nomadscale.core.ports import DemandSeries
 from nomadscale.data import bundled_trace_path
-from nomadscale.stages.forecast import BusinessHours, ForecastConfig, Forecaster, forecast
+from nomadscale.stages.forecast import (
+    BusinessHours,
+    ForecastConfig,
+    Forecaster,
+    forecast,
+    warmup_s,
+)
 from nomadscale.stages.history import load_trace
 
 T0 = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday
@@ -199,3 +205,29 @@ def test_long_flat_spell_does_not_tighten_the_bound_for_later_noise() -> None:
         served += int(np.sum(noisy[i : i + 20] <= workers * 100))
         f.feed(noisy[i : i + 20])
     assert served / len(noisy) >= 0.975
+
+
+@pytest.mark.parametrize(
+    ("cycle_s", "min_cal_s", "window_s"),
+    [(1200, 6 * 3600, 14 * 86400), (600, 6 * 3600, 14 * 86400), (1200, 3600, 14 * 86400),
+     (3600, 6 * 3600, 14 * 86400), (300, 6 * 3600, 86400)],
+)  # fmt: skip
+def test_warmup_is_when_the_calibrated_model_first_speaks(
+    cycle_s: float, min_cal_s: float, window_s: float
+) -> None:
+    """``warmup_s`` (what the service's shared origin never goes under) is exactly the history
+    after which the forecaster stops falling back to the recent peak."""
+    cfg = ForecastConfig(cycle_s=cycle_s, lead_s=min(600, cycle_s), min_calibration_s=min_cal_s,
+                         calibration_window_s=window_s)  # fmt: skip
+    f = Forecaster(origin=datetime(2026, 1, 1, tzinfo=UTC), step_s=60, config=cfg)
+    first = None
+    for k in range(1, 200):
+        f.feed(np.full(f.S, 550.0))
+        if f.predict().model == "regress":
+            first = k
+            break
+    assert first is not None and first * cycle_s == warmup_s(cfg)
+
+
+def test_warmup_is_infinite_when_the_window_forgets_faster_than_it_calibrates() -> None:
+    assert warmup_s(ForecastConfig(calibration_window_s=3 * 3600)) == math.inf
